@@ -1,0 +1,290 @@
+//! Reading HuggingFace safetensors checkpoints: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`. Files are memory-mapped; only the tensors asked for are
+//! copied out, so a worker's resident memory follows what it owns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata};
+
+use crate::config::DType;
+use crate::error::{Error, Result};
+use crate::weights::{Matrix, MatrixData, bf16_to_f32};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Start of the data section (8-byte length + JSON header).
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// Where a tensor lives and what it is.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub file: PathBuf,
+}
+
+/// An opened checkpoint directory (or single file). Cheap to keep open: nothing is read until a
+/// tensor is requested.
+pub struct Checkpoint {
+    root: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name -> index into `shards`.
+    index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("root", &self.root)
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.index.len())
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct IndexJson {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens a model directory: the index file if present, else `model.safetensors`.
+    /// A path to a `.safetensors` file opens just that file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            let shard = open_shard(path)?;
+            let index = shard.metadata.offset_keys().into_iter().map(|k| (k, 0)).collect();
+            return Ok(Checkpoint {
+                root: path.parent().unwrap_or(Path::new(".")).to_owned(),
+                shards: vec![shard],
+                index,
+            });
+        }
+        let index_path = path.join(INDEX_FILE);
+        if index_path.exists() {
+            return Self::open_sharded(path, &index_path);
+        }
+        let single = path.join(SINGLE_FILE);
+        if !single.exists() {
+            return Err(Error::Checkpoint {
+                path: path.to_owned(),
+                reason: format!("neither {SINGLE_FILE} nor {INDEX_FILE} found"),
+            });
+        }
+        let shard = open_shard(&single)?;
+        let index = shard.metadata.offset_keys().into_iter().map(|k| (k, 0)).collect();
+        Ok(Checkpoint {
+            root: path.to_owned(),
+            shards: vec![shard],
+            index,
+        })
+    }
+
+    fn open_sharded(dir: &Path, index_path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(format!("reading {}", index_path.display()), e))?;
+        let parsed: IndexJson = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: index_path.to_owned(),
+            reason: format!("invalid index JSON: {e}"),
+        })?;
+        let mut file_ids: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for (tensor, file) in &parsed.weight_map {
+            if file.contains('/') || file.contains("..") {
+                return Err(Error::Checkpoint {
+                    path: index_path.to_owned(),
+                    reason: format!("tensor `{tensor}` maps to `{file}`, which is not a file in this directory"),
+                });
+            }
+            let id = match file_ids.get(file.as_str()) {
+                Some(&id) => id,
+                None => {
+                    let shard = open_shard(&dir.join(file))?;
+                    shards.push(shard);
+                    file_ids.insert(file, shards.len() - 1);
+                    shards.len() - 1
+                }
+            };
+            if shards[id].metadata.info(tensor).is_none() {
+                return Err(Error::Tensor {
+                    tensor: tensor.clone(),
+                    file: shards[id].path.clone(),
+                    reason: format!("listed in {INDEX_FILE} but absent from the file"),
+                });
+            }
+            index.insert(tensor.clone(), id);
+        }
+        Ok(Checkpoint {
+            root: dir.to_owned(),
+            shards,
+            index,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    pub fn info(&self, name: &str) -> Result<TensorInfo> {
+        let shard = self.shard_of(name)?;
+        let info = shard.tensor_info(name);
+        Ok(TensorInfo {
+            dtype: convert_dtype(info.dtype, name, &shard.path)?,
+            shape: info.shape.clone(),
+            file: shard.path.clone(),
+        })
+    }
+
+    /// Shape of any tensor, whatever its dtype.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.shard_of(name)?.tensor_info(name).shape.clone())
+    }
+
+    fn shard_of(&self, name: &str) -> Result<&Shard> {
+        let id = self.index.get(name).ok_or_else(|| Error::Tensor {
+            tensor: name.to_owned(),
+            file: self.describe_files(),
+            reason: "missing from the checkpoint".into(),
+        })?;
+        Ok(&self.shards[*id])
+    }
+
+    fn describe_files(&self) -> PathBuf {
+        match self.shards.as_slice() {
+            [one] => one.path.clone(),
+            _ => self.root.join(INDEX_FILE),
+        }
+    }
+
+    /// Raw bytes and dtype of a tensor after checking its shape.
+    fn bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8], &Path)> {
+        let shard = self.shard_of(name)?;
+        let info = shard.tensor_info(name);
+        if info.shape != shape {
+            return Err(Error::Tensor {
+                tensor: name.to_owned(),
+                file: shard.path.clone(),
+                reason: format!("shape {:?}, expected {:?}", info.shape, shape),
+            });
+        }
+        let dtype = convert_dtype(info.dtype, name, &shard.path)?;
+        let (start, end) = info.data_offsets;
+        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
+        Ok((dtype, bytes, &shard.path))
+    }
+
+    /// A `[rows, cols]` matrix kept in its stored dtype.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let (dtype, bytes, _) = self.bytes(name, &[rows, cols])?;
+        let data = match dtype {
+            DType::F32 => MatrixData::F32(le_f32(bytes)),
+            DType::BF16 => MatrixData::BF16(le_u16(bytes)),
+            DType::F16 => MatrixData::F16(le_u16(bytes)),
+        };
+        Ok(Matrix { rows, cols, data })
+    }
+
+    /// A matrix widened to f32 whatever its stored dtype (the router, which computes in f32).
+    pub fn matrix_f32(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Ok(Matrix::from_f32(rows, cols, self.f32_tensor(name, &[rows, cols])?))
+    }
+
+    /// A vector widened to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.f32_tensor(name, &[len])
+    }
+
+    /// Any tensor of the expected shape, widened to f32.
+    pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (dtype, bytes, _) = self.bytes(name, shape)?;
+        Ok(match dtype {
+            DType::F32 => le_f32(bytes),
+            DType::BF16 => le_u16(bytes).into_iter().map(bf16_to_f32).collect(),
+            DType::F16 => le_u16(bytes).into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect(),
+        })
+    }
+}
+
+/// Reads an integer tensor (i64 or i32) as i64; used for fixture files.
+pub fn read_i64(ckpt: &Checkpoint, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+    let shard = ckpt.shard_of(name)?;
+    let info = shard.tensor_info(name);
+    let (start, end) = info.data_offsets;
+    let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
+    let values = match info.dtype {
+        StDtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+        StDtype::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        other => {
+            return Err(Error::Tensor {
+                tensor: name.to_owned(),
+                file: shard.path.clone(),
+                reason: format!("dtype {other:?}, expected an integer tensor"),
+            });
+        }
+    };
+    Ok((values, info.shape.clone()))
+}
+
+impl Shard {
+    /// Callers have checked that `name` is in this shard (through `Checkpoint::index`).
+    fn tensor_info(&self, name: &str) -> &safetensors::tensor::TensorInfo {
+        self.metadata.info(name).expect("tensor indexed in this shard")
+    }
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: the mapping is read-only and checkpoints are not modified while a worker runs;
+    // a concurrent truncation would be a deployment error, as with every mmap-based loader.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+    // read_metadata checks that the header parses and that the data section is exactly as long
+    // as the header says, which catches truncated downloads before any tensor is used.
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Checkpoint {
+        path: path.to_owned(),
+        reason: format!("not a valid safetensors file ({e}); truncated or corrupt?"),
+    })?;
+    Ok(Shard {
+        path: path.to_owned(),
+        mmap,
+        data_start: 8 + header_len,
+        metadata,
+    })
+}
+
+fn convert_dtype(dtype: StDtype, name: &str, file: &Path) -> Result<DType> {
+    match dtype {
+        StDtype::F32 => Ok(DType::F32),
+        StDtype::BF16 => Ok(DType::BF16),
+        StDtype::F16 => Ok(DType::F16),
+        other => Err(Error::Tensor {
+            tensor: name.to_owned(),
+            file: file.to_owned(),
+            reason: format!("dtype {other:?} is not supported (f32, bf16 or f16)"),
+        }),
+    }
+}
+
+fn le_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn le_u16(bytes: &[u8]) -> Vec<u16> {
+    bytes.chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect()
+}

@@ -1,0 +1,258 @@
+//! The single-process engine: the attention half, an expert unit and a KV cache in one place.
+//! It is the reference arrangement the cluster must reproduce token for token.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::batch::BatchLayout;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::experts::{ExpertCompute, ExpertSelection, LocalExperts};
+use crate::kernels::argmax;
+use crate::kv_cache::{KvCache, KvCacheConfig, SeqId};
+use crate::model::AttentionModel;
+use crate::trace::Trace;
+
+/// Which logits a sequence wants back from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    Last,
+    All,
+}
+
+/// New tokens of one sequence for one step. The first one takes the position after what the
+/// cache already holds for `seq`.
+#[derive(Debug, Clone)]
+pub struct SeqChunk {
+    pub seq: SeqId,
+    pub tokens: Vec<u32>,
+    pub logits: LogitsWanted,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Per input chunk, in order: `[rows, vocab]` logits as asked (empty for `None`).
+    pub logits: Vec<Vec<f32>>,
+    pub trace: Option<Trace>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub kv_cache: KvCacheConfig,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            kv_cache: KvCacheConfig::for_tokens(16 * 1024, 16),
+        }
+    }
+}
+
+/// Result of greedy generation for one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Greedy {
+    pub tokens: Vec<u32>,
+    /// Row t produced `tokens[t]`; empty unless asked for.
+    pub step_logits: Vec<Vec<f32>>,
+}
+
+pub struct Engine {
+    model: AttentionModel,
+    experts: Arc<dyn ExpertCompute>,
+    cache: KvCache,
+    next_seq: SeqId,
+}
+
+impl Engine {
+    /// Loads a whole model directory (config, non-expert and all expert tensors).
+    pub fn load(dir: &Path, options: EngineOptions) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All)?;
+        let model = AttentionModel::load(&ckpt, config)?;
+        Self::new(model, Arc::new(experts), options)
+    }
+
+    pub fn new(model: AttentionModel, experts: Arc<dyn ExpertCompute>, options: EngineOptions) -> Result<Self> {
+        let cache = KvCache::new(model.config(), options.kv_cache)?;
+        Ok(Engine {
+            model,
+            experts,
+            cache,
+            next_seq: 1,
+        })
+    }
+
+    pub fn model(&self) -> &AttentionModel {
+        &self.model
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// A fresh sequence id.
+    pub fn new_sequence(&mut self) -> SeqId {
+        let id = self.next_seq;
+        self.next_seq += 1;
+        id
+    }
+
+    pub fn release(&mut self, seq: SeqId) {
+        self.cache.release(seq);
+    }
+
+    /// Runs one forward pass over several sequences' new tokens. All or nothing: on an error no
+    /// KV-cache state changes.
+    pub fn step(&mut self, chunks: &[SeqChunk], trace: bool) -> Result<StepOutput> {
+        self.validate(chunks)?;
+        let mut batch = BatchLayout::new();
+        let mut tokens = Vec::new();
+        let mut reserved: Vec<(SeqId, usize)> = Vec::new();
+        for chunk in chunks {
+            let start = self.cache.seq_len(chunk.seq);
+            if let Err(e) = self.cache.reserve(chunk.seq, start + chunk.tokens.len()) {
+                self.undo(&reserved);
+                return Err(e);
+            }
+            reserved.push((chunk.seq, start));
+            batch.push(chunk.seq, chunk.tokens.len(), start);
+            tokens.extend_from_slice(&chunk.tokens);
+        }
+        let _span = tracing::debug_span!("engine_step", seqs = chunks.len(), rows = tokens.len()).entered();
+        let mut recorded = trace.then(Trace::default);
+        let hidden = match self.model.forward(self.experts.as_ref(), &batch, &tokens, &mut self.cache, recorded.as_mut()) {
+            Ok(h) => h,
+            Err(e) => {
+                self.undo(&reserved);
+                return Err(e);
+            }
+        };
+
+        let h = self.config().hidden_size;
+        let logits = chunks
+            .iter()
+            .zip(batch.seqs())
+            .map(|(chunk, span)| {
+                let rows = match chunk.logits {
+                    LogitsWanted::None => return Vec::new(),
+                    LogitsWanted::Last => span.rows().end - 1..span.rows().end,
+                    LogitsWanted::All => span.rows(),
+                };
+                let normed = self.model.final_norm(&hidden[rows.start * h..rows.end * h]);
+                self.model.logits(&normed)
+            })
+            .collect();
+        Ok(StepOutput { logits, trace: recorded })
+    }
+
+    /// K/V of `seq` as `layer` sees them after the cached positions: keys after the layer's
+    /// key norm, `[len, kv_dim]` each. Under CLA the layers of a group share V and raw K.
+    pub fn normalised_kv(&self, seq: SeqId, layer: usize) -> (Vec<f32>, Vec<f32>) {
+        let config = self.config();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let len = self.cache.seq_len(seq);
+        self.cache.gather(config.kv_cache_slot(layer), seq, len, &mut keys, &mut values);
+        if let Some(w) = &self.model.layer(layer).attention.k_norm {
+            crate::kernels::rms_norm_in_place(&mut keys, w, config.rms_norm_eps);
+        }
+        (keys, values)
+    }
+
+    fn undo(&mut self, reserved: &[(SeqId, usize)]) {
+        for &(seq, len) in reserved {
+            if len == 0 {
+                self.cache.release(seq);
+            } else {
+                self.cache.truncate(seq, len);
+            }
+        }
+    }
+
+    fn validate(&self, chunks: &[SeqChunk]) -> Result<()> {
+        let mut seen = HashSet::new();
+        for chunk in chunks {
+            if chunk.tokens.is_empty() {
+                return Err(Error::InvalidInput(format!("sequence {} has no tokens in this step", chunk.seq)));
+            }
+            if !seen.insert(chunk.seq) {
+                return Err(Error::InvalidInput(format!("sequence {} appears twice in one step", chunk.seq)));
+            }
+            self.model.validate_tokens(&chunk.tokens)?;
+            let end = self.cache.seq_len(chunk.seq) + chunk.tokens.len();
+            let max = self.config().max_position_embeddings;
+            if end > max {
+                return Err(Error::InvalidInput(format!(
+                    "sequence {} would reach {end} positions, beyond max_position_embeddings {max}",
+                    chunk.seq
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding of several prompts as one batch (prefill together, then one decode row
+    /// per prompt per step). Stops at `max_new_tokens` or, per prompt, on a stop token.
+    pub fn generate_greedy(&mut self, prompts: &[Vec<u32>], max_new_tokens: usize, stop: &[u32], keep_logits: bool) -> Result<Vec<Greedy>> {
+        let seqs: Vec<SeqId> = prompts.iter().map(|_| self.new_sequence()).collect();
+        let result = self.greedy_loop(&seqs, prompts, max_new_tokens, stop, keep_logits);
+        for &s in &seqs {
+            self.release(s);
+        }
+        result
+    }
+
+    fn greedy_loop(&mut self, seqs: &[SeqId], prompts: &[Vec<u32>], max_new: usize, stop: &[u32], keep_logits: bool) -> Result<Vec<Greedy>> {
+        let mut out: Vec<Greedy> = prompts
+            .iter()
+            .map(|_| Greedy {
+                tokens: Vec::new(),
+                step_logits: Vec::new(),
+            })
+            .collect();
+        if max_new == 0 {
+            return Ok(out);
+        }
+        let mut pending: Vec<SeqChunk> = seqs
+            .iter()
+            .zip(prompts)
+            .map(|(&seq, p)| SeqChunk {
+                seq,
+                tokens: p.clone(),
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let mut active: Vec<usize> = (0..prompts.len()).collect();
+        while !active.is_empty() {
+            let step = self.step(&pending, false)?;
+            let mut next_active = Vec::new();
+            let mut next_pending = Vec::new();
+            for (&i, logits) in active.iter().zip(step.logits) {
+                let token = argmax(&logits) as u32;
+                out[i].tokens.push(token);
+                if keep_logits {
+                    out[i].step_logits.push(logits);
+                }
+                if out[i].tokens.len() < max_new && !stop.contains(&token) {
+                    next_active.push(i);
+                    next_pending.push(SeqChunk {
+                        seq: seqs[i],
+                        tokens: vec![token],
+                        logits: LogitsWanted::Last,
+                    });
+                }
+            }
+            active = next_active;
+            pending = next_pending;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,68 @@
+//! The one error type of the model crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while configuring, loading or running a model.
+///
+/// Variants carry the name of the offending thing (config field, tensor, file) so a message can
+/// be acted on without a debugger.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {path}: {message}")]
+    ConfigParse { path: PathBuf, message: String },
+
+    #[error("config field `{field}` = {value}: {reason}")]
+    ConfigField {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    #[error("tensor `{tensor}` in {file}: {reason}")]
+    Tensor {
+        tensor: String,
+        file: PathBuf,
+        reason: String,
+    },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    #[error("KV cache full: sequence {seq} needs {needed} more blocks, {free} free")]
+    KvCacheFull { seq: u64, needed: usize, free: usize },
+
+    #[error("expert ({layer}, {expert}) is not held here")]
+    ExpertNotHeld { layer: usize, expert: usize },
+
+    #[error("fixture {path}: {reason}")]
+    Fixture { path: PathBuf, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn field(field: &'static str, value: impl std::fmt::Debug, reason: impl Into<String>) -> Self {
+        Error::ConfigField {
+            field,
+            value: format!("{value:?}"),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Hunyuan mixture-of-experts model core on CPU.
+//!
+//! The model is split the way the cluster splits it: [`model::AttentionModel`] is everything an
+//! attention worker holds (embeddings, attention, norms, router, shared expert, LM head), and
+//! [`experts::ExpertCompute`] is the routed-expert unit an expert worker serves.
+//! [`engine::Engine`] puts both in one process: the reference arrangement.
+
+pub mod attention;
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod experts;
+pub mod golden;
+pub mod kernels;
+pub mod kv_cache;
+pub mod mlp;
+pub mod model;
+pub mod names;
+pub mod rope;
+pub mod router;
+pub mod trace;
+pub mod weights;
+
+pub use config::{DType, ModelConfig};
+pub use engine::{Engine, EngineOptions, LogitsWanted, SeqChunk};
+pub use error::{Error, Result};

@@ -1,0 +1,230 @@
+//! The non-expert half of the model: embeddings, every layer's attention, norms, router and
+//! shared expert, the final norm and the LM head. This is what an attention worker holds; the
+//! routed experts are reached through [`ExpertCompute`].
+
+use std::path::Path;
+
+use crate::attention::AttentionWeights;
+use crate::batch::BatchLayout;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::experts::ExpertCompute;
+use crate::kernels::{linear, rms_norm};
+use crate::kv_cache::KvCache;
+use crate::mlp::SwiGlu;
+use crate::names;
+use crate::rope::Rope;
+use crate::router::{Router, Routing};
+use crate::trace::{LayerTrace, Trace};
+use crate::weights::Matrix;
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_norm: Vec<f32>,
+    pub attention: AttentionWeights,
+    pub post_attention_norm: Vec<f32>,
+    pub router: Router,
+    pub shared: Option<SwiGlu>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttentionModel {
+    config: ModelConfig,
+    rope: Rope,
+    embed: Matrix,
+    layers: Vec<DecoderLayer>,
+    final_norm: Vec<f32>,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Matrix>,
+}
+
+impl AttentionModel {
+    /// Reads `config.json` and the non-expert tensors of a model directory.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::load(&ckpt, config)
+    }
+
+    pub fn load(ckpt: &Checkpoint, config: ModelConfig) -> Result<Self> {
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let lc = &config.layers[l];
+            let shared = if lc.shared_intermediate > 0 {
+                Some(SwiGlu::load(ckpt, |p| names::shared(l, p), h, lc.shared_intermediate)?)
+            } else {
+                None
+            };
+            layers.push(DecoderLayer {
+                input_norm: ckpt.vector(&names::layer(l, names::INPUT_NORM), h)?,
+                attention: AttentionWeights::load(ckpt, &config, l)?,
+                post_attention_norm: ckpt.vector(&names::layer(l, names::POST_ATTN_NORM), h)?,
+                router: Router {
+                    wg: ckpt.matrix_f32(&names::layer(l, names::ROUTER), config.num_experts, h)?,
+                    topk: lc.moe_topk,
+                    renormalize: config.renormalize_topk,
+                },
+                shared,
+            });
+        }
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(ckpt.matrix(names::LM_HEAD, v, h)?)
+        };
+        Ok(AttentionModel {
+            rope: Rope::new(&config),
+            embed: ckpt.matrix(names::EMBED, v, h)?,
+            final_norm: ckpt.vector(names::FINAL_NORM, h)?,
+            layers,
+            lm_head,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    pub fn layer(&self, l: usize) -> &DecoderLayer {
+        &self.layers[l]
+    }
+
+    /// Bytes of weights held (what a decode step reads at most, without experts).
+    pub fn size_in_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.attention.size_in_bytes() + l.router.wg.size_in_bytes() + l.shared.as_ref().map_or(0, SwiGlu::size_in_bytes))
+            .sum();
+        layers + self.embed.size_in_bytes() + self.lm_head.as_ref().map_or(0, Matrix::size_in_bytes)
+    }
+
+    pub fn lm_head(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Checks that every token id is inside the vocabulary.
+    pub fn validate_tokens(&self, tokens: &[u32]) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            Some(t) => Err(Error::InvalidInput(format!(
+                "token id {t} is outside the vocabulary (vocab_size {})",
+                self.config.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Embedding rows `[tokens, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.validate_tokens(tokens)?;
+        let h = self.config.hidden_size;
+        let mut out = vec![0.0; tokens.len() * h];
+        for (row, &t) in out.chunks_exact_mut(h).zip(tokens) {
+            self.embed.row_to_f32(t as usize, row);
+        }
+        Ok(out)
+    }
+
+    /// Attention sub-block of layer `l`: input norm, attention, o_proj. Returns the o_proj
+    /// output (the caller adds it to the residual).
+    pub fn attention(&self, l: usize, batch: &BatchLayout, hidden: &[f32], cache: &mut KvCache) -> Vec<f32> {
+        let layer = &self.layers[l];
+        let mut x = vec![0.0; hidden.len()];
+        rms_norm(hidden, &layer.input_norm, self.config.rms_norm_eps, &mut x);
+        layer.attention.forward(&self.config, l, &self.rope, batch, &x, cache)
+    }
+
+    /// post_attention_layernorm of layer `l`: the MoE input.
+    pub fn moe_input(&self, l: usize, hidden: &[f32]) -> Vec<f32> {
+        let mut x = vec![0.0; hidden.len()];
+        rms_norm(hidden, &self.layers[l].post_attention_norm, self.config.rms_norm_eps, &mut x);
+        x
+    }
+
+    /// Router logits and top-k decisions of layer `l`.
+    pub fn route(&self, l: usize, x: &[f32]) -> (Vec<f32>, Routing) {
+        let router = &self.layers[l].router;
+        let logits = router.logits(x, x.len() / self.config.hidden_size);
+        let routing = router.route(&logits);
+        (logits, routing)
+    }
+
+    /// Shared-expert output, or zeros for a layer without one.
+    pub fn shared_expert(&self, l: usize, x: &[f32]) -> Vec<f32> {
+        match &self.layers[l].shared {
+            Some(mlp) => mlp.forward(x, x.len() / self.config.hidden_size),
+            None => vec![0.0; x.len()],
+        }
+    }
+
+    pub fn final_norm(&self, hidden: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; hidden.len()];
+        rms_norm(hidden, &self.final_norm, self.config.rms_norm_eps, &mut out);
+        out
+    }
+
+    /// LM-head logits `[rows, vocab]` of already normalised rows.
+    pub fn logits(&self, normed: &[f32]) -> Vec<f32> {
+        let rows = normed.len() / self.config.hidden_size;
+        let mut out = vec![0.0; rows * self.config.vocab_size];
+        linear(normed, rows, self.lm_head(), &mut out);
+        out
+    }
+
+    /// The decoder stack for one batch: embeddings in, final residual stream out. K/V of the
+    /// batch positions are written to `cache` (already reserved by the caller). Records a trace
+    /// when `trace` is given.
+    pub fn forward(
+        &self,
+        experts: &dyn ExpertCompute,
+        batch: &BatchLayout,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
+        let n = batch.num_rows();
+        debug_assert_eq!(tokens.len(), n);
+        let mut hidden = self.embed(tokens)?;
+        if let Some(t) = trace.as_deref_mut() {
+            t.embeddings = hidden.clone();
+        }
+        for l in 0..self.config.num_layers {
+            let attn_out = self.attention(l, batch, &hidden, cache);
+            add_in_place(&mut hidden, &attn_out);
+            let x = self.moe_input(l, &hidden);
+            let (router_logits, routing) = self.route(l, &x);
+            let routed = experts.compute(l, &x, n, &routing.assignments())?;
+            let mut moe_out = self.shared_expert(l, &x);
+            add_in_place(&mut moe_out, &routed);
+            add_in_place(&mut hidden, &moe_out);
+            if let Some(t) = trace.as_deref_mut() {
+                t.layers.push(LayerTrace {
+                    attn_out,
+                    moe_input: x,
+                    router_logits,
+                    routing,
+                    routed_out: routed,
+                    moe_out,
+                    hidden_out: hidden.clone(),
+                });
+            }
+        }
+        if let Some(t) = trace {
+            t.final_norm = self.final_norm(&hidden);
+        }
+        Ok(hidden)
+    }
+}
+
+pub(crate) fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, &b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}
