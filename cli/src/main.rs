@@ -1,6 +1,9 @@
 //! `moectl`: the operator and client CLI of the Hunyuan MoE cluster.
 
 mod check_golden;
+mod default_model;
+mod gen_model;
+mod generate;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +18,10 @@ struct Cli {
 enum Command {
     /// Check a model against a golden fixture and print max |Δ| per quantity.
     CheckGolden(check_golden::Args),
+    /// Write a seeded random Hunyuan-shaped model (HF layout) for tests and benchmarks.
+    GenModel(gen_model::Args),
+    /// Greedy generation on the single-process engine.
+    Generate(generate::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,6 +32,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckGolden(args) => check_golden::run(args),
+        Command::GenModel(args) => gen_model::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::Generate(args) => generate::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -20,6 +20,8 @@ pub mod model;
 pub mod names;
 pub mod rope;
 pub mod router;
+pub mod safetensors_writer;
+pub mod synthetic;
 pub mod trace;
 pub mod weights;
 

@@ -1,0 +1,50 @@
+//! The built-in default model: the `medium` preset, generated once into a cache directory.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use moe_model::DType;
+use moe_model::synthetic::{ModelShape, SynthOptions, available_memory_bytes, write_random_model};
+
+const PRESET: &str = "medium";
+const SEED: u64 = 0;
+
+fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MOECTL_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("moectl");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache").join("moectl"),
+        None => std::env::temp_dir().join("moectl-cache"),
+    }
+}
+
+/// Directory of the default model, generating it on first use. Generation writes into a
+/// temporary sibling and renames it, so an interrupted run never leaves half a model behind.
+pub fn default_model_dir() -> anyhow::Result<PathBuf> {
+    let dir = cache_root().join(format!("{PRESET}-seed{SEED}-bf16"));
+    if dir.join("config.json").exists() {
+        return Ok(dir);
+    }
+    let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+    eprintln!("generating the built-in `{PRESET}` model into {} (once)", dir.display());
+    let options = SynthOptions {
+        seed: SEED,
+        dtype: DType::BF16,
+        shard_bytes: None,
+        max_bytes: available_memory_bytes(),
+    };
+    write_random_model(&ModelShape::preset(PRESET)?, &options, &tmp).context("generating the default model")?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another process won the race; use its copy.
+        Err(_) if dir.join("config.json").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => Err(e).with_context(|| format!("moving the model into {}", dir.display())),
+    }
+}
