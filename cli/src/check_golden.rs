@@ -16,7 +16,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let fixture = Fixture::open(&args.fixture).with_context(|| format!("opening fixture {}", args.fixture.display()))?;
+    let fixture =
+        Fixture::open(&args.fixture).with_context(|| format!("opening fixture {}", args.fixture.display()))?;
     let mut engine = Engine::load(&args.fixture, EngineOptions::default()).context("loading the fixture's model")?;
     let report = fixture.check(&mut engine)?;
     if args.json {
@@ -24,5 +25,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", report.render());
     }
-    Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -86,7 +86,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.shape.apply(&mut shape);
     let bytes = shape.size_in_bytes(args.dtype);
     if args.dry_run {
-        println!("{}", serde_json::json!({ "preset": args.preset, "dtype": args.dtype.hf_name(), "bytes": bytes }));
+        println!(
+            "{}",
+            serde_json::json!({ "preset": args.preset, "dtype": args.dtype.hf_name(), "bytes": bytes })
+        );
         return Ok(());
     }
     if args.shard_mib == Some(0) {

@@ -30,10 +30,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => default_model_dir()?,
     };
     let started = Instant::now();
-    let mut engine = Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
+    let mut engine =
+        Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
     let loaded = started.elapsed();
     let started = Instant::now();
-    let out = engine.generate_greedy(std::slice::from_ref(&args.prompt_ids), args.max_tokens, &args.stop_ids, false)?;
+    let out = engine.generate_greedy(
+        std::slice::from_ref(&args.prompt_ids),
+        args.max_tokens,
+        &args.stop_ids,
+        false,
+    )?;
     let elapsed = started.elapsed();
     let tokens = &out[0].tokens;
     println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));

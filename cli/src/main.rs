@@ -8,7 +8,11 @@ mod generate;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "moectl", version, about = "Operate and use a Hunyuan MoE expert-parallel cluster")]
+#[command(
+    name = "moectl",
+    version,
+    about = "Operate and use a Hunyuan MoE expert-parallel cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

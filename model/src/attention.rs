@@ -67,7 +67,10 @@ impl AttentionWeights {
     pub fn size_in_bytes(&self) -> usize {
         self.q_proj.size_in_bytes()
             + self.o_proj.size_in_bytes()
-            + self.kv_proj.as_ref().map_or(0, |(k, v)| k.size_in_bytes() + v.size_in_bytes())
+            + self
+                .kv_proj
+                .as_ref()
+                .map_or(0, |(k, v)| k.size_in_bytes() + v.size_in_bytes())
     }
 
     /// `x` is the normalised input `[N, hidden]`; returns the o_proj output `[N, hidden]`.

@@ -90,7 +90,8 @@ impl Checkpoint {
     }
 
     fn open_sharded(dir: &Path, index_path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(format!("reading {}", index_path.display()), e))?;
+        let text = std::fs::read_to_string(index_path)
+            .map_err(|e| Error::io(format!("reading {}", index_path.display()), e))?;
         let parsed: IndexJson = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
             path: index_path.to_owned(),
             reason: format!("invalid index JSON: {e}"),
@@ -217,7 +218,10 @@ impl Checkpoint {
         Ok(match dtype {
             DType::F32 => le_f32(bytes),
             DType::BF16 => le_u16(bytes).into_iter().map(bf16_to_f32).collect(),
-            DType::F16 => le_u16(bytes).into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect(),
+            DType::F16 => le_u16(bytes)
+                .into_iter()
+                .map(|b| half::f16::from_bits(b).to_f32())
+                .collect(),
         })
     }
 }
@@ -229,8 +233,14 @@ pub fn read_i64(ckpt: &Checkpoint, name: &str) -> Result<(Vec<i64>, Vec<usize>)>
     let (start, end) = info.data_offsets;
     let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
     let values = match info.dtype {
-        StDtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
-        StDtype::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+        StDtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        StDtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect(),
         other => {
             return Err(Error::Tensor {
                 tensor: name.to_owned(),
@@ -282,9 +292,15 @@ fn convert_dtype(dtype: StDtype, name: &str, file: &Path) -> Result<DType> {
 }
 
 fn le_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn le_u16(bytes: &[u8]) -> Vec<u16> {
-    bytes.chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }

@@ -268,7 +268,7 @@ impl ModelConfig {
 
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         positive("num_key_value_heads", num_kv_heads)?;
-        if raw.num_attention_heads % num_kv_heads != 0 {
+        if !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(Error::field(
                 "num_key_value_heads",
                 num_kv_heads,
@@ -280,7 +280,7 @@ impl ModelConfig {
             (Some(h), _) => h,
             (None, Some(h)) => h,
             (None, None) => {
-                if raw.hidden_size % raw.num_attention_heads != 0 {
+                if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
                     return Err(Error::field(
                         "hidden_size",
                         raw.hidden_size,
@@ -303,12 +303,20 @@ impl ModelConfig {
             ));
         }
         if head_dim < 4 || head_dim % 2 != 0 {
-            return Err(Error::field("head_dim", head_dim, "must be even and at least 4 (RoPE rotates halves)"));
+            return Err(Error::field(
+                "head_dim",
+                head_dim,
+                "must be even and at least 4 (RoPE rotates halves)",
+            ));
         }
 
-        let num_experts = raw
-            .num_experts
-            .ok_or_else(|| Error::field("num_experts", "absent", "dense Hunyuan models are not supported; an MoE config is required"))?;
+        let num_experts = raw.num_experts.ok_or_else(|| {
+            Error::field(
+                "num_experts",
+                "absent",
+                "dense Hunyuan models are not supported; an MoE config is required",
+            )
+        })?;
         positive("num_experts", num_experts)?;
         let topk = raw
             .moe_topk
@@ -317,7 +325,11 @@ impl ModelConfig {
             .resolve("moe_topk", num_layers)?;
         for &k in &topk {
             if k == 0 || k > num_experts {
-                return Err(Error::field("moe_topk", k, format!("must be in 1..={num_experts} (num_experts)")));
+                return Err(Error::field(
+                    "moe_topk",
+                    k,
+                    format!("must be in 1..={num_experts} (num_experts)"),
+                ));
             }
         }
         let expert_inter = match &raw.moe_intermediate_size {
@@ -336,7 +348,11 @@ impl ModelConfig {
         let cla_share_factor = if raw.use_cla {
             let f = raw.cla_share_factor.unwrap_or(2);
             if f < 1 {
-                return Err(Error::field("cla_share_factor", f, "must be at least 1 when use_cla is true"));
+                return Err(Error::field(
+                    "cla_share_factor",
+                    f,
+                    "must be at least 1 when use_cla is true",
+                ));
             }
             f
         } else {
@@ -344,10 +360,18 @@ impl ModelConfig {
         };
 
         if raw.attention_bias {
-            return Err(Error::field("attention_bias", true, "biased attention projections are not supported"));
+            return Err(Error::field(
+                "attention_bias",
+                true,
+                "biased attention projections are not supported",
+            ));
         }
         if raw.mlp_bias {
-            return Err(Error::field("mlp_bias", true, "biased MLP projections are not supported"));
+            return Err(Error::field(
+                "mlp_bias",
+                true,
+                "biased MLP projections are not supported",
+            ));
         }
         if let Some(act) = &raw.hidden_act
             && act != "silu"
@@ -355,7 +379,11 @@ impl ModelConfig {
             return Err(Error::field("hidden_act", act, "only \"silu\" (SwiGLU) is supported"));
         }
         if raw.use_mla {
-            return Err(Error::field("use_mla", true, "multi-head latent attention is not part of Hunyuan-A13B/Large"));
+            return Err(Error::field(
+                "use_mla",
+                true,
+                "multi-head latent attention is not part of Hunyuan-A13B/Large",
+            ));
         }
         if raw.moe_layer_num_skipped != 0 {
             return Err(Error::field(
@@ -412,7 +440,11 @@ impl ModelConfig {
             if let Some(id) = id
                 && id as usize >= raw.vocab_size
             {
-                return Err(Error::field(name, id, format!("outside the vocabulary (vocab_size {})", raw.vocab_size)));
+                return Err(Error::field(
+                    name,
+                    id,
+                    format!("outside the vocabulary (vocab_size {})", raw.vocab_size),
+                ));
             }
         }
 
@@ -484,13 +516,17 @@ fn parse_rope(raw: &RawConfig) -> Result<RopeConfig> {
     let scaling = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
     let theta = match (raw.rope_theta, scaling.and_then(|s| s.rope_theta)) {
         (Some(a), Some(b)) if (a - b).abs() > 1e-9 * a.abs() => {
-            return Err(Error::field("rope_parameters.rope_theta", b, format!("contradicts rope_theta = {a}")));
+            return Err(Error::field(
+                "rope_parameters.rope_theta",
+                b,
+                format!("contradicts rope_theta = {a}"),
+            ));
         }
         (Some(a), _) => a,
         (None, Some(b)) => b,
         (None, None) => 10000.0,
     };
-    if !(theta > 0.0) {
+    if theta.is_nan() || theta <= 0.0 {
         return Err(Error::field("rope_theta", theta, "must be positive"));
     }
     let alpha = match scaling {
@@ -517,7 +553,7 @@ fn parse_rope(raw: &RawConfig) -> Result<RopeConfig> {
             s.alpha.unwrap_or(1.0)
         }
     };
-    if !(alpha >= 1.0) {
+    if alpha.is_nan() || alpha < 1.0 {
         return Err(Error::field("rope_scaling.alpha", alpha, "must be at least 1"));
     }
     Ok(RopeConfig { theta, alpha })

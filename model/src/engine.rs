@@ -129,7 +129,13 @@ impl Engine {
         }
         let _span = tracing::debug_span!("engine_step", seqs = chunks.len(), rows = tokens.len()).entered();
         let mut recorded = trace.then(Trace::default);
-        let hidden = match self.model.forward(self.experts.as_ref(), &batch, &tokens, &mut self.cache, recorded.as_mut()) {
+        let hidden = match self.model.forward(
+            self.experts.as_ref(),
+            &batch,
+            &tokens,
+            &mut self.cache,
+            recorded.as_mut(),
+        ) {
             Ok(h) => h,
             Err(e) => {
                 self.undo(&reserved);
@@ -151,7 +157,10 @@ impl Engine {
                 self.model.logits(&normed)
             })
             .collect();
-        Ok(StepOutput { logits, trace: recorded })
+        Ok(StepOutput {
+            logits,
+            trace: recorded,
+        })
     }
 
     /// K/V of `seq` as `layer` sees them after the cached positions: keys after the layer's
@@ -160,7 +169,8 @@ impl Engine {
         let config = self.config();
         let (mut keys, mut values) = (Vec::new(), Vec::new());
         let len = self.cache.seq_len(seq);
-        self.cache.gather(config.kv_cache_slot(layer), seq, len, &mut keys, &mut values);
+        self.cache
+            .gather(config.kv_cache_slot(layer), seq, len, &mut keys, &mut values);
         if let Some(w) = &self.model.layer(layer).attention.k_norm {
             crate::kernels::rms_norm_in_place(&mut keys, w, config.rms_norm_eps);
         }
@@ -181,10 +191,16 @@ impl Engine {
         let mut seen = HashSet::new();
         for chunk in chunks {
             if chunk.tokens.is_empty() {
-                return Err(Error::InvalidInput(format!("sequence {} has no tokens in this step", chunk.seq)));
+                return Err(Error::InvalidInput(format!(
+                    "sequence {} has no tokens in this step",
+                    chunk.seq
+                )));
             }
             if !seen.insert(chunk.seq) {
-                return Err(Error::InvalidInput(format!("sequence {} appears twice in one step", chunk.seq)));
+                return Err(Error::InvalidInput(format!(
+                    "sequence {} appears twice in one step",
+                    chunk.seq
+                )));
             }
             self.model.validate_tokens(&chunk.tokens)?;
             let end = self.cache.seq_len(chunk.seq) + chunk.tokens.len();
@@ -201,7 +217,13 @@ impl Engine {
 
     /// Greedy decoding of several prompts as one batch (prefill together, then one decode row
     /// per prompt per step). Stops at `max_new_tokens` or, per prompt, on a stop token.
-    pub fn generate_greedy(&mut self, prompts: &[Vec<u32>], max_new_tokens: usize, stop: &[u32], keep_logits: bool) -> Result<Vec<Greedy>> {
+    pub fn generate_greedy(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        stop: &[u32],
+        keep_logits: bool,
+    ) -> Result<Vec<Greedy>> {
         let seqs: Vec<SeqId> = prompts.iter().map(|_| self.new_sequence()).collect();
         let result = self.greedy_loop(&seqs, prompts, max_new_tokens, stop, keep_logits);
         for &s in &seqs {
@@ -210,7 +232,14 @@ impl Engine {
         result
     }
 
-    fn greedy_loop(&mut self, seqs: &[SeqId], prompts: &[Vec<u32>], max_new: usize, stop: &[u32], keep_logits: bool) -> Result<Vec<Greedy>> {
+    fn greedy_loop(
+        &mut self,
+        seqs: &[SeqId],
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stop: &[u32],
+        keep_logits: bool,
+    ) -> Result<Vec<Greedy>> {
         let mut out: Vec<Greedy> = prompts
             .iter()
             .map(|_| Greedy {

@@ -20,7 +20,13 @@ pub trait ExpertCompute: Send + Sync {
     /// `rows` is `[num_rows, hidden]`. Returns `[num_rows, hidden]` where row `r` is
     /// `Σ weight · expert(rows[r])` over the assignments of `r`, summed in assignment order;
     /// rows without assignments are zero.
-    fn compute(&self, layer: usize, rows: &[f32], num_rows: usize, assignments: &[ExpertAssignment]) -> Result<Vec<f32>>;
+    fn compute(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        num_rows: usize,
+        assignments: &[ExpertAssignment],
+    ) -> Result<Vec<f32>>;
 }
 
 /// Which routed experts to load.
@@ -52,7 +58,8 @@ pub struct LocalExperts {
 
 impl LocalExperts {
     pub fn load(ckpt: &Checkpoint, config: &ModelConfig, selection: &ExpertSelection) -> Result<Self> {
-        let mut experts: Vec<Vec<Option<SwiGlu>>> = (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect();
+        let mut experts: Vec<Vec<Option<SwiGlu>>> =
+            (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect();
         for (l, e) in selection.pairs(config) {
             if l >= config.num_layers || e >= config.num_experts {
                 return Err(Error::InvalidInput(format!(
@@ -61,7 +68,12 @@ impl LocalExperts {
                 )));
             }
             let inter = config.layers[l].expert_intermediate;
-            experts[l][e] = Some(SwiGlu::load(ckpt, |p| names::expert(l, e, p), config.hidden_size, inter)?);
+            experts[l][e] = Some(SwiGlu::load(
+                ckpt,
+                |p| names::expert(l, e, p),
+                config.hidden_size,
+                inter,
+            )?);
         }
         Ok(LocalExperts {
             hidden: config.hidden_size,
@@ -96,7 +108,13 @@ impl LocalExperts {
 }
 
 impl ExpertCompute for LocalExperts {
-    fn compute(&self, layer: usize, rows: &[f32], num_rows: usize, assignments: &[ExpertAssignment]) -> Result<Vec<f32>> {
+    fn compute(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        num_rows: usize,
+        assignments: &[ExpertAssignment],
+    ) -> Result<Vec<f32>> {
         let h = self.hidden;
         if rows.len() != num_rows * h {
             return Err(Error::InvalidInput(format!(
@@ -108,10 +126,16 @@ impl ExpertCompute for LocalExperts {
         let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, a) in assignments.iter().enumerate() {
             if a.row as usize >= num_rows {
-                return Err(Error::InvalidInput(format!("assignment names row {} of {num_rows}", a.row)));
+                return Err(Error::InvalidInput(format!(
+                    "assignment names row {} of {num_rows}",
+                    a.row
+                )));
             }
             if !a.weight.is_finite() {
-                return Err(Error::InvalidInput(format!("assignment {i} has a non-finite weight {}", a.weight)));
+                return Err(Error::InvalidInput(format!(
+                    "assignment {i} has a non-finite weight {}",
+                    a.weight
+                )));
             }
             if !self.holds(layer, a.expert as usize) {
                 return Err(Error::ExpertNotHeld {
@@ -130,7 +154,9 @@ impl ExpertCompute for LocalExperts {
                     let r = assignments[i].row as usize;
                     x.extend_from_slice(&rows[r * h..(r + 1) * h]);
                 }
-                self.get(layer, *expert as usize).expect("checked above").forward(&x, members.len())
+                self.get(layer, *expert as usize)
+                    .expect("checked above")
+                    .forward(&x, members.len())
             })
             .collect();
 
@@ -145,7 +171,11 @@ impl ExpertCompute for LocalExperts {
         let mut out = vec![0.0; num_rows * h];
         for (a, &(g, slot)) in assignments.iter().zip(&location) {
             let r = a.row as usize;
-            axpy(a.weight, &outputs[g][slot * h..(slot + 1) * h], &mut out[r * h..(r + 1) * h]);
+            axpy(
+                a.weight,
+                &outputs[g][slot * h..(slot + 1) * h],
+                &mut out[r * h..(r + 1) * h],
+            );
         }
         Ok(out)
     }

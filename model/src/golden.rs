@@ -143,7 +143,10 @@ impl Report {
     /// A plain-text table.
     pub fn render(&self) -> String {
         let mut s = format!("fixture {}\n", self.fixture.display());
-        s += &format!("{:<8} {:<22} {:>12} {:>10}  {}\n", "case", "quantity", "max|Δ|", "tolerance", "result");
+        s += &format!(
+            "{:<8} {:<22} {:>12} {:>10}  {}\n",
+            "case", "quantity", "max|Δ|", "tolerance", "result"
+        );
         for r in &self.rows {
             let (diff, tol) = if r.tolerance == 0.0 {
                 (format!("{} off", r.max_abs_diff), "exact".to_string())
@@ -151,7 +154,10 @@ impl Report {
                 (format!("{:.3e}", r.max_abs_diff), format!("{:.1e}", r.tolerance))
             };
             let verdict = if r.passed { "ok" } else { "FAIL" };
-            s += &format!("{:<8} {:<22} {:>12} {:>10}  {verdict} {}\n", r.case, r.quantity, diff, tol, r.detail);
+            s += &format!(
+                "{:<8} {:<22} {:>12} {:>10}  {verdict} {}\n",
+                r.case, r.quantity, diff, tol, r.detail
+            );
         }
         for n in &self.not_checked {
             s += &format!("not checked: {n}\n");
@@ -237,7 +243,14 @@ impl Fixture {
                 .iter()
                 .zip(&inv_freq)
                 .map(|(&a, &b)| ((a as f64 - b as f64) / a as f64).abs())
-                .fold(if want.len() == inv_freq.len() { 0.0 } else { f64::INFINITY }, f64::max);
+                .fold(
+                    if want.len() == inv_freq.len() {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    },
+                    f64::max,
+                );
             checker.push("rope", "inv_freq (relative)", rel, 1e-6, String::new());
         }
         for prompt in self.prompts() {
@@ -257,7 +270,9 @@ impl Fixture {
         let mut not_checked: Vec<String> = skipped
             .into_iter()
             .map(|(group, n)| match group.as_str() {
-                "capacity" => format!("{group}.* ({n} arrays): capacity-policy replay, not part of the default exact forward"),
+                "capacity" => {
+                    format!("{group}.* ({n} arrays): capacity-policy replay, not part of the default exact forward")
+                }
                 _ => format!("{group}.* ({n} arrays): not compared"),
             })
             .collect();
@@ -278,7 +293,11 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn push(&mut self, case: &str, quantity: &str, diff: f64, tolerance: f64, detail: String) {
-        let passed = if tolerance == 0.0 { diff == 0.0 } else { diff <= tolerance };
+        let passed = if tolerance == 0.0 {
+            diff == 0.0
+        } else {
+            diff <= tolerance
+        };
         self.rows.push(CheckRow {
             case: case.to_owned(),
             quantity: quantity.to_owned(),
@@ -406,16 +425,30 @@ impl Checker<'_> {
             }
         }
         if any {
-            self.push(prompt, "layers.kv_states", worst.0, tol, format!("(worst: layer {})", worst.1));
+            self.push(
+                prompt,
+                "layers.kv_states",
+                worst.0,
+                tol,
+                format!("(worst: layer {})", worst.1),
+            );
         }
         Ok(())
     }
 
     /// Compares generated ids and the step logits (`decode_logits`), for one or several rows.
-    fn greedy_rows(&mut self, case: &str, want_ids: &[i64], got: &Greedy, logits_name: &str, row: Option<usize>) -> Result<()> {
+    fn greedy_rows(
+        &mut self,
+        case: &str,
+        want_ids: &[i64],
+        got: &Greedy,
+        logits_name: &str,
+        row: Option<usize>,
+    ) -> Result<()> {
         let tol = self.fixture.tolerances.logits;
         let got_ids: Vec<i64> = got.tokens.iter().map(|&t| t as i64).collect();
-        let mismatches = want_ids.len().abs_diff(got_ids.len()) + want_ids.iter().zip(&got_ids).filter(|(a, b)| a != b).count();
+        let mismatches =
+            want_ids.len().abs_diff(got_ids.len()) + want_ids.iter().zip(&got_ids).filter(|(a, b)| a != b).count();
         let detail = if mismatches == 0 {
             String::new()
         } else {
@@ -445,7 +478,9 @@ impl Checker<'_> {
         for r in 0..rows {
             let row = r * width..(r + 1) * width;
             let first = mask[row.clone()].iter().position(|&m| m == 1).unwrap_or(width);
-            if mask[row.start + first..row.end].iter().any(|&m| m != 1) || (first < width && pos[row.start + first] != 0) {
+            if mask[row.start + first..row.end].iter().any(|&m| m != 1)
+                || (first < width && pos[row.start + first] != 0)
+            {
                 return Err(Error::Fixture {
                     path: self.fixture.dir.clone(),
                     reason: format!("batch row {r} is not left-padded with positions starting at 0"),
@@ -468,14 +503,26 @@ impl Checker<'_> {
             let base = (r * width + starts[r]) * v;
             worst = worst.max(max_abs_diff(&want[base..base + real], &got[r]));
         }
-        self.push("batch", "prefill_logits", worst, tol, format!("({rows} rows, left padding removed)"));
+        self.push(
+            "batch",
+            "prefill_logits",
+            worst,
+            tol,
+            format!("({rows} rows, left padding removed)"),
+        );
 
         if self.fixture.has("batch.gen_ids") {
             let gen_ids = self.expect_ids("batch.gen_ids")?;
             let steps = gen_ids.len() / rows;
             let out = target.greedy(&prompts, steps)?;
             for (r, g) in out.iter().enumerate() {
-                self.greedy_rows(&format!("batch[{r}]"), &gen_ids[r * steps..(r + 1) * steps], g, "batch.decode_logits", Some(r))?;
+                self.greedy_rows(
+                    &format!("batch[{r}]"),
+                    &gen_ids[r * steps..(r + 1) * steps],
+                    g,
+                    "batch.decode_logits",
+                    Some(r),
+                )?;
             }
         }
         Ok(())

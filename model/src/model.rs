@@ -101,7 +101,11 @@ impl AttentionModel {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| l.attention.size_in_bytes() + l.router.wg.size_in_bytes() + l.shared.as_ref().map_or(0, SwiGlu::size_in_bytes))
+            .map(|l| {
+                l.attention.size_in_bytes()
+                    + l.router.wg.size_in_bytes()
+                    + l.shared.as_ref().map_or(0, SwiGlu::size_in_bytes)
+            })
             .sum();
         layers + self.embed.size_in_bytes() + self.lm_head.as_ref().map_or(0, Matrix::size_in_bytes)
     }
@@ -144,7 +148,12 @@ impl AttentionModel {
     /// post_attention_layernorm of layer `l`: the MoE input.
     pub fn moe_input(&self, l: usize, hidden: &[f32]) -> Vec<f32> {
         let mut x = vec![0.0; hidden.len()];
-        rms_norm(hidden, &self.layers[l].post_attention_norm, self.config.rms_norm_eps, &mut x);
+        rms_norm(
+            hidden,
+            &self.layers[l].post_attention_norm,
+            self.config.rms_norm_eps,
+            &mut x,
+        );
         x
     }
 

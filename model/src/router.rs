@@ -100,7 +100,11 @@ mod tests {
     fn top2_renormalised_and_top1_probability() {
         let logits = vec![0.0f32, 2.0, 1.0, -1.0];
         let wg = Matrix::from_f32(4, 1, vec![0.0; 4]);
-        let mut router = Router { wg, topk: 2, renormalize: true };
+        let mut router = Router {
+            wg,
+            topk: 2,
+            renormalize: true,
+        };
         let r = router.route(&logits);
         assert_eq!(r.experts, vec![1, 2]);
         assert!((r.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);

@@ -48,7 +48,7 @@ pub fn write_file(path: &Path, specs: &[TensorSpec], fill: &mut dyn FnMut(&Tenso
     }
     let mut header = serde_json::to_vec(&header).expect("JSON map serialises");
     // The data section starts 8-byte aligned, as the format recommends.
-    while (header.len() + 8) % 8 != 0 {
+    while !(header.len() + 8).is_multiple_of(8) {
         header.push(b' ');
     }
     let io = |e| Error::io(format!("writing {}", path.display()), e);
@@ -59,7 +59,12 @@ pub fn write_file(path: &Path, specs: &[TensorSpec], fill: &mut dyn FnMut(&Tenso
     for s in specs {
         buf.clear();
         fill(s, &mut buf);
-        assert_eq!(buf.len(), s.size_in_bytes(), "fill wrote the wrong byte count for {}", s.name);
+        assert_eq!(
+            buf.len(),
+            s.size_in_bytes(),
+            "fill wrote the wrong byte count for {}",
+            s.name
+        );
         out.write_all(&buf).map_err(io)?;
     }
     out.flush().map_err(io)
@@ -68,7 +73,12 @@ pub fn write_file(path: &Path, specs: &[TensorSpec], fill: &mut dyn FnMut(&Tenso
 /// Writes `specs` into `dir` as `model.safetensors`, or, when `shard_bytes` is given, as
 /// `model-0000i-of-0000n.safetensors` shards of at most that size plus the index file.
 /// Returns the files written.
-pub fn write_model(dir: &Path, specs: &[TensorSpec], shard_bytes: Option<usize>, fill: &mut dyn FnMut(&TensorSpec, &mut Vec<u8>)) -> Result<Vec<PathBuf>> {
+pub fn write_model(
+    dir: &Path,
+    specs: &[TensorSpec],
+    shard_bytes: Option<usize>,
+    fill: &mut dyn FnMut(&TensorSpec, &mut Vec<u8>),
+) -> Result<Vec<PathBuf>> {
     let Some(limit) = shard_bytes else {
         let path = dir.join(SINGLE_FILE);
         write_file(&path, specs, fill)?;
@@ -99,7 +109,8 @@ pub fn write_model(dir: &Path, specs: &[TensorSpec], shard_bytes: Option<usize>,
     let total: usize = specs.iter().map(TensorSpec::size_in_bytes).sum();
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     let path = dir.join(INDEX_FILE);
-    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("JSON")).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("JSON"))
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     files.push(path);
     Ok(files)
 }

@@ -124,10 +124,10 @@ impl ModelShape {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("kv_heads {} must divide heads {}", self.kv_heads, self.heads));
         }
-        if self.head_dim < 4 || self.head_dim % 2 != 0 {
+        if self.head_dim < 4 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and at least 4", self.head_dim));
         }
         if self.topk > self.experts {
@@ -143,7 +143,7 @@ impl ModelShape {
     }
 
     fn computes_kv(&self, l: usize) -> bool {
-        l % self.cla_share_factor == 0
+        l.is_multiple_of(self.cla_share_factor)
     }
 
     /// config.json in the key style of the released checkpoints.
@@ -219,7 +219,12 @@ impl ModelShape {
 
     /// Every tensor of the checkpoint, sorted by name. The router stays f32, as released.
     pub fn tensor_specs(&self, dtype: DType) -> Vec<TensorSpec> {
-        let (h, q, kv, i) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate);
+        let (h, q, kv, i) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        );
         let mut specs = vec![
             spec(names::EMBED.into(), dtype, &[self.vocab, h]),
             spec(names::FINAL_NORM.into(), dtype, &[h]),
@@ -376,16 +381,22 @@ pub fn write_random_model(shape: &ModelShape, options: &SynthOptions, dir: &Path
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let write_json = |name: &str, value: &serde_json::Value| {
         let path = dir.join(name);
-        std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON")).map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        std::fs::write(&path, serde_json::to_string_pretty(value).expect("JSON"))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         Ok::<_, Error>(path)
     };
     let mut files = vec![
         write_json("config.json", &config)?,
-        write_json("generation_config.json", &json!({ "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0 }))?,
+        write_json(
+            "generation_config.json",
+            &json!({ "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0 }),
+        )?,
     ];
     let specs = shape.tensor_specs(options.dtype);
     let (hidden, seed) = (shape.hidden, options.seed);
-    files.extend(write_model(dir, &specs, options.shard_bytes, &mut |s, buf| fill_tensor(s, hidden, seed, buf))?);
+    files.extend(write_model(dir, &specs, options.shard_bytes, &mut |s, buf| {
+        fill_tensor(s, hidden, seed, buf)
+    })?);
     Ok(files)
 }
 

@@ -1,1 +1,34 @@
+//! Helpers shared by the integration tests: fixture paths and small generated models.
 
+use std::path::{Path, PathBuf};
+
+use moe_model::DType;
+use moe_model::synthetic::{ModelShape, SynthOptions, write_random_model};
+
+/// `tests/fixtures` of this repository.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Every fixture directory that holds expected values.
+pub fn golden_fixtures() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .expect("tests/fixtures exists")
+        .map(|e| e.expect("readable").path())
+        .filter(|p| p.join("expected.safetensors").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Writes a seeded random model of a preset into `dir`.
+pub fn write_preset(dir: &Path, preset: &str, seed: u64, dtype: DType, shard_bytes: Option<usize>) {
+    let shape = ModelShape::preset(preset).expect("known preset");
+    let options = SynthOptions {
+        seed,
+        dtype,
+        shard_bytes,
+        max_bytes: None,
+    };
+    write_random_model(&shape, &options, dir).expect("model written");
+}

@@ -107,7 +107,11 @@ mod tests {
             let wb: Vec<u16> = wf.iter().map(|&v| f32_to_bf16(v)).collect();
             let wr: Vec<f32> = wb.iter().map(|&b| crate::weights::bf16_to_f32(b)).collect();
             let want = naive(&x, m, &wr, n, k);
-            let w = Matrix { rows: n, cols: k, data: MatrixData::BF16(wb) };
+            let w = Matrix {
+                rows: n,
+                cols: k,
+                data: MatrixData::BF16(wb),
+            };
             linear(&x, m, &w, &mut y);
             let err = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err < 1e-4, "bf16 m={m} n={n} k={k}: {err}");
