@@ -1,2 +1,13 @@
-//! Attention worker: attention, KV cache, router and shared expert; dispatches routed rows to
-//! expert workers.
+//! Attention worker: holds embeddings, every layer's attention with a paged KV cache, norms,
+//! router, shared expert and LM head; runs continuous batching and sends each layer's routed
+//! rows to the expert workers (one message per expert worker per layer).
+
+mod error;
+pub mod events;
+pub mod remote_experts;
+pub mod scheduler;
+mod service;
+mod worker;
+
+pub use error::{Error, Result};
+pub use worker::{Args, run};

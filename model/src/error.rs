@@ -44,6 +44,10 @@ pub enum Error {
     #[error("expert ({layer}, {expert}) is not held here")]
     ExpertNotHeld { layer: usize, expert: usize },
 
+    /// A routed-expert computation that ran elsewhere failed (transport or refusal).
+    #[error("expert worker {worker}: {message}")]
+    Remote { worker: String, message: String },
+
     #[error("fixture {path}: {reason}")]
     Fixture { path: PathBuf, reason: String },
 }

@@ -4,6 +4,7 @@
 //! transport (expert workers).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -27,6 +28,30 @@ pub trait ExpertCompute: Send + Sync {
         num_rows: usize,
         assignments: &[ExpertAssignment],
     ) -> Result<Vec<f32>>;
+
+    /// Starts the computation and returns a handle to its result, so the caller can do other
+    /// work (the shared expert) while it runs elsewhere. In-process holders compute right away.
+    fn begin(&self, layer: usize, rows: &[f32], num_rows: usize, assignments: &[ExpertAssignment]) -> Result<Pending> {
+        self.compute(layer, rows, num_rows, assignments).map(Pending::ready)
+    }
+}
+
+/// A routed-expert result that may still be in flight.
+pub struct Pending(Box<dyn FnOnce() -> Result<Vec<f32>> + Send>);
+
+impl Pending {
+    pub fn ready(out: Vec<f32>) -> Self {
+        Pending(Box::new(move || Ok(out)))
+    }
+
+    /// A result that `wait` produces when asked (blocking until it is there).
+    pub fn later(wait: impl FnOnce() -> Result<Vec<f32>> + Send + 'static) -> Self {
+        Pending(Box::new(wait))
+    }
+
+    pub fn wait(self) -> Result<Vec<f32>> {
+        (self.0)()
+    }
 }
 
 /// Which routed experts to load.
@@ -52,31 +77,50 @@ impl ExpertSelection {
 #[derive(Debug, Clone)]
 pub struct LocalExperts {
     hidden: usize,
-    /// `experts[layer][expert]`; `None` where not held.
-    experts: Vec<Vec<Option<SwiGlu>>>,
+    /// `experts[layer][expert]`; `None` where not held. Shared so that a holder with more or
+    /// fewer experts can be derived cheaply while the current one keeps serving.
+    experts: Vec<Vec<Option<Arc<SwiGlu>>>>,
 }
 
 impl LocalExperts {
     pub fn load(ckpt: &Checkpoint, config: &ModelConfig, selection: &ExpertSelection) -> Result<Self> {
-        let mut experts: Vec<Vec<Option<SwiGlu>>> =
-            (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect();
-        for (l, e) in selection.pairs(config) {
+        let empty = LocalExperts {
+            hidden: config.hidden_size,
+            experts: (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect(),
+        };
+        empty.with(ckpt, config, &selection.pairs(config), &[])
+    }
+
+    /// A holder with `add` loaded (those already held are shared, not reloaded) and `remove`
+    /// dropped. `self` is unchanged and can keep serving meanwhile.
+    pub fn with(
+        &self,
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        add: &[(usize, usize)],
+        remove: &[(usize, usize)],
+    ) -> Result<Self> {
+        let mut experts = self.experts.clone();
+        for &(l, e) in remove {
+            if let Some(slot) = experts.get_mut(l).and_then(|layer| layer.get_mut(e)) {
+                *slot = None;
+            }
+        }
+        for &(l, e) in add {
             if l >= config.num_layers || e >= config.num_experts {
                 return Err(Error::InvalidInput(format!(
                     "expert ({l}, {e}) does not exist: the model has {} layers of {} experts",
                     config.num_layers, config.num_experts
                 )));
             }
-            let inter = config.layers[l].expert_intermediate;
-            experts[l][e] = Some(SwiGlu::load(
-                ckpt,
-                |p| names::expert(l, e, p),
-                config.hidden_size,
-                inter,
-            )?);
+            if experts[l][e].is_none() {
+                let inter = config.layers[l].expert_intermediate;
+                let mlp = SwiGlu::load(ckpt, |p| names::expert(l, e, p), config.hidden_size, inter)?;
+                experts[l][e] = Some(Arc::new(mlp));
+            }
         }
         Ok(LocalExperts {
-            hidden: config.hidden_size,
+            hidden: self.hidden,
             experts,
         })
     }
@@ -86,7 +130,7 @@ impl LocalExperts {
     }
 
     fn get(&self, layer: usize, expert: usize) -> Option<&SwiGlu> {
-        self.experts.get(layer)?.get(expert)?.as_ref()
+        self.experts.get(layer)?.get(expert)?.as_deref()
     }
 
     /// `(layer, expert)` pairs held, in order.
@@ -103,7 +147,7 @@ impl LocalExperts {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.experts.iter().flatten().flatten().map(SwiGlu::size_in_bytes).sum()
+        self.experts.iter().flatten().flatten().map(|e| e.size_in_bytes()).sum()
     }
 }
 

@@ -209,8 +209,11 @@ impl AttentionModel {
             add_in_place(&mut hidden, &attn_out);
             let x = self.moe_input(l, &hidden);
             let (router_logits, routing) = self.route(l, &x);
-            let routed = experts.compute(l, &x, n, &routing.assignments())?;
+            // The routed experts may run elsewhere: start them, compute the shared expert
+            // meanwhile, then combine.
+            let pending = experts.begin(l, &x, n, &routing.assignments())?;
             let mut moe_out = self.shared_expert(l, &x);
+            let routed = pending.wait()?;
             add_in_place(&mut moe_out, &routed);
             add_in_place(&mut hidden, &moe_out);
             if let Some(t) = trace.as_deref_mut() {

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::names;
+use crate::rng::SplitMix64;
 use crate::safetensors_writer::{TensorSpec, write_model};
 use crate::weights::f32_to_bf16;
 
@@ -296,32 +297,14 @@ fn init_for(spec: &TensorSpec, hidden: usize) -> Init {
     }
 }
 
-/// SplitMix64: small, fast, and good enough for weights.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-}
-
 /// Each tensor gets its own stream from (seed, name), so values do not depend on sharding or
 /// on which tensors are generated.
-fn tensor_rng(seed: u64, name: &str) -> Rng {
+fn tensor_rng(seed: u64, name: &str) -> SplitMix64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    Rng(seed ^ h.rotate_left(17))
+    SplitMix64::new(seed ^ h.rotate_left(17))
 }
 
 fn fill_tensor(spec: &TensorSpec, hidden: usize, seed: u64, out: &mut Vec<u8>) {

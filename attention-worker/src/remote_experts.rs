@@ -1,0 +1,266 @@
+//! Routed experts on expert workers, behind the same [`ExpertCompute`] interface the
+//! single-process engine uses. Per layer, one dispatch message goes to each expert worker that
+//! owns any of the batch's routed experts, holding every row routed to it; the answers (one
+//! weighted sum per row per worker) are added up in worker order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use moe_model::Error;
+use moe_model::experts::{ExpertAssignment, ExpertCompute, Pending};
+use moe_proto::PROTOCOL_VERSION;
+use moe_proto::tensor::{decode_matrix, encode_f32};
+use moe_proto::v1::dispatch_response::Result as DispatchResult;
+use moe_proto::v1::expert_client::ExpertClient;
+use moe_proto::v1::{DispatchRequest, DispatchResponse};
+use moe_runtime::PlacementView;
+use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long a dispatch may take before the worker is considered lost.
+const DISPATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Reply = oneshot::Sender<Result<DispatchResponse, String>>;
+
+/// One expert worker's dispatch stream, owned by a task; requests are answered in order.
+#[derive(Clone)]
+struct Link {
+    tx: mpsc::Sender<(DispatchRequest, Reply)>,
+}
+
+impl Link {
+    fn spawn(handle: &tokio::runtime::Handle, address: String) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(DispatchRequest, Reply)>(64);
+        handle.spawn(async move {
+            let mut stream: Option<(mpsc::Sender<DispatchRequest>, tonic::Streaming<DispatchResponse>)> = None;
+            while let Some((req, reply)) = rx.recv().await {
+                let result = Self::round_trip(&address, &mut stream, req).await;
+                if result.is_err() {
+                    // Reconnect on the next request.
+                    stream = None;
+                }
+                let _ = reply.send(result);
+            }
+        });
+        Link { tx }
+    }
+
+    async fn round_trip(
+        address: &str,
+        stream: &mut Option<(mpsc::Sender<DispatchRequest>, tonic::Streaming<DispatchResponse>)>,
+        req: DispatchRequest,
+    ) -> Result<DispatchResponse, String> {
+        if stream.is_none() {
+            let channel = net::channel(address).map_err(|e| format!("bad address {address}: {e}"))?;
+            let mut client = ExpertClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let (tx, rx) = mpsc::channel(16);
+            let responses = client
+                .dispatch(ReceiverStream::new(rx))
+                .await
+                .map_err(|s| format!("opening the dispatch stream: {}", s.message()))?
+                .into_inner();
+            *stream = Some((tx, responses));
+        }
+        let (tx, responses) = stream.as_mut().expect("connected above");
+        let id = req.request_id;
+        tx.send(req).await.map_err(|_| "dispatch stream closed".to_owned())?;
+        match tokio::time::timeout(DISPATCH_TIMEOUT, responses.next()).await {
+            Err(_) => Err(format!("no answer within {DISPATCH_TIMEOUT:?}")),
+            Ok(None) => Err("dispatch stream ended".into()),
+            Ok(Some(Err(s))) => Err(format!("dispatch stream failed: {}", s.message())),
+            Ok(Some(Ok(resp))) if resp.request_id != id => {
+                Err(format!("answer to request {} while waiting for {id}", resp.request_id))
+            }
+            Ok(Some(Ok(resp))) => Ok(resp),
+        }
+    }
+}
+
+/// Traffic counters, for benchmarks and status.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub bytes: AtomicU64,
+    pub messages: AtomicU64,
+}
+
+pub struct RemoteExperts {
+    handle: tokio::runtime::Handle,
+    hidden: usize,
+    placement: RwLock<Option<Arc<PlacementView>>>,
+    links: Mutex<HashMap<String, Link>>,
+    next_id: AtomicU64,
+    pub stats: Arc<DispatchStats>,
+}
+
+impl RemoteExperts {
+    pub fn new(handle: tokio::runtime::Handle, hidden: usize) -> Self {
+        RemoteExperts {
+            handle,
+            hidden,
+            placement: RwLock::new(None),
+            links: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            stats: Arc::new(DispatchStats::default()),
+        }
+    }
+
+    pub fn set_placement(&self, placement: PlacementView) {
+        *self.placement.write().expect("lock") = Some(Arc::new(placement));
+    }
+
+    pub fn placement_version(&self) -> u64 {
+        self.placement.read().expect("lock").as_ref().map_or(0, |p| p.version)
+    }
+
+    fn link(&self, address: &str) -> Link {
+        let mut links = self.links.lock().expect("lock");
+        links
+            .entry(address.to_owned())
+            .or_insert_with(|| Link::spawn(&self.handle, address.to_owned()))
+            .clone()
+    }
+}
+
+/// Rows and assignments bound for one worker, with rows renumbered densely.
+struct WorkerBatch {
+    worker: usize,
+    /// Global row of each local row.
+    rows: Vec<u32>,
+    assignments: Vec<ExpertAssignment>,
+}
+
+fn split_by_worker(
+    placement: &PlacementView,
+    layer: usize,
+    num_rows: usize,
+    assignments: &[ExpertAssignment],
+) -> Result<Vec<WorkerBatch>, Error> {
+    let mut batches: Vec<Option<WorkerBatch>> = (0..placement.workers.len()).map(|_| None).collect();
+    let mut local: Vec<HashMap<u32, u32>> = vec![HashMap::new(); placement.workers.len()];
+    for a in assignments {
+        if a.row as usize >= num_rows || a.expert as usize >= placement.num_experts {
+            return Err(Error::InvalidInput(format!("assignment {a:?} out of range")));
+        }
+        // Replicas: the first owner for now (load-aware choice comes with the balancer).
+        let w = *placement
+            .owners(layer, a.expert as usize)
+            .first()
+            .ok_or(Error::ExpertNotHeld {
+                layer,
+                expert: a.expert as usize,
+            })?;
+        let batch = batches[w].get_or_insert_with(|| WorkerBatch {
+            worker: w,
+            rows: Vec::new(),
+            assignments: Vec::new(),
+        });
+        let next = batch.rows.len() as u32;
+        let row = *local[w].entry(a.row).or_insert_with(|| {
+            batch.rows.push(a.row);
+            next
+        });
+        batch.assignments.push(ExpertAssignment { row, ..*a });
+    }
+    Ok(batches.into_iter().flatten().collect())
+}
+
+impl ExpertCompute for RemoteExperts {
+    fn compute(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        num_rows: usize,
+        assignments: &[ExpertAssignment],
+    ) -> Result<Vec<f32>, Error> {
+        self.begin(layer, rows, num_rows, assignments)?.wait()
+    }
+
+    fn begin(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        num_rows: usize,
+        assignments: &[ExpertAssignment],
+    ) -> Result<Pending, Error> {
+        let h = self.hidden;
+        let placement = self
+            .placement
+            .read()
+            .expect("lock")
+            .clone()
+            .ok_or_else(|| Error::Remote {
+                worker: "-".into(),
+                message: "no expert placement received yet".into(),
+            })?;
+        let batches = split_by_worker(&placement, layer, num_rows, assignments)?;
+        let mut inflight = Vec::with_capacity(batches.len());
+        for b in batches {
+            let mut packed = Vec::with_capacity(b.rows.len() * h);
+            for &r in &b.rows {
+                packed.extend_from_slice(&rows[r as usize * h..(r as usize + 1) * h]);
+            }
+            let req = DispatchRequest {
+                protocol_version: PROTOCOL_VERSION,
+                placement_version: placement.version,
+                request_id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                layer: layer as u32,
+                rows: Some(encode_f32(&packed, &[b.rows.len(), h])),
+                assignment_rows: b.assignments.iter().map(|a| a.row).collect(),
+                assignment_experts: b.assignments.iter().map(|a| a.expert).collect(),
+                assignment_weights: b.assignments.iter().map(|a| a.weight).collect(),
+            };
+            self.stats.bytes.fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
+            self.stats.messages.fetch_add(1, Ordering::Relaxed);
+            let worker = placement.workers[b.worker].clone();
+            let (tx, rx) = oneshot::channel();
+            let link = self.link(&worker.address);
+            if link.tx.blocking_send((req, tx)).is_err() {
+                return Err(Error::Remote {
+                    worker: worker.id,
+                    message: "dispatch link stopped".into(),
+                });
+            }
+            inflight.push((worker.id, b.rows, rx));
+        }
+        let stats = self.stats.clone();
+        Ok(Pending::later(move || {
+            let mut out = vec![0.0f32; num_rows * h];
+            for (worker, rows, rx) in inflight {
+                let fail = |message: String| Error::Remote {
+                    worker: worker.clone(),
+                    message,
+                };
+                let resp = rx
+                    .blocking_recv()
+                    .map_err(|_| fail("dispatch link dropped the request".into()))?
+                    .map_err(&fail)?;
+                stats.bytes.fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);
+                let tensor = match resp.result {
+                    Some(DispatchResult::Output(t)) => t,
+                    Some(DispatchResult::Error(e)) => {
+                        return Err(fail(format!("refused ({}): {}", tonic::Code::from(e.code), e.message)));
+                    }
+                    None => return Err(fail("empty answer".into())),
+                };
+                let (values, n) = decode_matrix(&tensor, h).map_err(|e| fail(e.to_string()))?;
+                if n != rows.len() {
+                    return Err(fail(format!("answered {n} rows for {} sent", rows.len())));
+                }
+                for (i, &r) in rows.iter().enumerate() {
+                    let dst = &mut out[r as usize * h..(r as usize + 1) * h];
+                    for (d, v) in dst.iter_mut().zip(&values[i * h..(i + 1) * h]) {
+                        *d += v;
+                    }
+                }
+            }
+            Ok(out)
+        }))
+    }
+}

@@ -1,0 +1,404 @@
+//! Continuous batching on one thread that owns the engine (model, KV cache, expert unit).
+//!
+//! Each step: drop requests whose client went away; admit waiting requests while their KV
+//! blocks fit (counting what running requests will still need); batch one decode row per
+//! running request with prefill chunks up to the token budget; preempt the newest request when
+//! decode growth runs out of blocks (it is recomputed later from its prompt plus the tokens
+//! already streamed, so its client sees no gap or repeat); sample, stream, finish.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use moe_model::engine::{Engine, LogitsWanted, SeqChunk};
+use moe_model::kv_cache::SeqId;
+use moe_model::sampling::{GenerationRequest, Sampler};
+use tokio::sync::mpsc;
+
+/// What a request's client receives, in order: optionally the prompt logits, then tokens, then
+/// `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    PromptLogits {
+        logits: Vec<f32>,
+        rows: usize,
+    },
+    Token {
+        index: u32,
+        id: u32,
+        logits: Option<Vec<f32>>,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: u32,
+        generated_tokens: u32,
+    },
+    Failed {
+        code: tonic::Code,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    Stop,
+}
+
+pub struct Submission {
+    pub request: GenerationRequest,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Token rows per step (decode rows plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Requests running at once.
+    pub max_running: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch_tokens: 512,
+            max_running: 64,
+        }
+    }
+}
+
+/// Live counters, read by heartbeats and status.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub tokens_processed: AtomicU64,
+    pub preemptions: AtomicU64,
+}
+
+/// Cheap, cloneable handle to the scheduler thread.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<Submission>,
+    pub stats: Arc<SchedulerStats>,
+}
+
+impl SchedulerHandle {
+    /// Queues a request; its events arrive on the returned receiver.
+    pub fn submit(&self, request: GenerationRequest) -> mpsc::UnboundedReceiver<Event> {
+        let (events, rx) = mpsc::unbounded_channel();
+        if let Err(mpsc::error::SendError(s)) = self.tx.send(Submission { request, events }) {
+            let _ = s.events.send(Event::Failed {
+                code: tonic::Code::Unavailable,
+                message: "the scheduler has stopped".into(),
+            });
+        }
+        rx
+    }
+}
+
+/// Starts the scheduler thread. It stops when every handle is dropped and the work is done.
+pub fn spawn(engine: Engine, config: SchedulerConfig) -> SchedulerHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(SchedulerStats::default());
+    let mut scheduler = Scheduler {
+        engine,
+        config,
+        rx,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        stats: stats.clone(),
+    };
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || scheduler.run())
+        .expect("spawning the scheduler thread");
+    SchedulerHandle { tx, stats }
+}
+
+struct Sequence {
+    id: SeqId,
+    request: GenerationRequest,
+    sampler: Sampler,
+    events: mpsc::UnboundedSender<Event>,
+    generated: Vec<u32>,
+    /// Tokens whose K/V are in the cache.
+    computed: usize,
+    prompt_logits: Vec<f32>,
+    prompt_logits_sent: bool,
+}
+
+impl Sequence {
+    fn total_len(&self) -> usize {
+        self.request.prompt.len() + self.generated.len()
+    }
+
+    fn token(&self, i: usize) -> u32 {
+        let p = &self.request.prompt;
+        if i < p.len() { p[i] } else { self.generated[i - p.len()] }
+    }
+
+    fn fail(&self, code: tonic::Code, message: String) {
+        let _ = self.events.send(Event::Failed { code, message });
+    }
+}
+
+struct Scheduler {
+    engine: Engine,
+    config: SchedulerConfig,
+    rx: mpsc::UnboundedReceiver<Submission>,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: the last is the first to be preempted.
+    running: Vec<Sequence>,
+    stats: Arc<SchedulerStats>,
+}
+
+impl Scheduler {
+    fn run(&mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(s) => self.enqueue(s),
+                    None => break,
+                }
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                self.enqueue(s);
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.step();
+            self.publish_stats();
+        }
+        tracing::info!("scheduler stopped");
+    }
+
+    fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.engine.cache().block_size())
+    }
+
+    fn enqueue(&mut self, s: Submission) {
+        let config = self.engine.config();
+        if let Err(e) = s.request.validate(config) {
+            let _ = s.events.send(Event::Failed {
+                code: tonic::Code::InvalidArgument,
+                message: e.to_string(),
+            });
+            return;
+        }
+        let worst = self.blocks_for(s.request.prompt.len() + s.request.sampling.max_tokens as usize);
+        let total = self.engine.cache().num_blocks();
+        if worst > total {
+            let _ = s.events.send(Event::Failed {
+                code: tonic::Code::InvalidArgument,
+                message: format!(
+                    "prompt + max_tokens needs {worst} KV blocks of {} tokens; this worker has {total}",
+                    self.engine.cache().block_size()
+                ),
+            });
+            return;
+        }
+        let id = self.engine.new_sequence();
+        let sampler = Sampler::new(s.request.sampling.clone());
+        self.waiting.push_back(Sequence {
+            id,
+            request: s.request,
+            sampler,
+            events: s.events,
+            generated: Vec::new(),
+            computed: 0,
+            prompt_logits: Vec::new(),
+            prompt_logits_sent: false,
+        });
+    }
+
+    fn drop_cancelled(&mut self) {
+        self.waiting.retain(|s| !s.events.is_closed());
+        let engine = &mut self.engine;
+        self.running.retain(|s| {
+            let keep = !s.events.is_closed();
+            if !keep {
+                tracing::debug!(seq = s.id, "client went away; freeing its KV blocks");
+                engine.release(s.id);
+            }
+            keep
+        });
+    }
+
+    /// Blocks the running requests still need to reach their next target length.
+    fn outstanding_blocks(&self) -> usize {
+        let cache = self.engine.cache();
+        self.running
+            .iter()
+            .map(|s| cache.blocks_needed(s.id, s.total_len().max(s.computed + 1)))
+            .sum()
+    }
+
+    fn admit(&mut self) {
+        while let Some(next) = self.waiting.front() {
+            if self.running.len() >= self.config.max_running {
+                break;
+            }
+            let available = self
+                .engine
+                .cache()
+                .free_blocks()
+                .saturating_sub(self.outstanding_blocks());
+            if self.blocks_for(next.total_len() + 1) > available {
+                break;
+            }
+            let seq = self.waiting.pop_front().expect("front exists");
+            self.running.push(seq);
+        }
+    }
+
+    /// Frees blocks for decode growth by preempting the newest requests.
+    fn make_room(&mut self) {
+        while self.outstanding_blocks() > self.engine.cache().free_blocks() {
+            let Some(victim) = self.running.pop() else { break };
+            tracing::debug!(seq = victim.id, "out of KV blocks: preempting (will recompute)");
+            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+            self.engine.release(victim.id);
+            let mut victim = victim;
+            victim.computed = 0;
+            victim.prompt_logits.clear();
+            self.waiting.push_front(victim);
+        }
+    }
+
+    fn step(&mut self) {
+        self.make_room();
+        if self.running.is_empty() {
+            return;
+        }
+        // Decode rows first (one token each), then prefill chunks in admission order.
+        let mut budget = self.config.max_batch_tokens.max(1);
+        let mut chunks = Vec::new();
+        let mut members = Vec::new();
+        let mut order: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].total_len() - self.running[i].computed == 1)
+            .collect();
+        order.extend((0..self.running.len()).filter(|&i| self.running[i].total_len() - self.running[i].computed > 1));
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.running[i];
+            let remaining = s.total_len() - s.computed;
+            let take = remaining.min(budget);
+            budget -= take;
+            let completes = take == remaining;
+            let wants_prompt = s.request.return_prompt_logits && !s.prompt_logits_sent;
+            let logits = match (wants_prompt, completes) {
+                (true, _) => LogitsWanted::All,
+                (false, true) => LogitsWanted::Last,
+                (false, false) => LogitsWanted::None,
+            };
+            chunks.push(SeqChunk {
+                seq: s.id,
+                tokens: (s.computed..s.computed + take).map(|t| s.token(t)).collect(),
+                logits,
+            });
+            members.push(i);
+        }
+        let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let _span = tracing::debug_span!("batch", seqs = chunks.len(), rows).entered();
+        match self.engine.step(&chunks, false) {
+            Ok(out) => {
+                self.stats.tokens_processed.fetch_add(rows as u64, Ordering::Relaxed);
+                for ((&i, chunk), logits) in members.iter().zip(&chunks).zip(out.logits) {
+                    self.after_step(i, chunk, logits);
+                }
+                self.retire_finished();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "step failed; failing its requests");
+                let status = moe_runtime::convert::status(&e);
+                let code = match e {
+                    moe_model::Error::Remote { .. } => tonic::Code::Unavailable,
+                    _ => status.code(),
+                };
+                let mut failed: Vec<usize> = members;
+                failed.sort_unstable();
+                for &i in failed.iter().rev() {
+                    let s = self.running.remove(i);
+                    s.fail(code, e.to_string());
+                    self.engine.release(s.id);
+                }
+            }
+        }
+    }
+
+    fn after_step(&mut self, i: usize, chunk: &SeqChunk, logits: Vec<f32>) {
+        let vocab = self.engine.config().vocab_size;
+        let s = &mut self.running[i];
+        let start = s.computed;
+        s.computed += chunk.tokens.len();
+        let prompt_len = s.request.prompt.len();
+        let mut last = logits;
+        if chunk.logits == LogitsWanted::All {
+            // Keep the rows that fall on prompt positions; the last row decides the next token.
+            let rows = chunk.tokens.len();
+            let prompt_rows = prompt_len.saturating_sub(start).min(rows);
+            s.prompt_logits.extend_from_slice(&last[..prompt_rows * vocab]);
+            last = last[(rows - 1) * vocab..].to_vec();
+            if s.computed >= prompt_len && !s.prompt_logits_sent {
+                s.prompt_logits_sent = true;
+                let logits = std::mem::take(&mut s.prompt_logits);
+                let _ = s.events.send(Event::PromptLogits {
+                    logits,
+                    rows: prompt_len,
+                });
+            }
+        }
+        if s.computed < s.total_len() {
+            return; // more prefill to come
+        }
+        let token = s.sampler.sample(&last);
+        s.generated.push(token);
+        let index = (s.generated.len() - 1) as u32;
+        let logits = s.request.return_token_logits.then_some(last);
+        let _ = s.events.send(Event::Token {
+            index,
+            id: token,
+            logits,
+        });
+    }
+
+    fn retire_finished(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let reason = match s.generated.last() {
+                Some(t) if s.computed == s.total_len() - 1 && s.request.sampling.stop_ids.contains(t) => {
+                    Some(FinishReason::Stop)
+                }
+                Some(_) if s.generated.len() >= s.request.sampling.max_tokens as usize => Some(FinishReason::Length),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                let s = self.running.remove(i);
+                let _ = s.events.send(Event::Finished {
+                    reason,
+                    prompt_tokens: s.request.prompt.len() as u32,
+                    generated_tokens: s.generated.len() as u32,
+                });
+                self.engine.release(s.id);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let cache = self.engine.cache();
+        self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        self.stats.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        self.stats.kv_blocks_total.store(cache.num_blocks(), Ordering::Relaxed);
+        self.stats
+            .kv_blocks_used
+            .store(cache.num_blocks() - cache.free_blocks(), Ordering::Relaxed);
+    }
+}

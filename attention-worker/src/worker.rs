@@ -1,0 +1,173 @@
+//! Start-up and the control loop of an attention worker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use moe_model::ModelConfig;
+use moe_model::checkpoint::Checkpoint;
+use moe_model::engine::{Engine, EngineOptions};
+use moe_model::kv_cache::KvCacheConfig;
+use moe_model::model::AttentionModel;
+use moe_proto::v1::attention_server::AttentionServer;
+use moe_proto::v1::{Role, WorkerStatus};
+use moe_runtime::control::Membership;
+use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
+use moe_runtime::shutdown::{self, Shutdown};
+
+use crate::error::{Error, Result};
+use crate::remote_experts::RemoteExperts;
+use crate::scheduler::{self, SchedulerConfig, SchedulerHandle};
+use crate::service::AttentionService;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Model directory (config.json + safetensors). Only the non-expert tensors are read.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address the coordinator reaches this worker at (default: the bound listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[arg(long)]
+    pub coordinator: String,
+    /// KV cache size in blocks.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_blocks: usize,
+    /// Token positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Token rows per step (decode rows plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Requests running at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    #[arg(long, default_value_t = 200)]
+    pub heartbeat_ms: u64,
+    /// Exit when stdin closes (set by `moectl up`).
+    #[arg(long)]
+    pub watch_stdin: bool,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    let model_id = moe_model::identity::model_identity(&args.model)?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let model = AttentionModel::load(&ckpt, config.clone())?;
+    drop(ckpt);
+    let remote = Arc::new(RemoteExperts::new(
+        tokio::runtime::Handle::current(),
+        config.hidden_size,
+    ));
+    let engine = Engine::new(
+        model,
+        remote.clone(),
+        EngineOptions {
+            kv_cache: KvCacheConfig {
+                block_size: args.block_size,
+                num_blocks: args.kv_blocks,
+            },
+        },
+    )?;
+    let scheduler = scheduler::spawn(
+        engine,
+        SchedulerConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_running: args.max_running,
+        },
+    );
+
+    let (incoming, local) = net::bind(args.listen).await.map_err(|source| Error::Io {
+        context: format!("binding {}", args.listen),
+        source,
+    })?;
+    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
+    let (trigger, shutdown) = shutdown::channel();
+    trigger.on_signals(args.watch_stdin);
+    let service = AttentionServer::new(AttentionService {
+        scheduler: scheduler.clone(),
+        config,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, server_shutdown.wait())
+            .await
+    });
+    net::announce("attention-worker", local);
+
+    let membership = Membership::register(
+        &args.coordinator,
+        Role::Attention,
+        address,
+        model_id,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let control = control_loop(
+        membership,
+        remote,
+        scheduler,
+        Duration::from_millis(args.heartbeat_ms),
+        shutdown.clone(),
+    );
+    tokio::select! {
+        r = control => r?,
+        _ = shutdown.clone().wait() => {}
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    tracing::info!("attention worker stopped");
+    Ok(())
+}
+
+async fn control_loop(
+    mut membership: Membership,
+    remote: Arc<RemoteExperts>,
+    scheduler: SchedulerHandle,
+    period: Duration,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !shutdown.is_triggered() {
+        ticker.tick().await;
+        let s = &scheduler.stats;
+        let status = WorkerStatus {
+            running: s.running.load(Ordering::Relaxed) as u32,
+            waiting: s.waiting.load(Ordering::Relaxed) as u32,
+            kv_blocks_used: s.kv_blocks_used.load(Ordering::Relaxed) as u32,
+            kv_blocks_total: s.kv_blocks_total.load(Ordering::Relaxed) as u32,
+            tokens_processed: s.tokens_processed.load(Ordering::Relaxed),
+            dispatch_bytes: remote.stats.bytes.load(Ordering::Relaxed),
+            placement_version: remote.placement_version(),
+            ..Default::default()
+        };
+        let resp = match membership.heartbeat(status).await {
+            Ok(r) => r,
+            Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
+                return Err(s.into());
+            }
+            Err(s) => {
+                tracing::warn!(status = %s, "heartbeat failed; retrying");
+                continue;
+            }
+        };
+        if resp.placement_version != 0 && resp.placement_version != remote.placement_version() {
+            match membership.placement(false).await {
+                Ok(p) => {
+                    tracing::info!(version = p.version, "using expert placement");
+                    remote.set_placement(p);
+                }
+                Err(s) => tracing::warn!(status = %s, "reading the placement failed"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] moe_model::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] tonic::Status),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("placement: {0}")]
+    Placement(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,18 @@
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "expert-worker", version, about = "Hunyuan MoE expert worker")]
+struct Cli {
+    #[command(flatten)]
+    args: moe_expert_worker::Args,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    moe_expert_worker::run(Cli::parse().args).await?;
+    Ok(())
+}

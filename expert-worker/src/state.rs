@@ -1,0 +1,96 @@
+//! What the worker holds and which placement versions it can serve. Loading a new placement
+//! builds a new expert holder while the current one keeps serving, then swaps it in.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use moe_model::ModelConfig;
+use moe_model::checkpoint::Checkpoint;
+use moe_model::experts::LocalExperts;
+
+use crate::error::Result;
+
+pub struct ExpertState {
+    pub config: ModelConfig,
+    ckpt: Checkpoint,
+    inner: RwLock<Inner>,
+    pub rows_served: AtomicU64,
+}
+
+struct Inner {
+    experts: Arc<LocalExperts>,
+    /// Placement versions whose slots are all loaded, with those slots.
+    versions: BTreeMap<u64, Vec<(usize, usize)>>,
+}
+
+impl ExpertState {
+    pub fn new(config: ModelConfig, ckpt: Checkpoint) -> Result<Self> {
+        let experts = LocalExperts::load(&ckpt, &config, &moe_model::experts::ExpertSelection::Only(Vec::new()))?;
+        Ok(ExpertState {
+            config,
+            ckpt,
+            inner: RwLock::new(Inner {
+                experts: Arc::new(experts),
+                versions: BTreeMap::new(),
+            }),
+            rows_served: AtomicU64::new(0),
+        })
+    }
+
+    /// The holder to compute with, if `version` is served.
+    pub fn serving(&self, version: u64) -> Result<Arc<LocalExperts>, Vec<u64>> {
+        let inner = self.inner.read().expect("lock");
+        if inner.versions.contains_key(&version) {
+            Ok(inner.experts.clone())
+        } else {
+            Err(inner.versions.keys().copied().collect())
+        }
+    }
+
+    pub fn newest_version(&self) -> u64 {
+        self.inner
+            .read()
+            .expect("lock")
+            .versions
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn held_slots(&self) -> Vec<u32> {
+        let inner = self.inner.read().expect("lock");
+        let e = self.config.num_experts;
+        inner
+            .experts
+            .held()
+            .into_iter()
+            .map(|(l, x)| (l * e + x) as u32)
+            .collect()
+    }
+
+    /// Loads `slots` for `version` (blocking; run off the async threads). Versions older than
+    /// `active` are forgotten and experts no longer needed by any kept version are freed.
+    pub fn load_version(&self, version: u64, slots: Vec<(usize, usize)>, active: u64) -> Result<()> {
+        let current = self.inner.read().expect("lock").experts.clone();
+        let missing: Vec<_> = slots.iter().copied().filter(|&(l, e)| !current.holds(l, e)).collect();
+        let loaded = current.with(&self.ckpt, &self.config, &missing, &[])?;
+        let mut inner = self.inner.write().expect("lock");
+        inner.versions.insert(version, slots);
+        inner.versions.retain(|&v, _| v >= active.min(version));
+        let keep: std::collections::HashSet<(usize, usize)> = inner.versions.values().flatten().copied().collect();
+        let drop: Vec<_> = loaded.held().into_iter().filter(|s| !keep.contains(s)).collect();
+        inner.experts = Arc::new(if drop.is_empty() {
+            loaded
+        } else {
+            loaded.with(&self.ckpt, &self.config, &[], &drop)?
+        });
+        tracing::info!(version, held = inner.experts.held().len(), "placement loaded");
+        Ok(())
+    }
+
+    pub fn count_rows(&self, rows: usize) {
+        self.rows_served.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+}

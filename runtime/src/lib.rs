@@ -1,0 +1,9 @@
+//! Plumbing shared by the coordinator, attention workers and expert workers.
+
+pub mod control;
+pub mod convert;
+pub mod net;
+pub mod placement;
+pub mod shutdown;
+
+pub use placement::PlacementView;

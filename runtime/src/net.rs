@@ -1,0 +1,41 @@
+//! Listening sockets and client channels with the settings the cluster needs everywhere:
+//! TCP_NODELAY (small per-layer messages must not wait for Nagle, ~44 ms per round trip
+//! otherwise) and message limits large enough for a layer's activations.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest gRPC message (a prefill batch's activations or prompt logits): 1 GiB.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// Binds `addr` (port 0 picks a free port) and returns the incoming stream and the address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpIncoming, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
+}
+
+/// A lazily connecting channel to `addr` (`host:port` or a URL).
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(url)?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .connect_lazy())
+}
+
+/// Announces the bound address on stdout, one line, so a parent process (`moectl up`, tests)
+/// can find a server started on port 0.
+pub fn announce(role: &str, addr: SocketAddr) {
+    println!("LISTENING {role} {addr}");
+}

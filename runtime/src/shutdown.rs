@@ -1,0 +1,72 @@
+//! Graceful shutdown: SIGTERM, Ctrl-C, or (for processes started by `moectl up`) the parent
+//! closing our stdin, so no worker outlives the cluster that started it.
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+/// A cloneable shutdown signal.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending half; dropping it does not trigger shutdown.
+pub struct ShutdownTrigger {
+    tx: watch::Sender<bool>,
+}
+
+pub fn channel() -> (ShutdownTrigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (ShutdownTrigger { tx }, Shutdown { rx })
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+
+    /// Triggers on SIGTERM or Ctrl-C, and on stdin EOF when `watch_stdin` is set.
+    pub fn on_signals(self, watch_stdin: bool) {
+        tokio::spawn(async move {
+            let stdin_closed = async {
+                if watch_stdin {
+                    let mut stdin = tokio::io::stdin();
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = stdin.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let sigterm = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
+                _ = sigterm => tracing::info!("SIGTERM: shutting down"),
+                _ = stdin_closed => tracing::info!("parent closed stdin: shutting down"),
+            }
+            self.trigger();
+        });
+    }
+}
+
+impl Shutdown {
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once shutdown is triggered.
+    pub async fn wait(mut self) {
+        let _ = self.rx.wait_for(|&v| v).await;
+    }
+}
