@@ -2,24 +2,44 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use moe_model::golden::Fixture;
+use moe_model::engine::Greedy;
+use moe_model::golden::{Fixture, GoldenTarget, PrefillResult};
+use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions};
+use moe_runtime::client::ClusterClient;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Fixture directory (config.json, model.safetensors, expected.safetensors, cases.json).
     #[arg(long)]
     fixture: PathBuf,
+    /// Check through a running cluster serving the fixture's model instead of in process.
+    /// Per-layer traces are not exposed by the client API, so only logits and tokens are
+    /// compared that way.
+    #[arg(long)]
+    endpoint: Option<String>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let fixture =
         Fixture::open(&args.fixture).with_context(|| format!("opening fixture {}", args.fixture.display()))?;
-    let mut engine = Engine::load(&args.fixture, EngineOptions::default()).context("loading the fixture's model")?;
-    let report = fixture.check(&mut engine)?;
+    let report = match &args.endpoint {
+        None => {
+            let mut engine =
+                Engine::load(&args.fixture, EngineOptions::default()).context("loading the fixture's model")?;
+            tokio::task::block_in_place(|| fixture.check(&mut engine))?
+        }
+        Some(endpoint) => {
+            let mut target = ClusterTarget {
+                client: ClusterClient::new(endpoint)?,
+                handle: tokio::runtime::Handle::current(),
+            };
+            tokio::task::block_in_place(|| fixture.check(&mut target))?
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -30,4 +50,64 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A cluster reached through the client API: prompt logits, token logits and tokens.
+struct ClusterTarget {
+    client: ClusterClient,
+    handle: tokio::runtime::Handle,
+}
+
+fn request(prompt: &[u32], max_tokens: u32, prompt_logits: bool, token_logits: bool) -> GenerationRequest {
+    GenerationRequest {
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams::greedy(max_tokens),
+        return_prompt_logits: prompt_logits,
+        return_token_logits: token_logits,
+    }
+}
+
+fn remote(e: tonic::Status) -> moe_model::Error {
+    moe_model::Error::Remote {
+        worker: "cluster".into(),
+        message: e.to_string(),
+    }
+}
+
+impl GoldenTarget for ClusterTarget {
+    fn prefill(&mut self, prompt: &[u32]) -> moe_model::Result<PrefillResult> {
+        let g = self
+            .handle
+            .block_on(self.client.generate(&request(prompt, 1, true, false)))
+            .map_err(remote)?;
+        Ok(PrefillResult {
+            logits: g.prompt_logits.unwrap_or_default(),
+            trace: None,
+            kv_states: None,
+        })
+    }
+
+    fn prefill_batch(&mut self, prompts: &[Vec<u32>]) -> moe_model::Result<Vec<Vec<f32>>> {
+        let reqs: Vec<_> = prompts.iter().map(|p| request(p, 1, true, false)).collect();
+        let out = self
+            .handle
+            .block_on(self.client.generate_batch(&reqs))
+            .map_err(remote)?;
+        Ok(out.into_iter().map(|g| g.prompt_logits.unwrap_or_default()).collect())
+    }
+
+    fn greedy(&mut self, prompts: &[Vec<u32>], steps: usize) -> moe_model::Result<Vec<Greedy>> {
+        let reqs: Vec<_> = prompts.iter().map(|p| request(p, steps as u32, false, true)).collect();
+        let out = self
+            .handle
+            .block_on(self.client.generate_batch(&reqs))
+            .map_err(remote)?;
+        Ok(out
+            .into_iter()
+            .map(|g| Greedy {
+                tokens: g.tokens,
+                step_logits: g.token_logits,
+            })
+            .collect())
+    }
 }

@@ -2,46 +2,79 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions};
 
 use crate::default_model::default_model_dir;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory (HF layout). Default: the built-in `medium` model.
+    /// A running cluster's client endpoint (host:port). Without it, the single-process engine runs.
     #[arg(long)]
+    endpoint: Option<String>,
+    /// Model directory for the single-process engine. Default: the built-in `medium` model.
+    #[arg(long, conflicts_with = "endpoint")]
     model: Option<PathBuf>,
     /// Prompt as comma-separated token ids, e.g. 5,6,7.
     #[arg(long, value_delimiter = ',', required = true)]
     prompt_ids: Vec<u32>,
     #[arg(long, default_value_t = 16)]
-    max_tokens: usize,
+    max_tokens: u32,
     /// Stop after any of these token ids (comma-separated).
     #[arg(long, value_delimiter = ',')]
     stop_ids: Vec<u32>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long, default_value_t = 0.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.max_tokens == 0 {
-        anyhow::bail!("--max-tokens must be at least 1");
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_ids: args.stop_ids,
+        max_tokens: args.max_tokens,
+    };
+    if let Some(endpoint) = &args.endpoint {
+        return crate::remote::generate(endpoint, args.prompt_ids, sampling).await;
     }
     let dir = match args.model {
         Some(d) => d,
         None => default_model_dir()?,
     };
     let started = Instant::now();
-    let mut engine =
-        Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
+    let engine = Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
     let loaded = started.elapsed();
+    let request = GenerationRequest {
+        prompt: args.prompt_ids,
+        sampling,
+        return_prompt_logits: false,
+        return_token_logits: false,
+    };
+    request.validate(engine.config())?;
+    // The same scheduler an attention worker runs, with the experts in process.
+    let scheduler = moe_attention_worker::scheduler::spawn(engine, Default::default());
     let started = Instant::now();
-    let out = engine.generate_greedy(
-        std::slice::from_ref(&args.prompt_ids),
-        args.max_tokens,
-        &args.stop_ids,
-        false,
-    )?;
+    let mut events = scheduler.submit(request);
+    let mut tokens = Vec::new();
+    while let Some(event) = events.recv().await {
+        use moe_attention_worker::scheduler::Event;
+        match event {
+            Event::Token { id, .. } => tokens.push(id),
+            Event::Finished { .. } => break,
+            Event::Failed { message, .. } => anyhow::bail!(message),
+            Event::PromptLogits { .. } => {}
+        }
+    }
     let elapsed = started.elapsed();
-    let tokens = &out[0].tokens;
     println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     eprintln!(
         "{} tokens in {:.3} s ({:.1} tok/s; model loaded in {:.2} s)",

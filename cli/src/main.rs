@@ -4,6 +4,10 @@ mod check_golden;
 mod default_model;
 mod gen_model;
 mod generate;
+mod remote;
+mod up;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -20,30 +24,62 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a whole cluster on this host (separate processes on loopback) and serve until Ctrl-C.
+    Up(up::Args),
+    /// Generate tokens: through a cluster (--endpoint) or on the single-process engine.
+    Generate(generate::Args),
+    /// Show the cluster's workers, roles, experts, load and KV use.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        endpoint: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a model against a golden fixture and print max |Δ| per quantity.
     CheckGolden(check_golden::Args),
     /// Write a seeded random Hunyuan-shaped model (HF layout) for tests and benchmarks.
     GenModel(gen_model::Args),
-    /// Greedy generation on the single-process engine.
-    Generate(generate::Args),
+    /// Run the coordinator (normally started by `moectl up` or a deployment).
+    Coordinator(moe_coordinator::Args),
+    /// Run an attention worker.
+    AttentionWorker(moe_attention_worker::Args),
+    /// Run an expert worker.
+    ExpertWorker(moe_expert_worker::Args),
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Services log their life cycle; client commands only warnings, so their output stays clean.
+    let default_level = match cli.command {
+        Command::Up(_) | Command::Coordinator(_) | Command::AttentionWorker(_) | Command::ExpertWorker(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::CheckGolden(args) => check_golden::run(args),
-        Command::GenModel(args) => gen_model::run(args).map(|()| std::process::ExitCode::SUCCESS),
-        Command::Generate(args) => generate::run(args).map(|()| std::process::ExitCode::SUCCESS),
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result: anyhow::Result<ExitCode> = runtime.block_on(async {
+        let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
+        match cli.command {
+            Command::Up(args) => ok(up::run(args).await),
+            Command::Generate(args) => ok(generate::run(args).await),
+            Command::Status { endpoint, json } => ok(remote::status(&endpoint, json).await),
+            Command::CheckGolden(args) => check_golden::run(args).await,
+            Command::GenModel(args) => ok(gen_model::run(args)),
+            Command::Coordinator(args) => ok(moe_coordinator::run(args).await.map_err(Into::into)),
+            Command::AttentionWorker(args) => ok(moe_attention_worker::run(args).await.map_err(Into::into)),
+            Command::ExpertWorker(args) => ok(moe_expert_worker::run(args).await.map_err(Into::into)),
+        }
+    });
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(2)
+            ExitCode::from(2)
         }
     }
 }

@@ -1,2 +1,15 @@
-//! The coordinator: client front door, request scheduling onto attention workers, expert
-//! placement and membership.
+//! The coordinator: the front door for clients, the scheduler of requests onto attention
+//! workers, the owner of the expert placement and of membership.
+//!
+//! All cluster state lives in one task ([`state`]) reached through a cloneable handle; the gRPC
+//! services only translate between the wire and that handle.
+
+mod control;
+mod error;
+mod inference;
+pub mod registry;
+mod server;
+pub mod state;
+
+pub use error::{Error, Result};
+pub use server::{Args, run};

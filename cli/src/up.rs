@@ -1,0 +1,160 @@
+//! `moectl up`: a whole cluster on this host, one process per component on loopback.
+//!
+//! Children are this same binary run as `moectl coordinator|expert-worker|attention-worker`,
+//! with `--watch-stdin`: they stop when their stdin closes, so they never outlive `moectl up`
+//! (not even when it is killed with SIGKILL).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use moe_runtime::client::ClusterClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::default_model::default_model_dir;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (HF layout). Default: the built-in `medium` model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    attention_workers: usize,
+    #[arg(long, default_value_t = 2)]
+    expert_workers: usize,
+    /// Client endpoint (the coordinator). Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// KV cache blocks per attention worker.
+    #[arg(long, default_value_t = 1024)]
+    kv_blocks: usize,
+    /// Token positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Requests in flight before RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Seconds to wait for the cluster to serve.
+    #[arg(long, default_value_t = 300)]
+    ready_timeout: u64,
+}
+
+struct Proc {
+    role: &'static str,
+    child: Child,
+    address: SocketAddr,
+}
+
+/// Starts `moectl <role> <args> --watch-stdin` and waits for its `LISTENING` line.
+async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result<Proc> {
+    let exe = std::env::current_exe().context("locating the moectl binary")?;
+    let mut child = Command::new(exe)
+        .arg(role)
+        .args(args)
+        .arg("--watch-stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {role}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let address = tokio::time::timeout(Duration::from_secs(600), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.strip_prefix("LISTENING ") {
+                let addr = rest.split_whitespace().nth(1).context("malformed LISTENING line")?;
+                return addr.parse::<SocketAddr>().context("bad address in LISTENING line");
+            }
+        }
+        bail!("{role} exited before listening")
+    })
+    .await
+    .with_context(|| format!("{role} did not start listening"))??;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Proc { role, child, address })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.attention_workers == 0 || args.expert_workers == 0 {
+        bail!("a cluster needs at least one attention worker and one expert worker");
+    }
+    let model = match args.model {
+        Some(m) => m,
+        None => default_model_dir()?,
+    };
+    let model_arg = model.to_string_lossy().into_owned();
+    let mut procs = Vec::new();
+    let coordinator = spawn(
+        "coordinator",
+        &[
+            "--model".into(),
+            model_arg.clone(),
+            "--listen".into(),
+            args.listen.to_string(),
+            "--min-expert-workers".into(),
+            args.expert_workers.to_string(),
+            "--max-in-flight".into(),
+            args.max_in_flight.to_string(),
+        ],
+    )
+    .await?;
+    let endpoint = coordinator.address.to_string();
+    procs.push(coordinator);
+    let common = [
+        "--model".to_owned(),
+        model_arg,
+        "--coordinator".to_owned(),
+        endpoint.clone(),
+    ];
+    for _ in 0..args.expert_workers {
+        procs.push(spawn("expert-worker", &common).await?);
+    }
+    let mut attn_args = common.to_vec();
+    attn_args.extend([
+        "--kv-blocks".into(),
+        args.kv_blocks.to_string(),
+        "--block-size".into(),
+        args.block_size.to_string(),
+    ]);
+    for _ in 0..args.attention_workers {
+        procs.push(spawn("attention-worker", &attn_args).await?);
+    }
+    for p in &procs {
+        println!(
+            "PROCESS {} pid={} addr={}",
+            p.role,
+            p.child.id().unwrap_or(0),
+            p.address
+        );
+    }
+    let mut client = ClusterClient::new(&endpoint)?;
+    let detail = client.wait_ready(Duration::from_secs(args.ready_timeout)).await?;
+    println!("READY {endpoint}");
+    eprintln!(
+        "cluster ready ({detail}); try: moectl generate --endpoint {endpoint} --prompt-ids 5,6,7 --max-tokens 16"
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => eprintln!("stopping the cluster (Ctrl-C)"),
+        _ = term.recv() => eprintln!("stopping the cluster (SIGTERM)"),
+    }
+    // Closing stdin asks each child to stop gracefully; kill whatever is left after a grace period.
+    for p in procs.iter_mut().rev() {
+        drop(p.child.stdin.take());
+    }
+    for p in procs.iter_mut().rev() {
+        if tokio::time::timeout(Duration::from_secs(10), p.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = p.child.kill().await;
+        }
+    }
+    Ok(())
+}

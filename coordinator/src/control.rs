@@ -1,0 +1,39 @@
+//! The `Control` gRPC service: registration, heartbeats, placement.
+
+use moe_proto::v1::control_server::Control;
+use moe_proto::v1::{
+    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RegisterRequest, RegisterResponse, Role,
+};
+use tonic::{Request, Response, Status};
+
+use crate::state::StateHandle;
+
+pub struct ControlService {
+    pub state: StateHandle,
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let req = request.into_inner();
+        moe_runtime::convert::check_version(req.protocol_version)?;
+        let role =
+            Role::try_from(req.role).map_err(|_| Status::invalid_argument(format!("unknown role {}", req.role)))?;
+        let worker_id = self.state.register(role, req.address, req.model_id).await?;
+        let placement = self.state.placement(false).await?;
+        Ok(Response::new(RegisterResponse { worker_id, placement }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let status = req.status.unwrap_or_default();
+        Ok(Response::new(self.state.heartbeat(req.worker_id, status).await?))
+    }
+
+    async fn get_placement(&self, request: Request<GetPlacementRequest>) -> Result<Response<Placement>, Status> {
+        match self.state.placement(request.into_inner().target).await? {
+            Some(p) => Ok(Response::new(p)),
+            None => Err(Status::unavailable("no placement yet: waiting for expert workers")),
+        }
+    }
+}

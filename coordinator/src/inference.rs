@@ -1,0 +1,182 @@
+//! The client API: validation, admission (a bounded number of requests in flight; beyond it
+//! RESOURCE_EXHAUSTED, never unbounded memory), hand-off to the least busy attention worker, and
+//! relaying its token stream. A client that goes away drops the relay, which drops the stream
+//! to the attention worker, which frees the request's KV blocks.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moe_model::ModelConfig;
+use moe_proto::v1::attention_client::AttentionClient;
+use moe_proto::v1::inference_server::Inference;
+use moe_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse, HealthRequest, HealthResponse,
+    SubmitBatchRequest, SubmitBatchResponse,
+};
+use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::state::StateHandle;
+
+pub struct InferenceService {
+    pub state: StateHandle,
+    pub config: ModelConfig,
+    pub admission: Arc<Semaphore>,
+    pub max_in_flight: usize,
+    /// How long a request waits for the cluster to become ready (placement, attention worker).
+    pub ready_timeout: Duration,
+    pub channels: Mutex<HashMap<String, Channel>>,
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl InferenceService {
+    fn validate(&self, req: &GenerateRequest) -> Result<(), Status> {
+        let r = moe_runtime::convert::generation_request(req)?;
+        r.validate(&self.config).map_err(|e| moe_runtime::convert::status(&e))
+    }
+
+    fn admit(&self, n: u32) -> Result<OwnedSemaphorePermit, Status> {
+        self.admission.clone().try_acquire_many_owned(n).map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many requests in flight (limit {}); retry later",
+                self.max_in_flight
+            ))
+        })
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        let mut channels = self.channels.lock().expect("lock");
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c =
+            net::channel(address).map_err(|e| Status::internal(format!("attention worker address {address}: {e}")))?;
+        channels.insert(address.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Starts `req` on an attention worker and returns its event stream. The returned guard
+    /// keeps the worker's in-flight count until the stream is done.
+    async fn start(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<(tonic::Streaming<GenerateResponse>, crate::state::Assignment), Status> {
+        let deadline = Instant::now() + self.ready_timeout;
+        let assignment = loop {
+            match self.state.pick().await? {
+                Ok(a) => break a,
+                Err(why) if Instant::now() >= deadline => {
+                    return Err(Status::unavailable(format!("cluster not ready: {why}")));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let mut client = AttentionClient::new(self.channel(&assignment.address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let stream = client.serve(req).await?.into_inner();
+        Ok((stream, assignment))
+    }
+}
+
+/// Relays `upstream` into `tx` until it ends or the receiver goes away.
+async fn relay<T: Send + 'static>(
+    mut upstream: tonic::Streaming<GenerateResponse>,
+    tx: mpsc::Sender<Result<T, Status>>,
+    wrap: impl Fn(GenerateResponse) -> T,
+) {
+    while let Some(item) = upstream.next().await {
+        let done = item.is_err();
+        if tx.send(item.map(&wrap)).await.is_err() || done {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = EventStream<GenerateResponse>;
+    type SubmitBatchStream = EventStream<SubmitBatchResponse>;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        self.validate(&req)?;
+        let permit = self.admit(1)?;
+        let span = tracing::info_span!("generate", prompt = req.prompt_ids.len());
+        let _e = span.enter();
+        let (upstream, assignment) = self.start(req).await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            relay(upstream, tx, |r| r).await;
+            drop((assignment, permit));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn submit_batch(
+        &self,
+        request: Request<SubmitBatchRequest>,
+    ) -> Result<Response<Self::SubmitBatchStream>, Status> {
+        let batch = request.into_inner();
+        moe_runtime::convert::check_version(batch.protocol_version)?;
+        if batch.requests.is_empty() {
+            return Err(Status::invalid_argument("requests is empty"));
+        }
+        for (i, r) in batch.requests.iter().enumerate() {
+            self.validate(r)
+                .map_err(|s| Status::invalid_argument(format!("requests[{i}]: {}", s.message())))?;
+        }
+        let n = u32::try_from(batch.requests.len()).map_err(|_| Status::invalid_argument("too many requests"))?;
+        let permit = Arc::new(self.admit(n)?);
+        let (tx, rx) = mpsc::channel(64);
+        for (i, req) in batch.requests.into_iter().enumerate() {
+            let (upstream, assignment) = self.start(req).await?;
+            let (tx, permit) = (tx.clone(), permit.clone());
+            tokio::spawn(async move {
+                let index = i as u32;
+                relay(upstream, tx, move |event| SubmitBatchResponse {
+                    request_index: index,
+                    event: Some(event),
+                })
+                .await;
+                drop((assignment, permit));
+            });
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.state.status().await?))
+    }
+
+    async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        let status = self.state.status().await?;
+        let attention = status
+            .workers
+            .iter()
+            .filter(|w| w.role == moe_proto::v1::Role::Attention as i32)
+            .count();
+        let (serving, detail) = match (status.placement_version, attention) {
+            (0, _) => (false, "waiting for expert workers to load a placement".to_owned()),
+            (_, 0) => (false, "no attention worker registered".to_owned()),
+            (v, a) => (
+                true,
+                format!(
+                    "placement {v}, {a} attention worker(s), {} worker(s) in all",
+                    status.workers.len()
+                ),
+            ),
+        };
+        Ok(Response::new(HealthResponse { serving, detail }))
+    }
+}

@@ -1,0 +1,91 @@
+//! Coordinator start-up: one port serves the client API and the control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moe_model::ModelConfig;
+use moe_proto::v1::control_server::ControlServer;
+use moe_proto::v1::inference_server::InferenceServer;
+use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
+use moe_runtime::shutdown;
+use tokio::sync::Semaphore;
+
+use crate::control::ControlService;
+use crate::error::{Error, Result};
+use crate::inference::InferenceService;
+use crate::state::{self, StateConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Model directory; the coordinator reads config.json and the safetensors headers only.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Client API and control plane address (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Expert workers to wait for before the first placement.
+    #[arg(long, default_value_t = 1)]
+    pub min_expert_workers: usize,
+    /// Requests in flight (queued or running) before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// A worker not heard from for this long is dropped.
+    #[arg(long, default_value_t = 3000)]
+    pub heartbeat_timeout_ms: u64,
+    /// How long a request waits for the cluster to be ready before UNAVAILABLE.
+    #[arg(long, default_value_t = 30_000)]
+    pub ready_timeout_ms: u64,
+    /// Exit when stdin closes (set by `moectl up`).
+    #[arg(long)]
+    pub watch_stdin: bool,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    if args.max_in_flight == 0 {
+        return Err(moe_model::Error::InvalidInput("--max-in-flight must be positive".into()).into());
+    }
+    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    let model_id = moe_model::identity::model_identity(&args.model)?;
+    let state = state::spawn(StateConfig {
+        model: config.clone(),
+        model_id: model_id.clone(),
+        min_expert_workers: args.min_expert_workers,
+        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+    });
+    let inference = InferenceService {
+        state: state.clone(),
+        config,
+        admission: Arc::new(Semaphore::new(args.max_in_flight)),
+        max_in_flight: args.max_in_flight,
+        ready_timeout: Duration::from_millis(args.ready_timeout_ms),
+        channels: Mutex::new(Default::default()),
+    };
+    let (incoming, local) = net::bind(args.listen).await.map_err(|source| Error::Io {
+        context: format!("binding {}", args.listen),
+        source,
+    })?;
+    let (trigger, shutdown) = shutdown::channel();
+    trigger.on_signals(args.watch_stdin);
+    tracing::info!(%local, %model_id, "coordinator serving");
+    net::announce("coordinator", local);
+    let server = tonic::transport::Server::builder()
+        .add_service(
+            InferenceServer::new(inference)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(ControlServer::new(ControlService { state }))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            shutdown.wait().await;
+            // Client streams may be long; give them a moment after the signal.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => {}
+    }
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

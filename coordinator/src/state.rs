@@ -1,0 +1,335 @@
+//! Cluster state, owned by one task. The gRPC handlers reach it through [`StateHandle`]
+//! (mpsc + oneshot), so there are no locks to get wrong and every change happens in order.
+//!
+//! Expert placement is versioned: when the set of expert workers changes, a new *target*
+//! placement is computed and expert workers load their slots for it; only when every worker in
+//! it reports the version loaded does it become *active*, the one attention workers route with.
+//! Serving never stops for a placement change.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use moe_model::ModelConfig;
+use moe_proto::v1::{ClusterStatusResponse, HeartbeatResponse, Placement, Role, WorkerStatus};
+use moe_runtime::PlacementView;
+use moe_runtime::placement::ExpertWorkerRef;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use crate::registry::{InMemoryRegistry, Registry};
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub model: ModelConfig,
+    pub model_id: String,
+    /// Expert workers to wait for before the first placement.
+    pub min_expert_workers: usize,
+    /// A worker not heard from for this long is dropped.
+    pub heartbeat_timeout: Duration,
+}
+
+/// An attention worker chosen for a request; dropping it releases the slot.
+pub struct Assignment {
+    pub worker_id: String,
+    pub address: String,
+    handle: StateHandle,
+}
+
+impl Drop for Assignment {
+    fn drop(&mut self) {
+        let _ = self.handle.tx.send(Command::Done(self.worker_id.clone()));
+    }
+}
+
+enum Command {
+    Register {
+        role: Role,
+        address: String,
+        model_id: String,
+        reply: oneshot::Sender<Result<String, Status>>,
+    },
+    Heartbeat {
+        id: String,
+        status: WorkerStatus,
+        reply: oneshot::Sender<HeartbeatResponse>,
+    },
+    Placement {
+        target: bool,
+        reply: oneshot::Sender<Option<Placement>>,
+    },
+    Pick {
+        reply: oneshot::Sender<Result<(String, String), String>>,
+    },
+    Done(String),
+    Status {
+        reply: oneshot::Sender<ClusterStatusResponse>,
+    },
+    Tick,
+}
+
+/// Cheap, cloneable access to the state task.
+#[derive(Clone)]
+pub struct StateHandle {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+fn stopped() -> Status {
+    Status::unavailable("coordinator is shutting down")
+}
+
+impl StateHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    pub async fn register(&self, role: Role, address: String, model_id: String) -> Result<String, Status> {
+        self.ask(|reply| Command::Register {
+            role,
+            address,
+            model_id,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn heartbeat(&self, id: String, status: WorkerStatus) -> Result<HeartbeatResponse, Status> {
+        self.ask(|reply| Command::Heartbeat { id, status, reply }).await
+    }
+
+    pub async fn placement(&self, target: bool) -> Result<Option<Placement>, Status> {
+        self.ask(|reply| Command::Placement { target, reply }).await
+    }
+
+    /// The least busy attention worker, if the cluster can serve.
+    pub async fn pick(&self) -> Result<Result<Assignment, String>, Status> {
+        let picked = self.ask(|reply| Command::Pick { reply }).await?;
+        Ok(picked.map(|(worker_id, address)| Assignment {
+            worker_id,
+            address,
+            handle: self.clone(),
+        }))
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatusResponse, Status> {
+        self.ask(|reply| Command::Status { reply }).await
+    }
+}
+
+struct State {
+    config: StateConfig,
+    registry: Box<dyn Registry>,
+    active: Option<PlacementView>,
+    target: Option<PlacementView>,
+    last_version: u64,
+    /// Requests the coordinator has handed to each attention worker and not seen finish.
+    inflight: HashMap<String, usize>,
+}
+
+/// Starts the state task with the embedded in-memory registry.
+pub fn spawn(config: StateConfig) -> StateHandle {
+    spawn_with(config, Box::new(InMemoryRegistry::default()))
+}
+
+pub fn spawn_with(config: StateConfig, registry: Box<dyn Registry>) -> StateHandle {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let tick = config.heartbeat_timeout / 4;
+    let mut state = State {
+        config,
+        registry,
+        active: None,
+        target: None,
+        last_version: 0,
+        inflight: HashMap::new(),
+    };
+    let ticker = tx.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick.max(Duration::from_millis(50)));
+        loop {
+            interval.tick().await;
+            if ticker.send(Command::Tick).is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(cmd) = rx.recv().await {
+            state.handle(cmd);
+        }
+    });
+    StateHandle { tx }
+}
+
+impl State {
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Register {
+                role,
+                address,
+                model_id,
+                reply,
+            } => {
+                let result = self.register(role, address, model_id);
+                let _ = reply.send(result);
+            }
+            Command::Heartbeat { id, status, reply } => {
+                let known = self.registry.heartbeat(&id, status);
+                self.reconcile();
+                let active = self.active.as_ref().map_or(0, |p| p.version);
+                let _ = reply.send(HeartbeatResponse {
+                    known,
+                    placement_version: active,
+                    target_placement_version: self.target.as_ref().map_or(active, |p| p.version),
+                });
+            }
+            Command::Placement { target, reply } => {
+                let p = if target {
+                    self.target.as_ref().or(self.active.as_ref())
+                } else {
+                    self.active.as_ref()
+                };
+                let _ = reply.send(p.map(PlacementView::to_proto));
+            }
+            Command::Pick { reply } => {
+                let _ = reply.send(self.pick());
+            }
+            Command::Done(id) => {
+                if let Some(n) = self.inflight.get_mut(&id) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Tick => {
+                for w in self.registry.expire(self.config.heartbeat_timeout) {
+                    tracing::warn!(worker = %w.id, role = ?w.role, "no heartbeat within {:?}: dropped", self.config.heartbeat_timeout);
+                    self.inflight.remove(&w.id);
+                }
+                self.reconcile();
+            }
+        }
+    }
+
+    fn register(&mut self, role: Role, address: String, model_id: String) -> Result<String, Status> {
+        if role == Role::Unspecified {
+            return Err(Status::invalid_argument("role must be attention or expert"));
+        }
+        if model_id != self.config.model_id {
+            return Err(Status::failed_precondition(format!(
+                "worker at {address} serves model {model_id}, but this cluster serves {}: refusing it",
+                self.config.model_id
+            )));
+        }
+        if address.parse::<std::net::SocketAddr>().is_err() && !address.contains(':') {
+            return Err(Status::invalid_argument(format!(
+                "address `{address}` is not host:port"
+            )));
+        }
+        let id = self.registry.register(role, address.clone(), model_id);
+        tracing::info!(worker = %id, ?role, %address, "worker registered");
+        self.reconcile();
+        Ok(id)
+    }
+
+    fn expert_workers(&self) -> Vec<ExpertWorkerRef> {
+        self.registry
+            .workers()
+            .into_iter()
+            .filter(|w| w.role == Role::Expert)
+            .map(|w| ExpertWorkerRef {
+                id: w.id.clone(),
+                address: w.address.clone(),
+            })
+            .collect()
+    }
+
+    /// Moves the placement towards the live expert workers: a new target when they changed,
+    /// activation once every worker of the target has loaded it.
+    fn reconcile(&mut self) {
+        let experts = self.expert_workers();
+        let latest = self.target.as_ref().or(self.active.as_ref());
+        let changed = latest.is_none_or(|p| p.workers != experts);
+        let enough =
+            experts.len() >= self.config.min_expert_workers.max(1) || (self.active.is_some() && !experts.is_empty());
+        if changed && enough {
+            self.last_version += 1;
+            let m = &self.config.model;
+            let p = PlacementView::even_slices(self.last_version, m.num_layers, m.num_experts, experts);
+            tracing::info!(version = p.version, workers = p.workers.len(), "new target placement");
+            self.target = Some(p);
+        }
+        let Some(target) = &self.target else { return };
+        let loaded = target.workers.iter().all(|w| {
+            self.registry
+                .workers()
+                .iter()
+                .any(|r| r.id == w.id && r.status.placement_version >= target.version)
+        });
+        if loaded {
+            tracing::info!(version = target.version, "placement active");
+            self.active = self.target.take();
+        }
+    }
+
+    fn pick(&mut self) -> Result<(String, String), String> {
+        if self.active.is_none() {
+            return Err("no expert placement is active yet (waiting for expert workers to load)".into());
+        }
+        let best = self
+            .registry
+            .workers()
+            .into_iter()
+            .filter(|w| w.role == Role::Attention)
+            .min_by_key(|w| {
+                let s = &w.status;
+                let inflight = self.inflight.get(&w.id).copied().unwrap_or(0);
+                let kv_permille = (s.kv_blocks_used as u64 * 1000)
+                    .checked_div(s.kv_blocks_total as u64)
+                    .unwrap_or(0);
+                (inflight.max((s.running + s.waiting) as usize), kv_permille)
+            })
+            .map(|w| (w.id.clone(), w.address.clone()));
+        match best {
+            Some((id, addr)) => {
+                *self.inflight.entry(id.clone()).or_default() += 1;
+                Ok((id, addr))
+            }
+            None => Err("no attention worker is registered".into()),
+        }
+    }
+
+    fn status(&self) -> ClusterStatusResponse {
+        let now = Instant::now();
+        let active = self.active.as_ref();
+        let workers = self
+            .registry
+            .workers()
+            .into_iter()
+            .map(|w| {
+                let mut s = w.status.clone();
+                s.worker_id = w.id.clone();
+                s.role = w.role as i32;
+                s.address = w.address.clone();
+                s.millis_since_heartbeat = now.duration_since(w.last_seen).as_millis() as u64;
+                if w.role == Role::Expert {
+                    let e = self.config.model.num_experts;
+                    if let Some(p) = active {
+                        s.expert_slots = p.slots_of(&w.id).into_iter().map(|(l, x)| (l * e + x) as u32).collect();
+                    }
+                }
+                s
+            })
+            .collect::<Vec<_>>();
+        let running = workers.iter().map(|w| w.running).sum();
+        let queued = workers.iter().map(|w| w.waiting).sum();
+        ClusterStatusResponse {
+            model_id: self.config.model_id.clone(),
+            placement_version: active.map_or(0, |p| p.version),
+            workers,
+            queued_requests: queued,
+            running_requests: running,
+        }
+    }
+}
