@@ -157,6 +157,7 @@ struct Scheduler {
 
 impl Scheduler {
     fn run(&mut self) {
+        self.publish_stats();
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match self.rx.blocking_recv() {

@@ -273,7 +273,7 @@ impl Fixture {
                 "capacity" => {
                     format!("{group}.* ({n} arrays): capacity-policy replay, not part of the default exact forward")
                 }
-                _ => format!("{group}.* ({n} arrays): not compared"),
+                _ => format!("{group}.* ({n} arrays): not compared (per-layer traces need an in-process target)"),
             })
             .collect();
         not_checked.sort();

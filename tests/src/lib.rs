@@ -1,4 +1,7 @@
-//! Helpers shared by the integration tests: fixture paths and small generated models.
+//! Helpers shared by the integration tests: fixture paths, small generated models, and a
+//! local cluster harness.
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 

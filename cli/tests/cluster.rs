@@ -1,0 +1,455 @@
+//! The cluster as separate processes on 127.0.0.1 (started by `moectl up`): the same tokens as
+//! the single-process engine and the golden fixture, for several worker counts; concurrent
+//! clients; a client that goes away; bad requests and bad dispatch messages.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use moe_model::golden::max_abs_diff;
+use moe_model::sampling::{GenerationRequest, SamplingParams};
+use moe_model::{Engine, EngineOptions};
+use moe_proto::PROTOCOL_VERSION;
+use moe_proto::v1::{GenerateRequest, Role};
+use moe_runtime::client::ClusterClient;
+use moe_tests::cluster::LocalCluster;
+use moe_tests::fixtures_dir;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+fn moectl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_moectl"))
+}
+
+fn tiny() -> PathBuf {
+    fixtures_dir().join("hunyuan-tiny")
+}
+
+fn greedy(prompt: &[u32], max_tokens: u32) -> GenerationRequest {
+    GenerationRequest {
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams::greedy(max_tokens),
+        return_prompt_logits: false,
+        return_token_logits: false,
+    }
+}
+
+/// Prompts (deterministic draws) whose greedy decoding on the engine never has a top-1/top-2
+/// logit gap below 2e-3, so float rounding differences between batch compositions (~1e-5)
+/// cannot flip a token. Returns each prompt with its engine tokens.
+fn decisive_prompts(model: &Path, lens: &[usize], steps: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let mut engine = Engine::load(model, EngineOptions::default()).unwrap();
+    let vocab = engine.config().vocab_size as u64;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (5 + state % (vocab - 5)) as u32
+    };
+    let mut out = Vec::new();
+    for &len in lens {
+        for _attempt in 0..50 {
+            let prompt: Vec<u32> = (0..len).map(|_| next()).collect();
+            let g = engine
+                .generate_greedy(std::slice::from_ref(&prompt), steps, &[], true)
+                .unwrap()
+                .remove(0);
+            let gap = g
+                .step_logits
+                .iter()
+                .map(|l| {
+                    let mut s = l.clone();
+                    s.sort_by(|a, b| b.total_cmp(a));
+                    s[0] - s[1]
+                })
+                .fold(f32::INFINITY, f32::min);
+            if gap >= 2e-3 {
+                out.push((prompt, g.tokens));
+                break;
+            }
+        }
+    }
+    assert_eq!(out.len(), lens.len(), "could not draw decisive prompts");
+    out
+}
+
+fn check_golden_through(endpoint: &str, fixture: &Path) {
+    let out = std::process::Command::new(moectl())
+        .args(["check-golden", "--endpoint", endpoint, "--fixture"])
+        .arg(fixture)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "check-golden through the cluster failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("0 failed: PASS"));
+    for q in ["prefill_logits", "decode_logits", "gen_ids"] {
+        assert!(text.contains(q), "no {q} check ran");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_matches_engine_and_golden_for_several_shapes() {
+    let prompts = decisive_prompts(&tiny(), &[1, 4, 11, 29], 12);
+    for (attention, experts) in [(1, 1), (2, 3), (1, 4)] {
+        let cluster = LocalCluster::start(moectl(), &tiny(), attention, experts, &[]);
+        assert_eq!(cluster.addresses("expert-worker").len(), experts);
+        let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+        for (prompt, want) in &prompts {
+            let got = client.generate(&greedy(prompt, 12)).await.unwrap();
+            assert_eq!(&got.tokens, want, "{attention}+{experts}: prompt {prompt:?}");
+        }
+        check_golden_through(&cluster.endpoint, &tiny());
+        // Uneven slices: 64 experts over 3 workers are 22/21/21 per layer.
+        let status = client.status().await.unwrap();
+        let mut sizes: Vec<usize> = status
+            .workers
+            .iter()
+            .filter(|w| w.role == Role::Expert as i32)
+            .map(|w| w.expert_slots.len() / 2)
+            .collect();
+        sizes.sort_unstable();
+        let want: Vec<usize> = match experts {
+            1 => vec![64],
+            3 => vec![21, 21, 22],
+            4 => vec![16, 16, 16, 16],
+            _ => unreachable!(),
+        };
+        assert_eq!(sizes, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_passes_fixtures_it_was_not_built_around() {
+    // Other shapes: top-4 with an untied LM head and 3 layers; CLA with top-1 (Hunyuan-Large).
+    for name in ["odd-layers-untied", "hunyuan-large-tiny"] {
+        let fixture = fixtures_dir().join(name);
+        let cluster = LocalCluster::start(moectl(), &fixture, 2, 3, &[]);
+        check_golden_through(&cluster.endpoint, &fixture);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_each_get_what_they_get_alone() {
+    let lens: Vec<usize> = (0..16).map(|i| 1 + (i * 7) % 40).collect();
+    let prompts = decisive_prompts(&tiny(), &lens, 10);
+    // A small KV pool and batch budget so admission waits, chunked prefill and preemption run.
+    let cluster = LocalCluster::start(moectl(), &tiny(), 2, 2, &["--kv-blocks", "24", "--block-size", "4"]);
+    let mut tasks = Vec::new();
+    for (prompt, want) in prompts.clone() {
+        let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let got = client.generate(&greedy(&prompt, 10)).await.unwrap();
+            (prompt, want, got.tokens)
+        }));
+    }
+    for t in tasks {
+        let (prompt, want, got) = t.await.unwrap();
+        assert_eq!(got, want, "prompt of {} tokens", prompt.len());
+    }
+    // And through SubmitBatch: one call, results per prompt.
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let reqs: Vec<_> = prompts.iter().map(|(p, _)| greedy(p, 10)).collect();
+    let out = client.generate_batch(&reqs).await.unwrap();
+    for ((_, want), got) in prompts.iter().zip(out) {
+        assert_eq!(&got.tokens, want);
+    }
+}
+
+/// Waits (bounded) until no attention worker holds KV blocks or requests.
+async fn wait_idle(client: &mut ClusterClient) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let s = client.status().await.unwrap();
+        let busy = s
+            .workers
+            .iter()
+            .filter(|w| w.role == Role::Attention as i32)
+            .any(|w| w.kv_blocks_used > 0 || w.running > 0 || w.waiting > 0);
+        if !busy {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_kv_blocks() {
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let mut stream = client.generate_stream(&greedy(&[5, 6, 7, 8, 9], 2000)).await.unwrap();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    // Heartbeats carry the worker's counters: wait (bounded) until one shows the request.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = client.status().await.unwrap();
+        let attn = s.workers.iter().find(|w| w.role == Role::Attention as i32).unwrap();
+        if attn.kv_blocks_used > 0 && attn.running == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the request never showed as running: {attn:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stream);
+    assert!(
+        wait_idle(&mut client).await,
+        "KV blocks were not freed after the client went away"
+    );
+    // The cluster still serves.
+    assert_eq!(client.generate(&greedy(&[5, 6, 7], 4)).await.unwrap().tokens.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_get_invalid_argument_and_disturb_nothing() {
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--max-in-flight", "8"]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let (prompt, want) = decisive_prompts(&tiny(), &[9], 40).remove(0);
+    let mut long = client.clone();
+    let bystander = tokio::spawn(async move { long.generate(&greedy(&prompt, 40)).await });
+
+    let base = greedy(&[5, 6, 7], 4);
+    let with = |f: &dyn Fn(&mut GenerationRequest)| {
+        let mut r = base.clone();
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(GenerationRequest, &str)> = vec![
+        (with(&|r| r.prompt.clear()), "prompt_ids is empty"),
+        (with(&|r| r.prompt.push(512)), "outside the vocabulary"),
+        (with(&|r| r.sampling.max_tokens = 0), "max_tokens"),
+        (with(&|r| r.sampling.max_tokens = u32::MAX), "max_tokens"),
+        (with(&|r| r.sampling.max_tokens = 32_766), "context length"),
+        // Fits the context but not this attention worker's KV pool (1024 blocks of 16).
+        (with(&|r| r.sampling.max_tokens = 32_000), "KV blocks"),
+        (with(&|r| r.sampling.temperature = -1.0), "temperature"),
+        (with(&|r| r.sampling.temperature = f32::NAN), "temperature"),
+        (with(&|r| r.sampling.top_p = 1.5), "top_p"),
+        (with(&|r| r.sampling.top_k = 100_000), "top_k"),
+        (with(&|r| r.sampling.stop_ids = vec![9999]), "stop_ids"),
+    ];
+    for (req, want_msg) in cases {
+        let err = client.generate(&req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{want_msg}: {err:?}");
+        assert!(
+            err.message().contains(want_msg),
+            "`{}` should mention `{want_msg}`",
+            err.message()
+        );
+    }
+    // Unknown protocol version, straight on the wire.
+    let mut raw =
+        moe_proto::v1::inference_client::InferenceClient::new(moe_runtime::net::channel(&cluster.endpoint).unwrap());
+    let err = raw
+        .generate(GenerateRequest {
+            protocol_version: PROTOCOL_VERSION + 7,
+            prompt_ids: vec![5],
+            sampling: Some(moe_proto::v1::SamplingParams {
+                max_tokens: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("protocol_version"));
+    // No sampling parameters at all.
+    let err = raw
+        .generate(GenerateRequest {
+            protocol_version: PROTOCOL_VERSION,
+            prompt_ids: vec![5],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // A batch with one bad request is refused whole, naming it.
+    let err = client
+        .generate_batch(&[base.clone(), with(&|r| r.prompt.clear())])
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("requests[1]"), "{}", err.message());
+
+    let got = bystander.await.unwrap().unwrap();
+    assert_eq!(got.tokens, want, "the bystander request was disturbed");
+    assert!(wait_idle(&mut client).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_requests_than_the_queue_allows_get_resource_exhausted() {
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 1, &["--max-in-flight", "2"]);
+    let client = ClusterClient::new(&cluster.endpoint).unwrap();
+    // Two long requests hold the two admission slots.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut c = client.clone();
+        let mut s = c.generate_stream(&greedy(&[5, 6, 7], 3000)).await.unwrap();
+        s.next().await.unwrap().unwrap();
+        holders.push(s);
+    }
+    let err = client.clone().generate(&greedy(&[5], 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    drop(holders);
+    // Slots come back once the holders are gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.clone().generate(&greedy(&[5], 2)).await {
+            Ok(g) => {
+                assert_eq!(g.tokens.len(), 2);
+                break;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_and_token_logits_match_the_engine() {
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 3, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let prompt = vec![5u32, 100, 200, 300, 17, 9];
+    let mut req = greedy(&prompt, 5);
+    req.return_prompt_logits = true;
+    req.return_token_logits = true;
+    let got = client.generate(&req).await.unwrap();
+    let mut engine = Engine::load(&tiny(), EngineOptions::default()).unwrap();
+    let want = engine
+        .generate_greedy(std::slice::from_ref(&prompt), 5, &[], true)
+        .unwrap()
+        .remove(0);
+    assert_eq!(got.tokens, want.tokens);
+    for (g, w) in got.token_logits.iter().zip(&want.step_logits) {
+        assert!(max_abs_diff(w, g) < 1e-4);
+    }
+    let pl = got.prompt_logits.expect("prompt logits");
+    assert_eq!(pl.len(), prompt.len() * 512);
+    // The last prompt row produced the first token.
+    assert!(max_abs_diff(&pl[(prompt.len() - 1) * 512..], &want.step_logits[0]) < 1e-4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
+    use moe_proto::tensor::{decode_f32, encode_f32};
+    use moe_proto::v1::DispatchRequest;
+    use moe_proto::v1::dispatch_response::Result as R;
+    use moe_proto::v1::expert_client::ExpertClient;
+
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let status = client.status().await.unwrap();
+    let worker = status.workers.iter().find(|w| w.role == Role::Expert as i32).unwrap();
+    let held = worker.expert_slots[0] as usize % 64; // layer 0
+    let not_held = (0..64u32).find(|e| !worker.expert_slots.contains(e)).unwrap();
+    let version = status.placement_version;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut expert = ExpertClient::new(moe_runtime::net::channel(&worker.address).unwrap());
+    let mut responses = expert
+        .dispatch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let good = DispatchRequest {
+        protocol_version: PROTOCOL_VERSION,
+        placement_version: version,
+        request_id: 0,
+        layer: 0,
+        rows: Some(encode_f32(&vec![0.25; 2 * 64], &[2, 64])),
+        assignment_rows: vec![0, 1],
+        assignment_experts: vec![held as u32, held as u32],
+        assignment_weights: vec![0.5, 1.0],
+    };
+    let with = |id: u64, f: &dyn Fn(&mut DispatchRequest)| {
+        let mut r = good.clone();
+        r.request_id = id;
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(DispatchRequest, Code, &str)> = vec![
+        (with(1, &|r| r.layer = 2), Code::InvalidArgument, "layer 2"),
+        (
+            with(2, &|r| r.assignment_experts = vec![not_held, not_held]),
+            Code::FailedPrecondition,
+            "not held",
+        ),
+        (
+            with(3, &|r| r.placement_version = version + 5),
+            Code::FailedPrecondition,
+            "placement version",
+        ),
+        (
+            with(4, &|r| r.rows = Some(encode_f32(&vec![0.0; 2 * 32], &[2, 32]))),
+            Code::InvalidArgument,
+            "[rows, 64]",
+        ),
+        (
+            with(5, &|r| r.rows.as_mut().unwrap().dtype = 7),
+            Code::InvalidArgument,
+            "dtype",
+        ),
+        (
+            with(6, &|r| r.assignment_weights.pop().map(|_| ()).unwrap()),
+            Code::InvalidArgument,
+            "differ in length",
+        ),
+        (
+            with(7, &|r| r.protocol_version = 99),
+            Code::FailedPrecondition,
+            "protocol_version",
+        ),
+        (
+            with(8, &|r| r.assignment_rows = vec![0, 5]),
+            Code::InvalidArgument,
+            "row 5",
+        ),
+        (
+            with(9, &|r| r.rows.as_mut().unwrap().shape = vec![3, 64]),
+            Code::InvalidArgument,
+            "bytes",
+        ),
+    ];
+    for (req, code, msg) in cases {
+        let id = req.request_id;
+        tx.send(req).await.unwrap();
+        let resp = responses.next().await.unwrap().unwrap();
+        assert_eq!(resp.request_id, id);
+        match resp.result {
+            Some(R::Error(e)) => {
+                assert_eq!(Code::from(e.code), code, "case {id}: {}", e.message);
+                assert!(
+                    e.message.contains(msg),
+                    "case {id}: `{}` should mention `{msg}`",
+                    e.message
+                );
+            }
+            other => panic!("case {id} was not refused: {other:?}"),
+        }
+    }
+    // The same stream still serves a good message.
+    tx.send(with(10, &|_| ())).await.unwrap();
+    let resp = responses.next().await.unwrap().unwrap();
+    let Some(R::Output(t)) = resp.result else {
+        panic!("good message refused: {resp:?}")
+    };
+    let (values, shape) = decode_f32(&t).unwrap();
+    assert_eq!(shape, vec![2, 64]);
+    // Row 1 has weight 1.0 on the same input as row 0 with 0.5.
+    for h in 0..64 {
+        assert!((values[64 + h] - 2.0 * values[h]).abs() < 1e-5);
+    }
+    // And the cluster still answers.
+    assert_eq!(client.generate(&greedy(&[5, 6], 3)).await.unwrap().tokens.len(), 3);
+}

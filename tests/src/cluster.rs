@@ -1,0 +1,95 @@
+//! A local cluster started with `moectl up` as a child process, for integration tests: real
+//! processes, real sockets on 127.0.0.1, ports chosen at run time.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub role: String,
+    pub pid: u32,
+    pub address: String,
+}
+
+pub struct LocalCluster {
+    child: Child,
+    pub endpoint: String,
+    pub processes: Vec<ProcessInfo>,
+}
+
+impl LocalCluster {
+    /// Starts `moectl up` and waits (bounded) until it prints `READY`.
+    pub fn start(moectl: &Path, model: &Path, attention: usize, experts: usize, extra: &[&str]) -> Self {
+        let mut child = Command::new(moectl)
+            .args(["up", "--listen", "127.0.0.1:0", "--ready-timeout", "120"])
+            .arg("--model")
+            .arg(model)
+            .args([
+                "--attention-workers",
+                &attention.to_string(),
+                "--expert-workers",
+                &experts.to_string(),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting moectl up");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut processes = Vec::new();
+        let endpoint = loop {
+            let line = match rx.recv_timeout(Duration::from_secs(180)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("moectl up did not become ready: {e}");
+                }
+            };
+            if let Some(rest) = line.strip_prefix("PROCESS ") {
+                let parts: Vec<&str> = rest.split_whitespace().collect();
+                processes.push(ProcessInfo {
+                    role: parts[0].to_owned(),
+                    pid: parts[1].trim_start_matches("pid=").parse().expect("pid"),
+                    address: parts[2].trim_start_matches("addr=").to_owned(),
+                });
+            } else if let Some(ep) = line.strip_prefix("READY ") {
+                break ep.trim().to_owned();
+            }
+        };
+        LocalCluster {
+            child,
+            endpoint,
+            processes,
+        }
+    }
+
+    pub fn addresses(&self, role: &str) -> Vec<String> {
+        self.processes
+            .iter()
+            .filter(|p| p.role == role)
+            .map(|p| p.address.clone())
+            .collect()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // The workers watch their stdin, which closes with `moectl up`: they stop too.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
