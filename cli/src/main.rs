@@ -1,9 +1,11 @@
 //! `moectl`: the operator and client CLI of the Hunyuan MoE cluster.
 
+mod bench;
 mod check_golden;
 mod default_model;
 mod gen_model;
 mod generate;
+mod machine;
 mod remote;
 mod up;
 
@@ -26,6 +28,15 @@ struct Cli {
 enum Command {
     /// Start a whole cluster on this host (separate processes on loopback) and serve until Ctrl-C.
     Up(up::Args),
+    /// Start a local cluster, serve one request through it, print the tokens, stop.
+    Demo {
+        #[command(flatten)]
+        cluster: up::Args,
+        #[arg(long, value_delimiter = ',', default_value = "5,6,7")]
+        prompt_ids: Vec<u32>,
+        #[arg(long, default_value_t = 16)]
+        max_tokens: u32,
+    },
     /// Generate tokens: through a cluster (--endpoint) or on the single-process engine.
     Generate(generate::Args),
     /// Show the cluster's workers, roles, experts, load and KV use.
@@ -35,6 +46,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drive a cluster or the in-process engine with a load; print throughput and latency as JSON.
+    Bench(bench::Args),
     /// Check a model against a golden fixture and print max |Δ| per quantity.
     CheckGolden(check_golden::Args),
     /// Write a seeded random Hunyuan-shaped model (HF layout) for tests and benchmarks.
@@ -51,7 +64,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Services log their life cycle; client commands only warnings, so their output stays clean.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Coordinator(_) | Command::AttentionWorker(_) | Command::ExpertWorker(_) => "info",
+        Command::Up(_)
+        | Command::Demo { .. }
+        | Command::Coordinator(_)
+        | Command::AttentionWorker(_)
+        | Command::ExpertWorker(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -66,9 +83,15 @@ fn main() -> ExitCode {
         let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
             Command::Up(args) => ok(up::run(args).await),
+            Command::Demo {
+                cluster,
+                prompt_ids,
+                max_tokens,
+            } => ok(up::demo(cluster, prompt_ids, max_tokens).await),
             Command::Generate(args) => ok(generate::run(args).await),
             Command::Status { endpoint, json } => ok(remote::status(&endpoint, json).await),
             Command::CheckGolden(args) => check_golden::run(args).await,
+            Command::Bench(args) => ok(bench::run(args).await),
             Command::GenModel(args) => ok(gen_model::run(args)),
             Command::Coordinator(args) => ok(moe_coordinator::run(args).await.map_err(Into::into)),
             Command::AttentionWorker(args) => ok(moe_attention_worker::run(args).await.map_err(Into::into)),

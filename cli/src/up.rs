@@ -79,82 +79,118 @@ async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result<Proc> {
     Ok(Proc { role, child, address })
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    if args.attention_workers == 0 || args.expert_workers == 0 {
-        bail!("a cluster needs at least one attention worker and one expert worker");
-    }
-    let model = match args.model {
-        Some(m) => m,
-        None => default_model_dir()?,
-    };
-    let model_arg = model.to_string_lossy().into_owned();
-    let mut procs = Vec::new();
-    let coordinator = spawn(
-        "coordinator",
-        &[
-            "--model".into(),
-            model_arg.clone(),
-            "--listen".into(),
-            args.listen.to_string(),
-            "--min-expert-workers".into(),
-            args.expert_workers.to_string(),
-            "--max-in-flight".into(),
-            args.max_in_flight.to_string(),
-        ],
-    )
-    .await?;
-    let endpoint = coordinator.address.to_string();
-    procs.push(coordinator);
-    let common = [
-        "--model".to_owned(),
-        model_arg,
-        "--coordinator".to_owned(),
-        endpoint.clone(),
-    ];
-    for _ in 0..args.expert_workers {
-        procs.push(spawn("expert-worker", &common).await?);
-    }
-    let mut attn_args = common.to_vec();
-    attn_args.extend([
-        "--kv-blocks".into(),
-        args.kv_blocks.to_string(),
-        "--block-size".into(),
-        args.block_size.to_string(),
-    ]);
-    for _ in 0..args.attention_workers {
-        procs.push(spawn("attention-worker", &attn_args).await?);
-    }
-    for p in &procs {
-        println!(
-            "PROCESS {} pid={} addr={}",
-            p.role,
-            p.child.id().unwrap_or(0),
-            p.address
-        );
-    }
-    let mut client = ClusterClient::new(&endpoint)?;
-    let detail = client.wait_ready(Duration::from_secs(args.ready_timeout)).await?;
-    println!("READY {endpoint}");
-    eprintln!(
-        "cluster ready ({detail}); try: moectl generate --endpoint {endpoint} --prompt-ids 5,6,7 --max-tokens 16"
-    );
+/// A running local cluster.
+pub struct LocalCluster {
+    procs: Vec<Proc>,
+    pub endpoint: String,
+}
 
+impl LocalCluster {
+    pub async fn start(args: &Args) -> anyhow::Result<Self> {
+        if args.attention_workers == 0 || args.expert_workers == 0 {
+            bail!("a cluster needs at least one attention worker and one expert worker");
+        }
+        let model = match &args.model {
+            Some(m) => m.clone(),
+            None => default_model_dir()?,
+        };
+        let model_arg = model.to_string_lossy().into_owned();
+        let mut procs = Vec::new();
+        let coordinator = spawn(
+            "coordinator",
+            &[
+                "--model".into(),
+                model_arg.clone(),
+                "--listen".into(),
+                args.listen.to_string(),
+                "--min-expert-workers".into(),
+                args.expert_workers.to_string(),
+                "--max-in-flight".into(),
+                args.max_in_flight.to_string(),
+            ],
+        )
+        .await?;
+        let endpoint = coordinator.address.to_string();
+        procs.push(coordinator);
+        let common = [
+            "--model".to_owned(),
+            model_arg,
+            "--coordinator".to_owned(),
+            endpoint.clone(),
+        ];
+        for _ in 0..args.expert_workers {
+            procs.push(spawn("expert-worker", &common).await?);
+        }
+        let mut attn_args = common.to_vec();
+        attn_args.extend([
+            "--kv-blocks".into(),
+            args.kv_blocks.to_string(),
+            "--block-size".into(),
+            args.block_size.to_string(),
+        ]);
+        for _ in 0..args.attention_workers {
+            procs.push(spawn("attention-worker", &attn_args).await?);
+        }
+        for p in &procs {
+            println!(
+                "PROCESS {} pid={} addr={}",
+                p.role,
+                p.child.id().unwrap_or(0),
+                p.address
+            );
+        }
+        let mut client = ClusterClient::new(&endpoint)?;
+        let detail = client.wait_ready(Duration::from_secs(args.ready_timeout)).await?;
+        eprintln!("cluster ready: {detail}");
+        Ok(LocalCluster { procs, endpoint })
+    }
+
+    /// Closing stdin asks each child to stop gracefully; whatever is left after a grace period
+    /// is killed.
+    pub async fn stop(mut self) {
+        for p in self.procs.iter_mut().rev() {
+            drop(p.child.stdin.take());
+        }
+        for p in self.procs.iter_mut().rev() {
+            if tokio::time::timeout(Duration::from_secs(10), p.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let cluster = LocalCluster::start(&args).await?;
+    println!("READY {}", cluster.endpoint);
+    eprintln!(
+        "serving; try: moectl generate --endpoint {} --prompt-ids 5,6,7 --max-tokens 16  (Ctrl-C stops the cluster)",
+        cluster.endpoint
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => eprintln!("stopping the cluster (Ctrl-C)"),
         _ = term.recv() => eprintln!("stopping the cluster (SIGTERM)"),
     }
-    // Closing stdin asks each child to stop gracefully; kill whatever is left after a grace period.
-    for p in procs.iter_mut().rev() {
-        drop(p.child.stdin.take());
-    }
-    for p in procs.iter_mut().rev() {
-        if tokio::time::timeout(Duration::from_secs(10), p.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = p.child.kill().await;
-        }
-    }
+    cluster.stop().await;
     Ok(())
+}
+
+/// `moectl demo`: start a local cluster, serve one request, print it, stop.
+pub async fn demo(args: Args, prompt: Vec<u32>, max_tokens: u32) -> anyhow::Result<()> {
+    let cluster = LocalCluster::start(&args).await?;
+    eprintln!(
+        "cluster ready at {}; generating {max_tokens} tokens for prompt {prompt:?}",
+        cluster.endpoint
+    );
+    let result = crate::remote::generate(
+        &cluster.endpoint,
+        prompt,
+        moe_model::sampling::SamplingParams::greedy(max_tokens),
+    )
+    .await;
+    cluster.stop().await;
+    result
 }

@@ -164,11 +164,14 @@ impl Inference for InferenceService {
         let attention = status
             .workers
             .iter()
-            .filter(|w| w.role == moe_proto::v1::Role::Attention as i32)
+            .filter(|w| w.role == moe_proto::v1::Role::Attention as i32 && w.placement_version > 0)
             .count();
         let (serving, detail) = match (status.placement_version, attention) {
             (0, _) => (false, "waiting for expert workers to load a placement".to_owned()),
-            (_, 0) => (false, "no attention worker registered".to_owned()),
+            (_, 0) => (
+                false,
+                "no attention worker is routing with the placement yet".to_owned(),
+            ),
             (v, a) => (
                 true,
                 format!(

@@ -281,7 +281,8 @@ impl State {
             .registry
             .workers()
             .into_iter()
-            .filter(|w| w.role == Role::Attention)
+            // Only workers that already route with a placement can serve.
+            .filter(|w| w.role == Role::Attention && w.status.placement_version > 0)
             .min_by_key(|w| {
                 let s = &w.status;
                 let inflight = self.inflight.get(&w.id).copied().unwrap_or(0);
@@ -296,7 +297,7 @@ impl State {
                 *self.inflight.entry(id.clone()).or_default() += 1;
                 Ok((id, addr))
             }
-            None => Err("no attention worker is registered".into()),
+            None => Err("no attention worker has received the expert placement yet".into()),
         }
     }
 
