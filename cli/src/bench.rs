@@ -130,6 +130,9 @@ fn prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
 
 async fn dispatch_counters(target: &Target) -> (u64, u64) {
     let Target::Cluster(c) = target else { return (0, 0) };
+    // Workers report their counters with their heartbeats (every 200 ms by default): let one
+    // pass so the snapshot covers what just ran.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     match c.clone().status().await {
         Ok(s) => s
             .workers
