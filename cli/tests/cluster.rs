@@ -456,12 +456,28 @@ async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
 
 fn bench(extra: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(moectl())
-        .args(["bench", "--requests", "6", "--concurrency", "3", "--prompt-len", "9", "--gen-len", "5", "--no-machine", "--model"])
+        .args([
+            "bench",
+            "--requests",
+            "6",
+            "--concurrency",
+            "3",
+            "--prompt-len",
+            "9",
+            "--gen-len",
+            "5",
+            "--no-machine",
+            "--model",
+        ])
         .arg(tiny())
         .args(extra)
         .output()
         .unwrap();
-    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("bench prints one JSON object")
 }
 
@@ -471,7 +487,10 @@ async fn bench_prints_json_for_the_engine_and_a_cluster() {
     assert_eq!(engine["failed"], 0);
     assert!(engine["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(engine["ttft_ms"]["p99"].as_f64().unwrap() >= engine["ttft_ms"]["p50"].as_f64().unwrap());
-    assert!(engine["dispatch_bytes_per_token_per_layer"].is_null(), "nothing crosses a wire in process");
+    assert!(
+        engine["dispatch_bytes_per_token_per_layer"].is_null(),
+        "nothing crosses a wire in process"
+    );
 
     let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
     let remote = bench(&["--endpoint", &cluster.endpoint]);
@@ -479,5 +498,8 @@ async fn bench_prints_json_for_the_engine_and_a_cluster() {
     assert!(remote["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // Each routed row crosses as 64 f32 each way (plus framing), to at most two workers.
     let per_layer = remote["dispatch_bytes_per_token_per_layer"].as_f64().unwrap();
-    assert!(per_layer > 2.0 * 64.0 * 4.0 && per_layer < 8.0 * 64.0 * 4.0 * 2.0, "{per_layer}");
+    assert!(
+        per_layer > 2.0 * 64.0 * 4.0 && per_layer < 8.0 * 64.0 * 4.0 * 2.0,
+        "{per_layer}"
+    );
 }

@@ -27,8 +27,7 @@ impl PlacementView {
     pub fn even_slices(version: u64, num_layers: usize, num_experts: usize, workers: Vec<ExpertWorkerRef>) -> Self {
         let w = workers.len();
         let mut owners = vec![Vec::new(); num_layers * num_experts];
-        if w > 0 {
-            let (base, extra) = (num_experts / w, num_experts % w);
+        if let (Some(base), Some(extra)) = (num_experts.checked_div(w), num_experts.checked_rem(w)) {
             let mut start = 0;
             for i in 0..w {
                 let count = base + usize::from(i < extra);
