@@ -337,3 +337,40 @@ fn bad_steps_are_refused_and_change_nothing() {
         .unwrap();
     assert_eq!(engine.cache().seq_len(good), 4);
 }
+
+#[test]
+fn cla_cache_holds_one_entry_per_layer_group() {
+    use moe_model::kv_cache::KvCache;
+    let dir = fixtures_dir().join("hunyuan-large-tiny");
+    let cla = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    assert_eq!((cla.num_layers, cla.cla_share_factor), (4, 2));
+    let kv = KvCacheConfig {
+        block_size: 16,
+        num_blocks: 8,
+    };
+    let shared = KvCache::new(&cla, kv).unwrap();
+    let mut per_layer = cla.clone();
+    per_layer.cla_share_factor = 1;
+    for (l, layer) in per_layer.layers.iter_mut().enumerate() {
+        layer.kv_source_layer = l;
+    }
+    let unshared = KvCache::new(&per_layer, kv).unwrap();
+    assert_eq!((shared.num_slots(), unshared.num_slots()), (2, 4));
+    assert_eq!(shared.size_in_bytes() * 2, unshared.size_in_bytes());
+    assert_eq!(cla.kv_bytes_per_token(2) * 2, per_layer.kv_bytes_per_token(2));
+    // Odd layer counts: 5 layers with f = 2 keep 3 entries (layers 0, 2, 4 compute K/V).
+    let mut odd = cla.clone();
+    odd.num_layers = 5;
+    odd.layers.push(moe_model::config::LayerConfig {
+        kv_source_layer: 4,
+        ..odd.layers[0].clone()
+    });
+    assert_eq!(odd.num_kv_cache_slots(), 3);
+    assert_eq!((odd.kv_cache_slot(3), odd.kv_cache_slot(4)), (1, 2));
+
+    // And the engine really runs on the halved cache: its greedy tokens match the fixture.
+    let mut engine = Engine::load(&dir, EngineOptions::default()).unwrap();
+    assert_eq!(engine.cache().num_slots(), 2);
+    let fixture = moe_model::golden::Fixture::open(&dir).unwrap();
+    assert!(fixture.check(&mut engine).unwrap().passed());
+}
