@@ -12,14 +12,16 @@ use moe_model::engine::{Engine, EngineOptions};
 use moe_model::kv_cache::KvCacheConfig;
 use moe_model::model::AttentionModel;
 use moe_proto::v1::attention_server::AttentionServer;
-use moe_proto::v1::{Role, WorkerStatus};
+use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
-use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
-use moe_runtime::shutdown::{self, Shutdown};
+use moe_runtime::net::MAX_MESSAGE_BYTES;
+use moe_runtime::shutdown;
+use moe_runtime::worker;
+use tonic::service::Routes;
 
 use crate::error::{Error, Result};
 use crate::remote_experts::RemoteExperts;
-use crate::scheduler::{self, SchedulerConfig, SchedulerHandle};
+use crate::scheduler::{self, SchedulerConfig};
 use crate::service::AttentionService;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -81,11 +83,6 @@ pub async fn run(args: Args) -> Result<()> {
         },
     );
 
-    let (incoming, local) = net::bind(args.listen).await.map_err(|source| Error::Io {
-        context: format!("binding {}", args.listen),
-        source,
-    })?;
-    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
     let (trigger, shutdown) = shutdown::channel();
     trigger.on_signals(args.watch_stdin);
     let service = AttentionServer::new(AttentionService {
@@ -94,16 +91,15 @@ pub async fn run(args: Args) -> Result<()> {
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, server_shutdown.wait())
-            .await
-    });
-    net::announce("attention-worker", local);
+    let (local, server) = worker::serve("attention-worker", args.listen, Routes::new(service), shutdown.clone())
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("binding {}", args.listen),
+            source,
+        })?;
+    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
 
-    let membership = Membership::register(
+    let mut membership = Membership::register(
         &args.coordinator,
         Role::Attention,
         address,
@@ -111,35 +107,10 @@ pub async fn run(args: Args) -> Result<()> {
         Duration::from_secs(30),
     )
     .await?;
-    let control = control_loop(
-        membership,
-        remote,
-        scheduler,
-        Duration::from_millis(args.heartbeat_ms),
-        shutdown.clone(),
-    );
-    tokio::select! {
-        r = control => r?,
-        _ = shutdown.clone().wait() => {}
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    tracing::info!("attention worker stopped");
-    Ok(())
-}
-
-async fn control_loop(
-    mut membership: Membership,
-    remote: Arc<RemoteExperts>,
-    scheduler: SchedulerHandle,
-    period: Duration,
-    shutdown: Shutdown,
-) -> Result<()> {
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !shutdown.is_triggered() {
-        ticker.tick().await;
+    let period = Duration::from_millis(args.heartbeat_ms);
+    let status = || {
         let s = &scheduler.stats;
-        let status = WorkerStatus {
+        WorkerStatus {
             running: s.running.load(Ordering::Relaxed) as u32,
             waiting: s.waiting.load(Ordering::Relaxed) as u32,
             kv_blocks_used: s.kv_blocks_used.load(Ordering::Relaxed) as u32,
@@ -148,19 +119,11 @@ async fn control_loop(
             dispatch_bytes: remote.stats.bytes.load(Ordering::Relaxed),
             placement_version: remote.placement_version(),
             ..Default::default()
-        };
-        let resp = match membership.heartbeat(status).await {
-            Ok(r) => r,
-            Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
-                return Err(s.into());
-            }
-            Err(s) => {
-                tracing::warn!(status = %s, "heartbeat failed; retrying");
-                continue;
-            }
-        };
-        if resp.placement_version != 0 && resp.placement_version != remote.placement_version() {
-            match membership.placement(false).await {
+        }
+    };
+    let on_answer = async |m: &mut Membership, answer: HeartbeatResponse| {
+        if answer.placement_version != 0 && answer.placement_version != remote.placement_version() {
+            match m.placement(false).await {
                 Ok(p) => {
                     tracing::info!(version = p.version, "using expert placement");
                     remote.set_placement(p);
@@ -168,6 +131,12 @@ async fn control_loop(
                 Err(s) => tracing::warn!(status = %s, "reading the placement failed"),
             }
         }
+    };
+    tokio::select! {
+        r = worker::heartbeat_loop(&mut membership, period, shutdown.clone(), status, on_answer) => r?,
+        _ = shutdown.clone().wait() => {}
     }
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    tracing::info!("attention worker stopped");
     Ok(())
 }

@@ -9,10 +9,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    moe_runtime::worker::init_tracing("info");
     moe_coordinator::run(Cli::parse().args).await?;
     Ok(())
 }

@@ -9,10 +9,12 @@ use std::time::Duration;
 use moe_model::ModelConfig;
 use moe_model::checkpoint::Checkpoint;
 use moe_proto::v1::expert_server::ExpertServer;
-use moe_proto::v1::{Role, WorkerStatus};
+use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
-use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
-use moe_runtime::shutdown::{self, Shutdown};
+use moe_runtime::net::MAX_MESSAGE_BYTES;
+use moe_runtime::shutdown;
+use moe_runtime::worker;
+use tonic::service::Routes;
 
 use crate::error::{Error, Result};
 use crate::service::ExpertService;
@@ -45,27 +47,20 @@ pub async fn run(args: Args) -> Result<()> {
     let ckpt = Checkpoint::open(&args.model)?;
     let state = Arc::new(ExpertState::new(config, ckpt)?);
 
-    let (incoming, local) = net::bind(args.listen).await.map_err(|source| Error::Io {
-        context: format!("binding {}", args.listen),
-        source,
-    })?;
-    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
     let (trigger, shutdown) = shutdown::channel();
     trigger.on_signals(args.watch_stdin);
-
     let service = ExpertServer::new(ExpertService { state: state.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, server_shutdown.wait())
-            .await
-    });
-    net::announce("expert-worker", local);
+    let (local, server) = worker::serve("expert-worker", args.listen, Routes::new(service), shutdown.clone())
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("binding {}", args.listen),
+            source,
+        })?;
+    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
 
-    let membership = Membership::register(
+    let mut membership = Membership::register(
         &args.coordinator,
         Role::Expert,
         address,
@@ -73,14 +68,22 @@ pub async fn run(args: Args) -> Result<()> {
         Duration::from_secs(30),
     )
     .await?;
-    let control = control_loop(
-        membership,
-        state,
-        Duration::from_millis(args.heartbeat_ms),
-        shutdown.clone(),
-    );
+    let period = Duration::from_millis(args.heartbeat_ms);
+    let status = || WorkerStatus {
+        expert_slots: state.held_slots(),
+        rows_served: state.rows_served.load(Ordering::Relaxed),
+        placement_version: state.newest_version(),
+        ..Default::default()
+    };
+    let on_answer = async |m: &mut Membership, answer: HeartbeatResponse| {
+        if answer.target_placement_version > state.newest_version()
+            && let Err(e) = load_target(m, &state, answer.placement_version).await
+        {
+            tracing::warn!(error = %e, "loading the target placement failed; will retry");
+        }
+    };
     tokio::select! {
-        r = control => r?,
+        r = worker::heartbeat_loop(&mut membership, period, shutdown.clone(), status, on_answer) => r?,
         _ = shutdown.clone().wait() => {}
     }
     // Dispatch streams are long-lived; give in-flight messages a moment, then stop.
@@ -89,48 +92,12 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Heartbeats; loads the target placement when it changes. Returns only on shutdown or when
-/// the coordinator refuses this worker.
-async fn control_loop(
-    mut membership: Membership,
-    state: Arc<ExpertState>,
-    period: Duration,
-    shutdown: Shutdown,
-) -> Result<()> {
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !shutdown.is_triggered() {
-        ticker.tick().await;
-        let status = WorkerStatus {
-            expert_slots: state.held_slots(),
-            rows_served: state.rows_served.load(Ordering::Relaxed),
-            placement_version: state.newest_version(),
-            ..Default::default()
-        };
-        let resp = match membership.heartbeat(status).await {
-            Ok(r) => r,
-            Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
-                return Err(s.into());
-            }
-            Err(s) => {
-                tracing::warn!(status = %s, "heartbeat failed; retrying");
-                continue;
-            }
-        };
-        if resp.target_placement_version > state.newest_version() {
-            let target = match membership.placement(true).await {
-                Ok(p) => p,
-                Err(s) => {
-                    tracing::warn!(status = %s, "reading the target placement failed");
-                    continue;
-                }
-            };
-            let slots = target.slots_of(membership.worker_id());
-            let (st, version, active) = (state.clone(), target.version, resp.placement_version);
-            tokio::task::spawn_blocking(move || st.load_version(version, slots, active))
-                .await
-                .map_err(|e| Error::Placement(format!("loading task failed: {e}")))??;
-        }
-    }
-    Ok(())
+/// Reads the target placement and loads this worker's slots for it (off the async threads).
+async fn load_target(membership: &mut Membership, state: &Arc<ExpertState>, active: u64) -> Result<()> {
+    let target = membership.placement(true).await?;
+    let slots = target.slots_of(membership.worker_id());
+    let (st, version) = (state.clone(), target.version);
+    tokio::task::spawn_blocking(move || st.load_version(version, slots, active))
+        .await
+        .map_err(|e| Error::Placement(format!("loading task failed: {e}")))?
 }

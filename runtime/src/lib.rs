@@ -6,5 +6,6 @@ pub mod convert;
 pub mod net;
 pub mod placement;
 pub mod shutdown;
+pub mod worker;
 
 pub use placement::PlacementView;

@@ -1,0 +1,65 @@
+//! What every service process does the same way: serve a set of gRPC routes on a bound port
+//! until shutdown, and (for workers) heartbeat the coordinator on a fixed period.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use moe_proto::v1::{HeartbeatResponse, WorkerStatus};
+use tokio::task::JoinHandle;
+use tonic::Status;
+use tonic::service::Routes;
+
+use crate::control::Membership;
+use crate::net;
+use crate::shutdown::Shutdown;
+
+/// Binds `listen`, serves `routes` until `shutdown`, and announces the bound address.
+pub async fn serve(
+    role: &str,
+    listen: SocketAddr,
+    routes: Routes,
+    shutdown: Shutdown,
+) -> std::io::Result<(SocketAddr, JoinHandle<Result<(), tonic::transport::Error>>)> {
+    let (incoming, local) = net::bind(listen).await?;
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown.wait())
+            .await
+    });
+    net::announce(role, local);
+    Ok(server).map(|s| (local, s))
+}
+
+/// Heartbeats every `period` with what `status` reports and hands each answer to `on_answer`,
+/// until `shutdown`. Transient failures are logged and retried; a refusal (the coordinator
+/// rejects this worker: another model, a bad request) ends the loop with that status.
+pub async fn heartbeat_loop(
+    membership: &mut Membership,
+    period: Duration,
+    shutdown: Shutdown,
+    mut status: impl FnMut() -> WorkerStatus,
+    mut on_answer: impl AsyncFnMut(&mut Membership, HeartbeatResponse),
+) -> Result<(), Status> {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !shutdown.is_triggered() {
+        ticker.tick().await;
+        match membership.heartbeat(status()).await {
+            Ok(answer) => on_answer(membership, answer).await,
+            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+                return Err(s);
+            }
+            Err(s) => tracing::warn!(status = %s, "heartbeat failed; retrying"),
+        }
+    }
+    Ok(())
+}
+
+/// Logging to stderr, `RUST_LOG` overriding `default_level`.
+pub fn init_tracing(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+}
