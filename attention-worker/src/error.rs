@@ -2,16 +2,8 @@
 pub enum Error {
     #[error(transparent)]
     Model(#[from] moe_model::Error),
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("coordinator: {0}")]
-    Coordinator(#[from] tonic::Status),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Worker(#[from] moe_runtime::worker::WorkerError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

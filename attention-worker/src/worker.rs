@@ -16,10 +16,10 @@ use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
 use moe_runtime::net::MAX_MESSAGE_BYTES;
 use moe_runtime::shutdown;
-use moe_runtime::worker;
+use moe_runtime::worker::{self, WorkerSpec};
 use tonic::service::Routes;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::remote_experts::RemoteExperts;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::service::AttentionService;
@@ -91,23 +91,16 @@ pub async fn run(args: Args) -> Result<()> {
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (local, server) = worker::serve("attention-worker", args.listen, Routes::new(service), shutdown.clone())
-        .await
-        .map_err(|source| Error::Io {
-            context: format!("binding {}", args.listen),
-            source,
-        })?;
-    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
-
-    let mut membership = Membership::register(
-        &args.coordinator,
-        Role::Attention,
-        address,
+    let spec = WorkerSpec {
+        name: "attention-worker",
+        role: Role::Attention,
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        coordinator: args.coordinator.clone(),
         model_id,
-        Duration::from_secs(30),
-    )
-    .await?;
-    let period = Duration::from_millis(args.heartbeat_ms);
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+        grace: Duration::from_secs(5),
+    };
     let status = || {
         let s = &scheduler.stats;
         WorkerStatus {
@@ -132,11 +125,6 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     };
-    tokio::select! {
-        r = worker::heartbeat_loop(&mut membership, period, shutdown.clone(), status, on_answer) => r?,
-        _ = shutdown.clone().wait() => {}
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    tracing::info!("attention worker stopped");
+    worker::run_worker(spec, Routes::new(service), shutdown, status, on_answer).await?;
     Ok(())
 }

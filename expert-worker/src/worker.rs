@@ -13,7 +13,7 @@ use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
 use moe_runtime::net::MAX_MESSAGE_BYTES;
 use moe_runtime::shutdown;
-use moe_runtime::worker;
+use moe_runtime::worker::{self, WorkerSpec};
 use tonic::service::Routes;
 
 use crate::error::{Error, Result};
@@ -52,23 +52,17 @@ pub async fn run(args: Args) -> Result<()> {
     let service = ExpertServer::new(ExpertService { state: state.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (local, server) = worker::serve("expert-worker", args.listen, Routes::new(service), shutdown.clone())
-        .await
-        .map_err(|source| Error::Io {
-            context: format!("binding {}", args.listen),
-            source,
-        })?;
-    let address = args.advertise.clone().unwrap_or_else(|| local.to_string());
-
-    let mut membership = Membership::register(
-        &args.coordinator,
-        Role::Expert,
-        address,
+    let spec = WorkerSpec {
+        name: "expert-worker",
+        role: Role::Expert,
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        coordinator: args.coordinator.clone(),
         model_id,
-        Duration::from_secs(30),
-    )
-    .await?;
-    let period = Duration::from_millis(args.heartbeat_ms);
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+        // Dispatch streams are long-lived; give in-flight messages a moment.
+        grace: Duration::from_secs(2),
+    };
     let status = || WorkerStatus {
         expert_slots: state.held_slots(),
         rows_served: state.rows_served.load(Ordering::Relaxed),
@@ -82,13 +76,7 @@ pub async fn run(args: Args) -> Result<()> {
             tracing::warn!(error = %e, "loading the target placement failed; will retry");
         }
     };
-    tokio::select! {
-        r = worker::heartbeat_loop(&mut membership, period, shutdown.clone(), status, on_answer) => r?,
-        _ = shutdown.clone().wait() => {}
-    }
-    // Dispatch streams are long-lived; give in-flight messages a moment, then stop.
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    tracing::info!("expert worker stopped");
+    worker::run_worker(spec, Routes::new(service), shutdown, status, on_answer).await?;
     Ok(())
 }
 

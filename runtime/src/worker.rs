@@ -63,3 +63,65 @@ pub fn init_tracing(default_level: &str) {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Why a worker stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] Status),
+}
+
+/// How a worker process joins the cluster.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// Name printed in the `LISTENING` line.
+    pub name: &'static str,
+    pub role: moe_proto::v1::Role,
+    pub listen: SocketAddr,
+    /// Address others reach this worker at; default the bound address.
+    pub advertise: Option<String>,
+    pub coordinator: String,
+    pub model_id: String,
+    pub heartbeat: Duration,
+    /// Time given to in-flight streams after shutdown.
+    pub grace: Duration,
+}
+
+/// The whole life of a worker process: serve `routes`, register with the coordinator,
+/// heartbeat with `status` and handle answers with `on_answer`, until `shutdown`.
+pub async fn run_worker(
+    spec: WorkerSpec,
+    routes: Routes,
+    shutdown: Shutdown,
+    status: impl FnMut() -> WorkerStatus,
+    on_answer: impl AsyncFnMut(&mut Membership, HeartbeatResponse),
+) -> Result<(), WorkerError> {
+    let (local, server) = serve(spec.name, spec.listen, routes, shutdown.clone())
+        .await
+        .map_err(|source| WorkerError::Bind {
+            addr: spec.listen,
+            source,
+        })?;
+    let address = spec.advertise.clone().unwrap_or_else(|| local.to_string());
+    let mut membership = Membership::register(
+        &spec.coordinator,
+        spec.role,
+        address,
+        spec.model_id,
+        Duration::from_secs(30),
+    )
+    .await?;
+    tokio::select! {
+        r = heartbeat_loop(&mut membership, spec.heartbeat, shutdown.clone(), status, on_answer) => r?,
+        _ = shutdown.clone().wait() => {}
+    }
+    let _ = tokio::time::timeout(spec.grace, server).await;
+    tracing::info!(worker = spec.name, "stopped");
+    Ok(())
+}
