@@ -1,7 +1,5 @@
 //! Start-up and the control loop of an attention worker.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -16,7 +14,7 @@ use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
 use moe_runtime::net::MAX_MESSAGE_BYTES;
 use moe_runtime::shutdown;
-use moe_runtime::worker::{self, WorkerSpec};
+use moe_runtime::worker::{self, WorkerArgs};
 use tonic::service::Routes;
 
 use crate::error::Result;
@@ -26,16 +24,8 @@ use crate::service::AttentionService;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Model directory (config.json + safetensors). Only the non-expert tensors are read.
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: SocketAddr,
-    /// Address the coordinator reaches this worker at (default: the bound listen address).
-    #[arg(long)]
-    pub advertise: Option<String>,
-    #[arg(long)]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
     /// KV cache size in blocks.
     #[arg(long, default_value_t = 1024)]
     pub kv_blocks: usize,
@@ -48,17 +38,12 @@ pub struct Args {
     /// Requests running at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
-    #[arg(long, default_value_t = 200)]
-    pub heartbeat_ms: u64,
-    /// Exit when stdin closes (set by `moectl up`).
-    #[arg(long)]
-    pub watch_stdin: bool,
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let model_id = moe_model::identity::model_identity(&args.model)?;
-    let ckpt = Checkpoint::open(&args.model)?;
+    let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
+    let model_id = moe_model::identity::model_identity(&args.worker.model)?;
+    let ckpt = Checkpoint::open(&args.worker.model)?;
     let model = AttentionModel::load(&ckpt, config.clone())?;
     drop(ckpt);
     let remote = Arc::new(RemoteExperts::new(
@@ -84,23 +69,16 @@ pub async fn run(args: Args) -> Result<()> {
     );
 
     let (trigger, shutdown) = shutdown::channel();
-    trigger.on_signals(args.watch_stdin);
+    trigger.on_signals(args.worker.watch_stdin);
     let service = AttentionServer::new(AttentionService {
         scheduler: scheduler.clone(),
         config,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let spec = WorkerSpec {
-        name: "attention-worker",
-        role: Role::Attention,
-        listen: args.listen,
-        advertise: args.advertise.clone(),
-        coordinator: args.coordinator.clone(),
-        model_id,
-        heartbeat: Duration::from_millis(args.heartbeat_ms),
-        grace: Duration::from_secs(5),
-    };
+    let spec = args
+        .worker
+        .spec("attention-worker", Role::Attention, model_id, Duration::from_secs(5));
     let status = || {
         let s = &scheduler.stats;
         WorkerStatus {

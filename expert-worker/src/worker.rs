@@ -1,7 +1,5 @@
 //! Start-up and the control loop of an expert worker.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -13,7 +11,7 @@ use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
 use moe_runtime::net::MAX_MESSAGE_BYTES;
 use moe_runtime::shutdown;
-use moe_runtime::worker::{self, WorkerSpec};
+use moe_runtime::worker::{self, WorkerArgs};
 use tonic::service::Routes;
 
 use crate::error::{Error, Result};
@@ -22,47 +20,25 @@ use crate::state::ExpertState;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Model directory (config.json + safetensors). Only this worker's experts are read.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Address to serve dispatch streams on (port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: SocketAddr,
-    /// Address other components reach this worker at (default: the bound listen address).
-    #[arg(long)]
-    pub advertise: Option<String>,
-    /// Coordinator control-plane address (host:port).
-    #[arg(long)]
-    pub coordinator: String,
-    #[arg(long, default_value_t = 200)]
-    pub heartbeat_ms: u64,
-    /// Exit when stdin closes (set by `moectl up`, so no worker outlives its cluster).
-    #[arg(long)]
-    pub watch_stdin: bool,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let model_id = moe_model::identity::model_identity(&args.model)?;
-    let ckpt = Checkpoint::open(&args.model)?;
+    let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
+    let model_id = moe_model::identity::model_identity(&args.worker.model)?;
+    let ckpt = Checkpoint::open(&args.worker.model)?;
     let state = Arc::new(ExpertState::new(config, ckpt)?);
 
     let (trigger, shutdown) = shutdown::channel();
-    trigger.on_signals(args.watch_stdin);
+    trigger.on_signals(args.worker.watch_stdin);
     let service = ExpertServer::new(ExpertService { state: state.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let spec = WorkerSpec {
-        name: "expert-worker",
-        role: Role::Expert,
-        listen: args.listen,
-        advertise: args.advertise.clone(),
-        coordinator: args.coordinator.clone(),
-        model_id,
-        heartbeat: Duration::from_millis(args.heartbeat_ms),
-        // Dispatch streams are long-lived; give in-flight messages a moment.
-        grace: Duration::from_secs(2),
-    };
+    // Dispatch streams are long-lived; give in-flight messages a moment after shutdown.
+    let spec = args
+        .worker
+        .spec("expert-worker", Role::Expert, model_id, Duration::from_secs(2));
     let status = || WorkerStatus {
         expert_slots: state.held_slots(),
         rows_served: state.rows_served.load(Ordering::Relaxed),

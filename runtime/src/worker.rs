@@ -77,6 +77,43 @@ pub enum WorkerError {
     Coordinator(#[from] Status),
 }
 
+/// Flags every worker process takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Model directory (config.json + safetensors). Each worker reads only what it holds.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// Address to serve on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address other components reach this worker at (default: the bound listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Coordinator control-plane address (host:port).
+    #[arg(long)]
+    pub coordinator: String,
+    #[arg(long, default_value_t = 200)]
+    pub heartbeat_ms: u64,
+    /// Exit when stdin closes (set by `moectl up`, so no worker outlives its cluster).
+    #[arg(long)]
+    pub watch_stdin: bool,
+}
+
+impl WorkerArgs {
+    pub fn spec(&self, name: &'static str, role: moe_proto::v1::Role, model_id: String, grace: Duration) -> WorkerSpec {
+        WorkerSpec {
+            name,
+            role,
+            listen: self.listen,
+            advertise: self.advertise.clone(),
+            coordinator: self.coordinator.clone(),
+            model_id,
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            grace,
+        }
+    }
+}
+
 /// How a worker process joins the cluster.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
