@@ -115,6 +115,19 @@ mod tests {
             linear(&x, m, &w, &mut y);
             let err = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
             assert!(err < 1e-4, "bf16 m={m} n={n} k={k}: {err}");
+
+            // f16 likewise.
+            let wh: Vec<u16> = wf.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let wr: Vec<f32> = wh.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+            let want = naive(&x, m, &wr, n, k);
+            let w = Matrix {
+                rows: n,
+                cols: k,
+                data: MatrixData::F16(wh),
+            };
+            linear(&x, m, &w, &mut y);
+            let err = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(err < 1e-4, "f16 m={m} n={n} k={k}: {err}");
         }
     }
 }
