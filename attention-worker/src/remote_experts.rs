@@ -92,6 +92,8 @@ pub struct DispatchStats {
 
 pub struct RemoteExperts {
     handle: tokio::runtime::Handle,
+    /// Expert workers seen failing, to be reported to the coordinator.
+    suspects: Mutex<Vec<(String, String)>>,
     hidden: usize,
     placement: RwLock<Option<Arc<PlacementView>>>,
     links: Mutex<HashMap<String, Link>>,
@@ -106,6 +108,7 @@ impl RemoteExperts {
             hidden,
             placement: RwLock::new(None),
             links: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             stats: Arc::new(DispatchStats::default()),
         }
@@ -117,6 +120,11 @@ impl RemoteExperts {
 
     pub fn placement_version(&self) -> u64 {
         self.placement.read().expect("lock").as_ref().map_or(0, |p| p.version)
+    }
+
+    /// Failed expert workers seen since the last call, with the reason.
+    pub fn take_suspects(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.suspects.lock().expect("lock"))
     }
 
     fn link(&self, address: &str) -> Link {
@@ -182,6 +190,36 @@ impl ExpertCompute for RemoteExperts {
         self.begin(layer, rows, num_rows, assignments)?.wait()
     }
 
+    /// A worker unreachable, or answering for another placement: report it, then wait for the
+    /// coordinator to publish a placement that routes around it.
+    fn recover(&self, err: &Error, timeout: Duration) -> bool {
+        let Error::Remote {
+            worker,
+            message,
+            retryable: true,
+        } = err
+        else {
+            return false;
+        };
+        let failed_version = self.placement_version();
+        if worker != "-" {
+            self.suspects
+                .lock()
+                .expect("lock")
+                .push((worker.clone(), message.clone()));
+        }
+        tracing::warn!(%worker, %message, failed_version, "expert dispatch failed; waiting for a new placement");
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.placement_version() != failed_version {
+                tracing::info!(version = self.placement_version(), "retrying on the new placement");
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     fn begin(
         &self,
         layer: usize,
@@ -198,6 +236,7 @@ impl ExpertCompute for RemoteExperts {
             .ok_or_else(|| Error::Remote {
                 worker: "-".into(),
                 message: "no expert placement received yet".into(),
+                retryable: true,
             })?;
         let batches = split_by_worker(&placement, layer, num_rows, assignments)?;
         let mut inflight = Vec::with_capacity(batches.len());
@@ -225,6 +264,7 @@ impl ExpertCompute for RemoteExperts {
                 return Err(Error::Remote {
                     worker: worker.id,
                     message: "dispatch link stopped".into(),
+                    retryable: true,
                 });
             }
             inflight.push((worker.id, b.rows, rx));
@@ -233,25 +273,30 @@ impl ExpertCompute for RemoteExperts {
         Ok(Pending::later(move || {
             let mut out = vec![0.0f32; num_rows * h];
             for (worker, rows, rx) in inflight {
-                let fail = |message: String| Error::Remote {
+                // Transport failures can succeed elsewhere; a refusal only when it is about
+                // the placement (stale version, expert moved).
+                let fail = |message: String, retryable: bool| Error::Remote {
                     worker: worker.clone(),
                     message,
+                    retryable,
                 };
                 let resp = rx
                     .blocking_recv()
-                    .map_err(|_| fail("dispatch link dropped the request".into()))?
-                    .map_err(&fail)?;
+                    .map_err(|_| fail("dispatch link dropped the request".into(), true))?
+                    .map_err(|m| fail(m, true))?;
                 stats.bytes.fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);
                 let tensor = match resp.result {
                     Some(DispatchResult::Output(t)) => t,
                     Some(DispatchResult::Error(e)) => {
-                        return Err(fail(format!("refused ({}): {}", tonic::Code::from(e.code), e.message)));
+                        let code = tonic::Code::from(e.code);
+                        let retryable = code == tonic::Code::FailedPrecondition;
+                        return Err(fail(format!("refused ({code}): {}", e.message), retryable));
                     }
-                    None => return Err(fail("empty answer".into())),
+                    None => return Err(fail("empty answer".into(), false)),
                 };
-                let (values, n) = decode_matrix(&tensor, h).map_err(|e| fail(e.to_string()))?;
+                let (values, n) = decode_matrix(&tensor, h).map_err(|e| fail(e.to_string(), false))?;
                 if n != rows.len() {
-                    return Err(fail(format!("answered {n} rows for {} sent", rows.len())));
+                    return Err(fail(format!("answered {n} rows for {} sent", rows.len()), false));
                 }
                 for (i, &r) in rows.iter().enumerate() {
                     let dst = &mut out[r as usize * h..(r as usize + 1) * h];

@@ -56,6 +56,9 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Requests running at once.
     pub max_running: usize,
+    /// How long a failed step waits for the expert side to recover (a new placement) before
+    /// its requests fail.
+    pub recover_timeout: std::time::Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +66,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             max_batch_tokens: 512,
             max_running: 64,
+            recover_timeout: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct SchedulerStats {
     pub kv_blocks_total: AtomicUsize,
     pub tokens_processed: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Steps run again after the expert side recovered from a failure.
+    pub retried_steps: AtomicU64,
 }
 
 /// Cheap, cloneable handle to the scheduler thread.
@@ -135,6 +141,11 @@ impl Sequence {
         self.request.prompt.len() + self.generated.len()
     }
 
+    /// Tokens generated for the client so far, counting those of an interrupted earlier run.
+    fn generated_total(&self) -> usize {
+        self.request.resumed as usize + self.generated.len()
+    }
+
     fn token(&self, i: usize) -> u32 {
         let p = &self.request.prompt;
         if i < p.len() { p[i] } else { self.generated[i - p.len()] }
@@ -189,7 +200,7 @@ impl Scheduler {
             });
             return;
         }
-        let worst = self.blocks_for(s.request.prompt.len() + s.request.sampling.max_tokens as usize);
+        let worst = self.blocks_for(s.request.original_prompt_len() + s.request.sampling.max_tokens as usize);
         let total = self.engine.cache().num_blocks();
         if worst > total {
             let _ = s.events.send(Event::Failed {
@@ -202,7 +213,8 @@ impl Scheduler {
             return;
         }
         let id = self.engine.new_sequence();
-        let sampler = Sampler::new(s.request.sampling.clone());
+        let mut sampler = Sampler::new(s.request.sampling.clone());
+        sampler.skip(s.request.resumed);
         self.waiting.push_back(Sequence {
             id,
             request: s.request,
@@ -306,7 +318,19 @@ impl Scheduler {
         }
         let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let _span = tracing::debug_span!("batch", seqs = chunks.len(), rows).entered();
-        match self.engine.step(&chunks, false) {
+        let mut result = self.engine.step(&chunks, false);
+        // A failure on the expert side (a worker died, the placement moved) is retried on the
+        // new placement; the step is all or nothing on the KV cache, so nothing is lost.
+        for _ in 0..8 {
+            match &result {
+                Err(e) if self.engine.experts().recover(e, self.config.recover_timeout) => {
+                    self.stats.retried_steps.fetch_add(1, Ordering::Relaxed);
+                    result = self.engine.step(&chunks, false);
+                }
+                _ => break,
+            }
+        }
+        match result {
             Ok(out) => {
                 self.stats.tokens_processed.fetch_add(rows as u64, Ordering::Relaxed);
                 for ((&i, chunk), logits) in members.iter().zip(&chunks).zip(out.logits) {
@@ -316,10 +340,9 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "step failed; failing its requests");
-                let status = moe_runtime::convert::status(&e);
                 let code = match e {
                     moe_model::Error::Remote { .. } => tonic::Code::Unavailable,
-                    _ => status.code(),
+                    _ => moe_runtime::convert::status(&e).code(),
                 };
                 let mut failed: Vec<usize> = members;
                 failed.sort_unstable();
@@ -337,7 +360,7 @@ impl Scheduler {
         let s = &mut self.running[i];
         let start = s.computed;
         s.computed += chunk.tokens.len();
-        let prompt_len = s.request.prompt.len();
+        let prompt_len = s.request.original_prompt_len();
         let mut last = logits;
         if chunk.logits == LogitsWanted::All {
             // Keep the rows that fall on prompt positions; the last row decides the next token.
@@ -359,7 +382,7 @@ impl Scheduler {
         }
         let token = s.sampler.sample(&last);
         s.generated.push(token);
-        let index = (s.generated.len() - 1) as u32;
+        let index = (s.generated_total() - 1) as u32;
         let logits = s.request.return_token_logits.then_some(last);
         let _ = s.events.send(Event::Token {
             index,
@@ -376,15 +399,15 @@ impl Scheduler {
                 Some(t) if s.computed == s.total_len() - 1 && s.request.sampling.stop_ids.contains(t) => {
                     Some(FinishReason::Stop)
                 }
-                Some(_) if s.generated.len() >= s.request.sampling.max_tokens as usize => Some(FinishReason::Length),
+                Some(_) if s.generated_total() >= s.request.sampling.max_tokens as usize => Some(FinishReason::Length),
                 _ => None,
             };
             if let Some(reason) = reason {
                 let s = self.running.remove(i);
                 let _ = s.events.send(Event::Finished {
                     reason,
-                    prompt_tokens: s.request.prompt.len() as u32,
-                    generated_tokens: s.generated.len() as u32,
+                    prompt_tokens: s.request.original_prompt_len() as u32,
+                    generated_tokens: s.generated_total() as u32,
                 });
                 self.engine.release(s.id);
             } else {

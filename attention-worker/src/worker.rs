@@ -38,6 +38,10 @@ pub struct Args {
     /// Requests running at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// How long a step that failed on the expert side waits for a new placement before its
+    /// requests fail.
+    #[arg(long, default_value_t = 120)]
+    pub recover_timeout_s: u64,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -65,6 +69,7 @@ pub async fn run(args: Args) -> Result<()> {
         SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
+            recover_timeout: std::time::Duration::from_secs(args.recover_timeout_s),
         },
     );
 
@@ -93,6 +98,12 @@ pub async fn run(args: Args) -> Result<()> {
         }
     };
     let on_answer = async |m: &mut Membership, answer: HeartbeatResponse| {
+        for (worker, reason) in remote.take_suspects() {
+            match m.report_failure(&worker, &reason).await {
+                Ok(removed) => tracing::warn!(%worker, removed, "reported a failed expert worker"),
+                Err(s) => tracing::warn!(%worker, status = %s, "reporting a failed expert worker failed"),
+            }
+        }
         if answer.placement_version != 0 && answer.placement_version != remote.placement_version() {
             match m.placement(false).await {
                 Ok(p) => {

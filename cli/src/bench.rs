@@ -171,6 +171,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         sampling: SamplingParams::greedy(args.gen_len),
         return_prompt_logits: false,
         return_token_logits: false,
+        resumed: 0,
     };
 
     // Alone: prefill time (time to first token) and decode step time at batch 1.
@@ -210,6 +211,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     sampling: SamplingParams::greedy(gen_len),
                     return_prompt_logits: false,
                     return_token_logits: false,
+                    resumed: 0,
                 };
                 results.push(target.run(&req).await);
             }

@@ -64,6 +64,7 @@ fn request(prompt: &[u32], max_tokens: u32, prompt_logits: bool, token_logits: b
         sampling: SamplingParams::greedy(max_tokens),
         return_prompt_logits: prompt_logits,
         return_token_logits: token_logits,
+        resumed: 0,
     }
 }
 
@@ -71,6 +72,7 @@ fn remote(e: tonic::Status) -> moe_model::Error {
     moe_model::Error::Remote {
         worker: "cluster".into(),
         message: e.to_string(),
+        retryable: false,
     }
 }
 

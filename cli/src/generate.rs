@@ -58,6 +58,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         sampling,
         return_prompt_logits: false,
         return_token_logits: false,
+        resumed: 0,
     };
     request.validate(engine.config())?;
     // The same scheduler an attention worker runs, with the experts in process.

@@ -16,6 +16,7 @@ pub async fn generate(endpoint: &str, prompt: Vec<u32>, sampling: SamplingParams
         sampling,
         return_prompt_logits: false,
         return_token_logits: false,
+        resumed: 0,
     };
     let since = Instant::now();
     let mut stream = client.generate_stream(&req).await?;

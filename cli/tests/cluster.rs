@@ -30,6 +30,7 @@ fn greedy(prompt: &[u32], max_tokens: u32) -> GenerationRequest {
         sampling: SamplingParams::greedy(max_tokens),
         return_prompt_logits: false,
         return_token_logits: false,
+        resumed: 0,
     }
 }
 

@@ -2,7 +2,8 @@
 
 use moe_proto::v1::control_server::Control;
 use moe_proto::v1::{
-    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RegisterRequest, RegisterResponse, Role,
+    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RegisterRequest, RegisterResponse,
+    ReportFailureRequest, ReportFailureResponse, Role,
 };
 use tonic::{Request, Response, Status};
 
@@ -35,5 +36,17 @@ impl Control for ControlService {
             Some(p) => Ok(Response::new(p)),
             None => Err(Status::unavailable("no placement yet: waiting for expert workers")),
         }
+    }
+
+    async fn report_failure(
+        &self,
+        request: Request<ReportFailureRequest>,
+    ) -> Result<Response<ReportFailureResponse>, Status> {
+        let req = request.into_inner();
+        let removed = self
+            .state
+            .report_failure(req.reporter_id, req.worker_id, req.reason)
+            .await?;
+        Ok(Response::new(ReportFailureResponse { removed }))
     }
 }

@@ -13,7 +13,7 @@ use moe_proto::v1::attention_client::AttentionClient;
 use moe_proto::v1::inference_server::Inference;
 use moe_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse, HealthRequest, HealthResponse,
-    SubmitBatchRequest, SubmitBatchResponse,
+    SubmitBatchRequest, SubmitBatchResponse, generate_response,
 };
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -29,9 +29,25 @@ pub struct InferenceService {
     pub config: ModelConfig,
     pub admission: Arc<Semaphore>,
     pub max_in_flight: usize,
+    pub handoff: Arc<Handoff>,
+}
+
+/// Hands requests to attention workers and relays their streams, resuming a request elsewhere
+/// when its attention worker fails.
+pub struct Handoff {
+    pub state: StateHandle,
     /// How long a request waits for the cluster to become ready (placement, attention worker).
     pub ready_timeout: Duration,
     pub channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Times a request is moved to another attention worker before its error reaches the client.
+const MAX_RESUMES: usize = 3;
+
+/// Statuses that say the worker (or the way to it) failed, not the request.
+fn worker_failed(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(code, Unavailable | Unknown | Cancelled | Aborted | Internal)
 }
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -50,7 +66,9 @@ impl InferenceService {
             ))
         })
     }
+}
 
+impl Handoff {
     fn channel(&self, address: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().expect("lock");
         if let Some(c) = channels.get(address) {
@@ -62,42 +80,134 @@ impl InferenceService {
         Ok(c)
     }
 
-    /// Starts `req` on an attention worker and returns its event stream. The returned guard
-    /// keeps the worker's in-flight count until the stream is done.
+    /// Starts `req` on an attention worker not in `exclude` and returns its event stream. The
+    /// returned guard keeps the worker's in-flight count until the stream is done.
     async fn start(
         &self,
         req: GenerateRequest,
+        exclude: &mut Vec<String>,
     ) -> Result<(tonic::Streaming<GenerateResponse>, crate::state::Assignment), Status> {
         let deadline = Instant::now() + self.ready_timeout;
-        let assignment = loop {
-            match self.state.pick().await? {
-                Ok(a) => break a,
-                Err(why) if Instant::now() >= deadline => {
-                    return Err(Status::unavailable(format!("cluster not ready: {why}")));
+        loop {
+            let assignment = loop {
+                match self.state.pick(exclude.clone()).await? {
+                    Ok(a) => break a,
+                    Err(why) if Instant::now() >= deadline => {
+                        return Err(Status::unavailable(format!("cluster not ready: {why}")));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            };
+            let mut client = AttentionClient::new(self.channel(&assignment.address)?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            match client.serve(req.clone()).await {
+                Ok(stream) => return Ok((stream.into_inner(), assignment)),
+                // The worker died between its last heartbeat and now: try another.
+                Err(s) if worker_failed(s.code()) && Instant::now() < deadline => {
+                    tracing::warn!(worker = %assignment.worker_id, status = %s, "attention worker unreachable; trying another");
+                    exclude.push(assignment.worker_id.clone());
+                }
+                Err(s) => return Err(s),
             }
-        };
-        let mut client = AttentionClient::new(self.channel(&assignment.address)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let stream = client.serve(req).await?.into_inner();
-        Ok((stream, assignment))
+        }
     }
 }
 
-/// Relays `upstream` into `tx` until it ends or the receiver goes away.
-async fn relay<T: Send + 'static>(
-    mut upstream: tonic::Streaming<GenerateResponse>,
-    tx: mpsc::Sender<Result<T, Status>>,
-    wrap: impl Fn(GenerateResponse) -> T,
-) {
-    while let Some(item) = upstream.next().await {
-        let done = item.is_err();
-        if tx.send(item.map(&wrap)).await.is_err() || done {
-            return;
+impl Handoff {
+    /// Starts `req` and relays its events into `tx` until it finishes or the client goes away.
+    /// When the attention worker serving it fails, the request continues on another one from
+    /// the prompt plus the tokens already streamed, so the client sees no gap and no repeat.
+    async fn serve<T: Send + 'static>(
+        self: Arc<Self>,
+        req: GenerateRequest,
+        tx: mpsc::Sender<Result<T, Status>>,
+        wrap: impl Fn(GenerateResponse) -> T + Send + 'static,
+    ) {
+        let mut exclude = Vec::new();
+        let (mut upstream, mut assignment) = match self.start(req.clone(), &mut exclude).await {
+            Ok(started) => started,
+            Err(s) => {
+                let _ = tx.send(Err(s)).await;
+                return;
+            }
+        };
+        let mut streamed: Vec<u32> = Vec::new();
+        let mut prompt_logits_sent = false;
+        let mut resumes = 0;
+        loop {
+            let failure = match upstream.next().await {
+                Some(Ok(event)) => {
+                    let finished = matches!(event.event, Some(generate_response::Event::Finished(_)));
+                    match &event.event {
+                        Some(generate_response::Event::Token(t)) => streamed.push(t.id),
+                        Some(generate_response::Event::PromptLogits(_)) => prompt_logits_sent = true,
+                        _ => {}
+                    }
+                    if tx.send(Ok(wrap(event))).await.is_err() || finished {
+                        return; // client gone (dropping `upstream` cancels the work), or done
+                    }
+                    continue;
+                }
+                Some(Err(s)) if worker_failed(s.code()) => s,
+                Some(Err(s)) => {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+                None => Status::unavailable("attention worker closed the stream before finishing"),
+            };
+            if resumes == MAX_RESUMES {
+                let _ = tx.send(Err(failure)).await;
+                return;
+            }
+            resumes += 1;
+            tracing::warn!(worker = %assignment.worker_id, status = %failure, streamed = streamed.len(), "attention worker failed mid-request; resuming elsewhere");
+            exclude.push(assignment.worker_id.clone());
+            let Some(resumed) = resume_request(&req, &streamed, prompt_logits_sent) else {
+                // Every token was already streamed; only the end was lost.
+                let reason = if streamed.len() as u32 >= req.sampling.as_ref().map_or(0, |s| s.max_tokens) {
+                    moe_proto::v1::FinishReason::Length
+                } else {
+                    moe_proto::v1::FinishReason::Stop
+                };
+                let done = GenerateResponse {
+                    event: Some(generate_response::Event::Finished(moe_proto::v1::Finished {
+                        reason: reason as i32,
+                        prompt_tokens: req.prompt_ids.len() as u32,
+                        generated_tokens: streamed.len() as u32,
+                    })),
+                };
+                let _ = tx.send(Ok(wrap(done))).await;
+                return;
+            };
+            match self.start(resumed, &mut exclude).await {
+                Ok((u, a)) => {
+                    upstream = u;
+                    assignment = a;
+                }
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+            }
         }
     }
+}
+
+/// The request that continues `original` after `streamed` tokens, or `None` when nothing is
+/// left to generate (max_tokens reached, or the last token was a stop id).
+fn resume_request(original: &GenerateRequest, streamed: &[u32], prompt_logits_sent: bool) -> Option<GenerateRequest> {
+    let sampling = original.sampling.as_ref()?;
+    let done =
+        streamed.len() as u32 >= sampling.max_tokens || streamed.last().is_some_and(|t| sampling.stop_ids.contains(t));
+    if done {
+        return None;
+    }
+    let mut req = original.clone();
+    req.prompt_ids.extend_from_slice(streamed);
+    req.resumed_tokens += streamed.len() as u32;
+    req.return_prompt_logits &= !prompt_logits_sent;
+    Some(req)
 }
 
 #[tonic::async_trait]
@@ -111,11 +221,11 @@ impl Inference for InferenceService {
         let permit = self.admit(1)?;
         let span = tracing::info_span!("generate", prompt = req.prompt_ids.len());
         let _e = span.enter();
-        let (upstream, assignment) = self.start(req).await?;
         let (tx, rx) = mpsc::channel(64);
+        let handoff = self.handoff.clone();
         tokio::spawn(async move {
-            relay(upstream, tx, |r| r).await;
-            drop((assignment, permit));
+            handoff.serve(req, tx, |r| r).await;
+            drop(permit);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -137,16 +247,16 @@ impl Inference for InferenceService {
         let permit = Arc::new(self.admit(n)?);
         let (tx, rx) = mpsc::channel(64);
         for (i, req) in batch.requests.into_iter().enumerate() {
-            let (upstream, assignment) = self.start(req).await?;
-            let (tx, permit) = (tx.clone(), permit.clone());
+            let (tx, permit, handoff) = (tx.clone(), permit.clone(), self.handoff.clone());
             tokio::spawn(async move {
                 let index = i as u32;
-                relay(upstream, tx, move |event| SubmitBatchResponse {
-                    request_index: index,
-                    event: Some(event),
-                })
-                .await;
-                drop((assignment, permit));
+                handoff
+                    .serve(req, tx, move |event| SubmitBatchResponse {
+                        request_index: index,
+                        event: Some(event),
+                    })
+                    .await;
+                drop(permit);
             });
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

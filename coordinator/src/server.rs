@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::control::ControlService;
 use crate::error::{Error, Result};
-use crate::inference::InferenceService;
+use crate::inference::{Handoff, InferenceService};
 use crate::state::{self, StateConfig};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -59,8 +59,11 @@ pub async fn run(args: Args) -> Result<()> {
         config,
         admission: Arc::new(Semaphore::new(args.max_in_flight)),
         max_in_flight: args.max_in_flight,
-        ready_timeout: Duration::from_millis(args.ready_timeout_ms),
-        channels: Mutex::new(Default::default()),
+        handoff: Arc::new(Handoff {
+            state: state.clone(),
+            ready_timeout: Duration::from_millis(args.ready_timeout_ms),
+            channels: Mutex::new(Default::default()),
+        }),
     };
     let (incoming, local) = net::bind(args.listen).await.map_err(|source| Error::Io {
         context: format!("binding {}", args.listen),

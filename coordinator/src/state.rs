@@ -58,9 +58,16 @@ enum Command {
         reply: oneshot::Sender<Option<Placement>>,
     },
     Pick {
+        exclude: Vec<String>,
         reply: oneshot::Sender<Result<(String, String), String>>,
     },
     Done(String),
+    ReportFailure {
+        reporter: String,
+        worker: String,
+        reason: String,
+        reply: oneshot::Sender<bool>,
+    },
     Status {
         reply: oneshot::Sender<ClusterStatusResponse>,
     },
@@ -102,14 +109,25 @@ impl StateHandle {
         self.ask(|reply| Command::Placement { target, reply }).await
     }
 
-    /// The least busy attention worker, if the cluster can serve.
-    pub async fn pick(&self) -> Result<Result<Assignment, String>, Status> {
-        let picked = self.ask(|reply| Command::Pick { reply }).await?;
+    /// The least busy attention worker not in `exclude`, if the cluster can serve.
+    pub async fn pick(&self, exclude: Vec<String>) -> Result<Result<Assignment, String>, Status> {
+        let picked = self.ask(|reply| Command::Pick { exclude, reply }).await?;
         Ok(picked.map(|(worker_id, address)| Assignment {
             worker_id,
             address,
             handle: self.clone(),
         }))
+    }
+
+    /// Drops a worker another one saw fail; true when it was a member.
+    pub async fn report_failure(&self, reporter: String, worker: String, reason: String) -> Result<bool, Status> {
+        self.ask(|reply| Command::ReportFailure {
+            reporter,
+            worker,
+            reason,
+            reply,
+        })
+        .await
     }
 
     pub async fn status(&self) -> Result<ClusterStatusResponse, Status> {
@@ -191,8 +209,8 @@ impl State {
                 };
                 let _ = reply.send(p.map(PlacementView::to_proto));
             }
-            Command::Pick { reply } => {
-                let _ = reply.send(self.pick());
+            Command::Pick { exclude, reply } => {
+                let _ = reply.send(self.pick(&exclude));
             }
             Command::Done(id) => {
                 if let Some(n) = self.inflight.get_mut(&id) {
@@ -201,6 +219,20 @@ impl State {
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Command::ReportFailure {
+                reporter,
+                worker,
+                reason,
+                reply,
+            } => {
+                let removed = self.registry.remove(&worker).is_some();
+                if removed {
+                    tracing::warn!(%worker, %reporter, %reason, "worker reported failed: dropped");
+                    self.inflight.remove(&worker);
+                    self.reconcile();
+                }
+                let _ = reply.send(removed);
             }
             Command::Tick => {
                 for w in self.registry.expire(self.config.heartbeat_timeout) {
@@ -273,7 +305,7 @@ impl State {
         }
     }
 
-    fn pick(&mut self) -> Result<(String, String), String> {
+    fn pick(&mut self, exclude: &[String]) -> Result<(String, String), String> {
         if self.active.is_none() {
             return Err("no expert placement is active yet (waiting for expert workers to load)".into());
         }
@@ -282,7 +314,7 @@ impl State {
             .workers()
             .into_iter()
             // Only workers that already route with a placement can serve.
-            .filter(|w| w.role == Role::Attention && w.status.placement_version > 0)
+            .filter(|w| w.role == Role::Attention && w.status.placement_version > 0 && !exclude.contains(&w.id))
             .min_by_key(|w| {
                 let s = &w.status;
                 let inflight = self.inflight.get(&w.id).copied().unwrap_or(0);

@@ -95,6 +95,10 @@ impl Engine {
         self.model.config()
     }
 
+    pub fn experts(&self) -> &dyn ExpertCompute {
+        self.experts.as_ref()
+    }
+
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }

@@ -45,8 +45,14 @@ pub enum Error {
     ExpertNotHeld { layer: usize, expert: usize },
 
     /// A routed-expert computation that ran elsewhere failed (transport or refusal).
+    /// `retryable`: the worker is unreachable or answered for another placement version, so the
+    /// same step can succeed on a new placement.
     #[error("expert worker {worker}: {message}")]
-    Remote { worker: String, message: String },
+    Remote {
+        worker: String,
+        message: String,
+        retryable: bool,
+    },
 
     #[error("fixture {path}: {reason}")]
     Fixture { path: PathBuf, reason: String },

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::v1::control_client::ControlClient;
-use moe_proto::v1::{GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, RegisterRequest, Role, WorkerStatus};
+use moe_proto::v1::{
+    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, RegisterRequest, ReportFailureRequest, Role, WorkerStatus,
+};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -101,5 +103,18 @@ impl Membership {
             .await?
             .into_inner();
         PlacementView::from_proto(&p).map_err(Status::internal)
+    }
+
+    /// Tells the coordinator that `worker` failed (as seen from here).
+    pub async fn report_failure(&mut self, worker: &str, reason: &str) -> Result<bool, Status> {
+        let resp = self
+            .client
+            .report_failure(ReportFailureRequest {
+                reporter_id: self.worker_id.clone(),
+                worker_id: worker.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .await?;
+        Ok(resp.into_inner().removed)
     }
 }

@@ -35,6 +35,7 @@ pub fn generation_request(req: &GenerateRequest) -> Result<GenerationRequest, St
         },
         return_prompt_logits: req.return_prompt_logits,
         return_token_logits: req.return_token_logits,
+        resumed: req.resumed_tokens,
     })
 }
 
@@ -54,6 +55,7 @@ pub fn generate_request(req: &GenerationRequest) -> GenerateRequest {
         }),
         return_prompt_logits: req.return_prompt_logits,
         return_token_logits: req.return_token_logits,
+        resumed_tokens: req.resumed,
     }
 }
 
