@@ -77,6 +77,23 @@ impl LocalCluster {
         }
     }
 
+    /// `kill -9` of the `index`-th process of `role`; returns it.
+    pub fn kill(&self, role: &str, index: usize) -> ProcessInfo {
+        let p = self
+            .processes
+            .iter()
+            .filter(|p| p.role == role)
+            .nth(index)
+            .expect("no such process")
+            .clone();
+        let status = Command::new("kill")
+            .args(["-9", &p.pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -9 {} failed", p.pid);
+        p
+    }
+
     pub fn addresses(&self, role: &str) -> Vec<String> {
         self.processes
             .iter()
