@@ -658,3 +658,64 @@ async fn kill_9_of_an_attention_worker_mid_stream_loses_no_token() {
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     assert_eq!(client.generate(&greedy(&[5, 6], 3)).await.unwrap().tokens.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_worker_joining_under_load_changes_nothing_but_the_placement() {
+    // Proves: a new expert worker gets a share of the experts through a new placement version
+    // that is switched to only after it has loaded them; requests running across the switch
+    // neither fail nor change.
+    const STEPS: u32 = 150;
+    let prompts = prompts_with_gap(&tiny(), &[3, 10, 19, 27], STEPS as usize, 2e-4);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let before = client.status().await.unwrap().placement_version;
+    let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
+    let mut joiner = std::process::Command::new(moectl())
+        .args([
+            "expert-worker",
+            "--watch-stdin",
+            "--coordinator",
+            &cluster.endpoint,
+            "--model",
+        ])
+        .arg(tiny())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
+        let got = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
+        assert_eq!(&got, want);
+    }
+    // The switch happens (bounded wait): three workers share the experts 22/21/21.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = client.status().await.unwrap();
+        let mut sizes: Vec<usize> = s
+            .workers
+            .iter()
+            .filter(|w| w.role == Role::Expert as i32)
+            .map(|w| w.expert_slots.len() / 2)
+            .collect();
+        sizes.sort_unstable();
+        if s.placement_version > before && sizes == [21, 21, 22] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new worker never got experts: {sizes:?} at v{}",
+            s.placement_version
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the cluster computes the same tokens on the new placement.
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+    }
+    drop(joiner.stdin.take());
+    let _ = joiner.wait();
+}
