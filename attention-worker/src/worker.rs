@@ -74,7 +74,8 @@ pub async fn run(args: Args) -> Result<()> {
     );
 
     let (trigger, shutdown) = shutdown::channel();
-    trigger.on_signals(args.worker.watch_stdin);
+    let (drain_trigger, drain) = shutdown::channel();
+    trigger.on_signals_draining(args.worker.watch_stdin, Some(drain_trigger));
     let service = AttentionServer::new(AttentionService {
         scheduler: scheduler.clone(),
         config,
@@ -114,6 +115,6 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     };
-    worker::run_worker(spec, Routes::new(service), shutdown, status, on_answer).await?;
+    worker::run_worker(spec, Routes::new(service), shutdown, drain, status, on_answer).await?;
     Ok(())
 }

@@ -48,6 +48,17 @@ enum Command {
     },
     /// Drive a cluster or the in-process engine with a load; print throughput and latency as JSON.
     Bench(bench::Args),
+    /// Take a worker out of service without losing work, then let it leave.
+    Drain {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        endpoint: String,
+        /// Worker id, as `moectl status` shows it.
+        #[arg(long)]
+        worker: String,
+        /// Wait up to this many seconds for the worker to leave (0: do not wait).
+        #[arg(long, default_value_t = 300)]
+        wait_s: u64,
+    },
     /// Check a model against a golden fixture and print max |Δ| per quantity.
     CheckGolden(check_golden::Args),
     /// Write a seeded random Hunyuan-shaped model (HF layout) for tests and benchmarks.
@@ -72,11 +83,7 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     moe_runtime::worker::init_tracing(default_level);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result: anyhow::Result<ExitCode> = runtime.block_on(async {
+    let result: anyhow::Result<ExitCode> = moe_runtime::worker::block_on(async {
         let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
             Command::Up(args) => ok(up::run(args).await),
@@ -89,6 +96,14 @@ fn main() -> ExitCode {
             Command::Status { endpoint, json } => ok(remote::status(&endpoint, json).await),
             Command::CheckGolden(args) => check_golden::run(args).await,
             Command::Bench(args) => ok(bench::run(args).await),
+            Command::Drain {
+                endpoint,
+                worker,
+                wait_s,
+            } => {
+                let wait = (wait_s > 0).then(|| std::time::Duration::from_secs(wait_s));
+                ok(remote::drain(&endpoint, &worker, wait).await)
+            }
             Command::GenModel(args) => ok(gen_model::run(args)),
             Command::Coordinator(args) => ok(moe_coordinator::run(args).await.map_err(Into::into)),
             Command::AttentionWorker(args) => ok(moe_attention_worker::run(args).await.map_err(Into::into)),

@@ -98,3 +98,30 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Drains a worker; with `wait`, until it has left the cluster.
+pub async fn drain(endpoint: &str, worker: &str, wait: Option<std::time::Duration>) -> anyhow::Result<()> {
+    let channel = moe_runtime::net::channel(endpoint)?;
+    let mut control = moe_proto::v1::control_client::ControlClient::new(channel);
+    let detail = control
+        .drain(moe_proto::v1::DrainRequest {
+            worker_id: worker.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .detail;
+    eprintln!("{detail}");
+    let Some(wait) = wait else { return Ok(()) };
+    let mut client = ClusterClient::new(endpoint)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        if !client.status().await?.workers.iter().any(|w| w.worker_id == worker) {
+            println!("{worker} drained");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{worker} still in the cluster after {wait:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -719,3 +719,166 @@ async fn an_expert_worker_joining_under_load_changes_nothing_but_the_placement()
     drop(joiner.stdin.take());
     let _ = joiner.wait();
 }
+
+fn worker_id_at(status: &moe_proto::v1::ClusterStatusResponse, address: &str) -> String {
+    status
+        .workers
+        .iter()
+        .find(|w| w.address == address)
+        .map(|w| w.worker_id.clone())
+        .expect("worker registered")
+}
+
+/// Waits (bounded) for a process to exit by itself.
+fn exits(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        // `kill -0` fails once the process is gone (our own children are reaped by `moectl up`).
+        let alive = std::process::Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(false);
+        if !alive || zombie {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_workers_leave_without_failing_a_request() {
+    // Proves: `moectl drain` of an expert worker moves its experts first and of an attention
+    // worker lets its requests finish; both processes then exit by themselves, and no request
+    // fails or changes. The last worker of a kind cannot be drained.
+    const STEPS: u32 = 150;
+    let prompts = prompts_with_gap(&tiny(), &[2, 7, 13, 22], STEPS as usize, 2e-4);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 2, 3, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let status = client.status().await.unwrap();
+    let expert = cluster
+        .processes
+        .iter()
+        .find(|p| p.role == "expert-worker")
+        .unwrap()
+        .clone();
+    let attention = cluster
+        .processes
+        .iter()
+        .find(|p| p.role == "attention-worker")
+        .unwrap()
+        .clone();
+    let (expert_id, attention_id) = (
+        worker_id_at(&status, &expert.address),
+        worker_id_at(&status, &attention.address),
+    );
+
+    let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
+    for id in [&expert_id, &attention_id] {
+        let out = std::process::Command::new(moectl())
+            .args([
+                "drain",
+                "--endpoint",
+                &cluster.endpoint,
+                "--worker",
+                id,
+                "--wait-s",
+                "0",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "drain {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
+        let got = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
+        assert_eq!(&got, want);
+    }
+    assert!(exits(expert.pid), "the drained expert worker did not leave");
+    assert!(exits(attention.pid), "the drained attention worker did not leave");
+    let status = client.status().await.unwrap();
+    assert!(
+        status
+            .workers
+            .iter()
+            .all(|w| w.worker_id != expert_id && w.worker_id != attention_id)
+    );
+    // The remaining attention worker cannot be drained: it is the last one.
+    let last = status
+        .workers
+        .iter()
+        .find(|w| w.role == Role::Attention as i32)
+        .unwrap()
+        .worker_id
+        .clone();
+    let out = std::process::Command::new(moectl())
+        .args([
+            "drain",
+            "--endpoint",
+            &cluster.endpoint,
+            "--worker",
+            &last,
+            "--wait-s",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("last attention worker"));
+    // The cluster still serves the same tokens.
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_expert_worker_under_load() {
+    // Proves: SIGTERM makes an expert worker drain itself (its experts move first), then exit;
+    // no request fails or changes.
+    const STEPS: u32 = 150;
+    let prompts = prompts_with_gap(&tiny(), &[6, 11, 18], STEPS as usize, 2e-4);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
+    let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
+    let expert = cluster
+        .processes
+        .iter()
+        .find(|p| p.role == "expert-worker")
+        .unwrap()
+        .clone();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &expert.pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
+        let got = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
+        assert_eq!(&got, want);
+    }
+    assert!(exits(expert.pid), "the expert worker did not leave after SIGTERM");
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let status = client.status().await.unwrap();
+    assert!(status.workers.iter().all(|w| w.address != expert.address));
+    let experts: Vec<_> = status
+        .workers
+        .iter()
+        .filter(|w| w.role == Role::Expert as i32)
+        .collect();
+    assert_eq!(experts.len(), 1);
+    assert_eq!(experts[0].expert_slots.len(), 128, "the survivor holds every expert");
+}

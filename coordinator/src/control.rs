@@ -2,8 +2,8 @@
 
 use moe_proto::v1::control_server::Control;
 use moe_proto::v1::{
-    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RegisterRequest, RegisterResponse,
-    ReportFailureRequest, ReportFailureResponse, Role,
+    DrainRequest, DrainResponse, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RegisterRequest,
+    RegisterResponse, ReportFailureRequest, ReportFailureResponse, Role,
 };
 use tonic::{Request, Response, Status};
 
@@ -48,5 +48,10 @@ impl Control for ControlService {
             .report_failure(req.reporter_id, req.worker_id, req.reason)
             .await?;
         Ok(Response::new(ReportFailureResponse { removed }))
+    }
+
+    async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let detail = self.state.drain(request.into_inner().worker_id).await?;
+        Ok(Response::new(DrainResponse { detail }))
     }
 }

@@ -62,6 +62,10 @@ enum Command {
         reply: oneshot::Sender<Result<(String, String), String>>,
     },
     Done(String),
+    Drain {
+        worker: String,
+        reply: oneshot::Sender<Result<String, Status>>,
+    },
     ReportFailure {
         reporter: String,
         worker: String,
@@ -119,6 +123,11 @@ impl StateHandle {
         }))
     }
 
+    /// Starts draining a worker; returns what will happen.
+    pub async fn drain(&self, worker: String) -> Result<String, Status> {
+        self.ask(|reply| Command::Drain { worker, reply }).await?
+    }
+
     /// Drops a worker another one saw fail; true when it was a member.
     pub async fn report_failure(&self, reporter: String, worker: String, reason: String) -> Result<bool, Status> {
         self.ask(|reply| Command::ReportFailure {
@@ -143,6 +152,8 @@ struct State {
     last_version: u64,
     /// Requests the coordinator has handed to each attention worker and not seen finish.
     inflight: HashMap<String, usize>,
+    /// Workers being drained.
+    draining: std::collections::HashSet<String>,
 }
 
 /// Starts the state task with the embedded in-memory registry.
@@ -160,6 +171,7 @@ pub fn spawn_with(config: StateConfig, registry: Box<dyn Registry>) -> StateHand
         target: None,
         last_version: 0,
         inflight: HashMap::new(),
+        draining: Default::default(),
     };
     let ticker = tx.clone();
     tokio::spawn(async move {
@@ -195,11 +207,22 @@ impl State {
                 let known = self.registry.heartbeat(&id, status);
                 self.reconcile();
                 let active = self.active.as_ref().map_or(0, |p| p.version);
+                let released = known && self.releasable(&id);
+                if released {
+                    tracing::info!(worker = %id, "drained: released");
+                    self.registry.remove(&id);
+                    self.draining.remove(&id);
+                    self.inflight.remove(&id);
+                }
                 let _ = reply.send(HeartbeatResponse {
                     known,
                     placement_version: active,
                     target_placement_version: self.target.as_ref().map_or(active, |p| p.version),
+                    released,
                 });
+            }
+            Command::Drain { worker, reply } => {
+                let _ = reply.send(self.drain(worker));
             }
             Command::Placement { target, reply } => {
                 let p = if target {
@@ -265,11 +288,62 @@ impl State {
         Ok(id)
     }
 
+    fn drain(&mut self, worker: String) -> Result<String, Status> {
+        let role = self
+            .registry
+            .workers()
+            .into_iter()
+            .find(|w| w.id == worker)
+            .map(|w| w.role)
+            .ok_or_else(|| Status::not_found(format!("no worker `{worker}` in the cluster")))?;
+        let others = self
+            .registry
+            .workers()
+            .into_iter()
+            .filter(|w| w.role == role && w.id != worker && !self.draining.contains(&w.id))
+            .count();
+        if others == 0 {
+            return Err(Status::failed_precondition(format!(
+                "`{worker}` is the last {} worker; draining it would stop the cluster",
+                if role == Role::Expert { "expert" } else { "attention" }
+            )));
+        }
+        self.draining.insert(worker.clone());
+        tracing::info!(%worker, ?role, "draining");
+        self.reconcile();
+        Ok(match role {
+            Role::Expert => {
+                format!("`{worker}`: its experts move to the other workers; it leaves once that placement is active")
+            }
+            _ => format!("`{worker}`: no new requests; it leaves once its running requests finish"),
+        })
+    }
+
+    /// A draining worker nothing depends on any more.
+    fn releasable(&self, id: &str) -> bool {
+        if !self.draining.contains(id) {
+            return false;
+        }
+        let Some(w) = self.registry.workers().into_iter().find(|w| w.id == id) else {
+            return false;
+        };
+        match w.role {
+            Role::Expert => {
+                self.target.is_none()
+                    && self
+                        .active
+                        .as_ref()
+                        .is_some_and(|p| p.workers.iter().all(|x| x.id != id))
+            }
+            _ => self.inflight.get(id).copied().unwrap_or(0) == 0 && w.status.running == 0 && w.status.waiting == 0,
+        }
+    }
+
     fn expert_workers(&self) -> Vec<ExpertWorkerRef> {
         self.registry
             .workers()
             .into_iter()
-            .filter(|w| w.role == Role::Expert)
+            .filter(|w| w.role == Role::Expert && !self.draining.contains(&w.id))
             .map(|w| ExpertWorkerRef {
                 id: w.id.clone(),
                 address: w.address.clone(),
@@ -314,7 +388,12 @@ impl State {
             .workers()
             .into_iter()
             // Only workers that already route with a placement can serve.
-            .filter(|w| w.role == Role::Attention && w.status.placement_version > 0 && !exclude.contains(&w.id))
+            .filter(|w| {
+                w.role == Role::Attention
+                    && w.status.placement_version > 0
+                    && !exclude.contains(&w.id)
+                    && !self.draining.contains(&w.id)
+            })
             .min_by_key(|w| {
                 let s = &w.status;
                 let inflight = self.inflight.get(&w.id).copied().unwrap_or(0);

@@ -7,9 +7,8 @@ struct Cli {
     args: moe_expert_worker::Args,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     moe_runtime::worker::init_tracing("info");
-    moe_expert_worker::run(Cli::parse().args).await?;
+    moe_runtime::worker::block_on(moe_expert_worker::run(Cli::parse().args))?;
     Ok(())
 }

@@ -31,7 +31,8 @@ pub async fn run(args: Args) -> Result<()> {
     let state = Arc::new(ExpertState::new(config, ckpt)?);
 
     let (trigger, shutdown) = shutdown::channel();
-    trigger.on_signals(args.worker.watch_stdin);
+    let (drain_trigger, drain) = shutdown::channel();
+    trigger.on_signals_draining(args.worker.watch_stdin, Some(drain_trigger));
     let service = ExpertServer::new(ExpertService { state: state.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -52,7 +53,7 @@ pub async fn run(args: Args) -> Result<()> {
             tracing::warn!(error = %e, "loading the target placement failed; will retry");
         }
     };
-    worker::run_worker(spec, Routes::new(service), shutdown, status, on_answer).await?;
+    worker::run_worker(spec, Routes::new(service), shutdown, drain, status, on_answer).await?;
     Ok(())
 }
 

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::v1::control_client::ControlClient;
 use moe_proto::v1::{
-    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, RegisterRequest, ReportFailureRequest, Role, WorkerStatus,
+    DrainRequest, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, RegisterRequest, ReportFailureRequest,
+    Role, WorkerStatus,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -116,5 +117,16 @@ impl Membership {
             })
             .await?;
         Ok(resp.into_inner().removed)
+    }
+
+    /// Asks the coordinator to drain this worker.
+    pub async fn drain_self(&mut self) -> Result<String, Status> {
+        let resp = self
+            .client
+            .drain(DrainRequest {
+                worker_id: self.worker_id.clone(),
+            })
+            .await?;
+        Ok(resp.into_inner().detail)
     }
 }

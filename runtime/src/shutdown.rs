@@ -27,6 +27,12 @@ impl ShutdownTrigger {
 
     /// Triggers on SIGTERM or Ctrl-C, and on stdin EOF when `watch_stdin` is set.
     pub fn on_signals(self, watch_stdin: bool) {
+        self.on_signals_draining(watch_stdin, None);
+    }
+
+    /// Like `on_signals`, except that SIGTERM triggers `drain` (leave gracefully) instead,
+    /// when given. Ctrl-C and stdin EOF still stop at once.
+    pub fn on_signals_draining(self, watch_stdin: bool, drain: Option<ShutdownTrigger>) {
         tokio::spawn(async move {
             let stdin_closed = async {
                 if watch_stdin {
@@ -52,7 +58,15 @@ impl ShutdownTrigger {
             };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C: shutting down"),
-                _ = sigterm => tracing::info!("SIGTERM: shutting down"),
+                _ = sigterm => match drain {
+                    Some(d) => {
+                        tracing::info!("SIGTERM: draining, then leaving");
+                        d.trigger();
+                        // A second signal of any kind stops at once.
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                    None => tracing::info!("SIGTERM: shutting down"),
+                },
                 _ = stdin_closed => tracing::info!("parent closed stdin: shutting down"),
             }
             self.trigger();
@@ -65,8 +79,10 @@ impl Shutdown {
         *self.rx.borrow()
     }
 
-    /// Resolves once shutdown is triggered.
+    /// Resolves once shutdown is triggered; never if the trigger is dropped untriggered.
     pub async fn wait(mut self) {
-        let _ = self.rx.wait_for(|&v| v).await;
+        if self.rx.wait_for(|&v| v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

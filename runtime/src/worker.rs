@@ -13,18 +13,18 @@ use crate::control::Membership;
 use crate::net;
 use crate::shutdown::Shutdown;
 
-/// Binds `listen`, serves `routes` until `shutdown`, and announces the bound address.
+/// Binds `listen`, serves `routes` until `stop` resolves, and announces the bound address.
 pub async fn serve(
     role: &str,
     listen: SocketAddr,
     routes: Routes,
-    shutdown: Shutdown,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, JoinHandle<Result<(), tonic::transport::Error>>)> {
     let (incoming, local) = net::bind(listen).await?;
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, shutdown.wait())
+            .serve_with_incoming_shutdown(incoming, stop)
             .await
     });
     net::announce(role, local);
@@ -46,6 +46,10 @@ pub async fn heartbeat_loop(
     while !shutdown.is_triggered() {
         ticker.tick().await;
         match membership.heartbeat(status()).await {
+            Ok(answer) if answer.released => {
+                tracing::info!("drained: released by the coordinator");
+                return Ok(());
+            }
             Ok(answer) => on_answer(membership, answer).await,
             Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
                 return Err(s);
@@ -130,16 +134,32 @@ pub struct WorkerSpec {
     pub grace: Duration,
 }
 
+/// Longest a draining worker waits to be released before it leaves anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The whole life of a worker process: serve `routes`, register with the coordinator,
-/// heartbeat with `status` and handle answers with `on_answer`, until `shutdown`.
+/// heartbeat with `status` and handle answers with `on_answer`, until `shutdown`, or until the
+/// coordinator releases it after a drain (asked for by `drain`, SIGTERM, or `moectl drain`).
 pub async fn run_worker(
     spec: WorkerSpec,
     routes: Routes,
     shutdown: Shutdown,
-    status: impl FnMut() -> WorkerStatus,
-    on_answer: impl AsyncFnMut(&mut Membership, HeartbeatResponse),
+    drain: Shutdown,
+    mut status: impl FnMut() -> WorkerStatus,
+    mut on_answer: impl AsyncFnMut(&mut Membership, HeartbeatResponse),
 ) -> Result<(), WorkerError> {
-    let (local, server) = serve(spec.name, spec.listen, routes, shutdown.clone())
+    // The server stops on shutdown, or when this worker leaves after a drain.
+    let (leave, left) = tokio::sync::oneshot::channel::<()>();
+    let stop = {
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.wait() => {}
+                _ = left => {}
+            }
+        }
+    };
+    let (local, server) = serve(spec.name, spec.listen, routes, stop)
         .await
         .map_err(|source| WorkerError::Bind {
             addr: spec.listen,
@@ -154,11 +174,47 @@ pub async fn run_worker(
         Duration::from_secs(30),
     )
     .await?;
-    tokio::select! {
-        r = heartbeat_loop(&mut membership, spec.heartbeat, shutdown.clone(), status, on_answer) => r?,
-        _ = shutdown.clone().wait() => {}
+    let drain_asked = tokio::select! {
+        r = heartbeat_loop(&mut membership, spec.heartbeat, shutdown.clone(), &mut status, &mut on_answer) => {
+            r?;
+            false
+        }
+        _ = shutdown.clone().wait() => false,
+        _ = drain.wait() => true,
+    };
+    if drain_asked {
+        match membership.drain_self().await {
+            Ok(detail) => {
+                tracing::info!(%detail, "draining");
+                let serving = heartbeat_loop(
+                    &mut membership,
+                    spec.heartbeat,
+                    shutdown.clone(),
+                    &mut status,
+                    &mut on_answer,
+                );
+                match tokio::time::timeout(DRAIN_TIMEOUT, serving).await {
+                    Ok(r) => r?,
+                    Err(_) => tracing::warn!("not released within {DRAIN_TIMEOUT:?}; leaving anyway"),
+                }
+            }
+            Err(s) => tracing::warn!(status = %s, "the coordinator refused the drain; leaving now"),
+        }
     }
+    let _ = leave.send(());
     let _ = tokio::time::timeout(spec.grace, server).await;
     tracing::info!(worker = spec.name, "stopped");
     Ok(())
+}
+
+/// Runs `main` on a multi-threaded runtime, then shuts the runtime down without waiting on
+/// blocking reads that never end (the stdin watcher), so the process exits when `main` is done.
+pub fn block_on<T>(main: impl std::future::Future<Output = T>) -> T {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let out = runtime.block_on(main);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    out
 }
