@@ -96,6 +96,10 @@ pub struct RemoteExperts {
     suspects: Mutex<Vec<(String, String)>>,
     hidden: usize,
     placement: RwLock<Option<Arc<PlacementView>>>,
+    /// The placement version in use, for waits that must end when it changes.
+    version: tokio::sync::watch::Sender<u64>,
+    /// The version the last dispatch was routed with.
+    last_used: AtomicU64,
     links: Mutex<HashMap<String, Link>>,
     next_id: AtomicU64,
     pub stats: Arc<DispatchStats>,
@@ -107,6 +111,8 @@ impl RemoteExperts {
             handle,
             hidden,
             placement: RwLock::new(None),
+            version: tokio::sync::watch::Sender::new(0),
+            last_used: AtomicU64::new(0),
             links: Mutex::new(HashMap::new()),
             suspects: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
@@ -115,7 +121,9 @@ impl RemoteExperts {
     }
 
     pub fn set_placement(&self, placement: PlacementView) {
+        let version = placement.version;
         *self.placement.write().expect("lock") = Some(Arc::new(placement));
+        self.version.send_replace(version);
     }
 
     pub fn placement_version(&self) -> u64 {
@@ -201,7 +209,11 @@ impl ExpertCompute for RemoteExperts {
         else {
             return false;
         };
-        let failed_version = self.placement_version();
+        let failed_version = self.last_used.load(Ordering::Relaxed);
+        if self.placement_version() != failed_version {
+            // The placement moved on since the failed step (the worker may be fine): retry.
+            return true;
+        }
         if worker != "-" {
             self.suspects
                 .lock()
@@ -238,6 +250,7 @@ impl ExpertCompute for RemoteExperts {
                 message: "no expert placement received yet".into(),
                 retryable: true,
             })?;
+        self.last_used.store(placement.version, Ordering::Relaxed);
         let batches = split_by_worker(&placement, layer, num_rows, assignments)?;
         let mut inflight = Vec::with_capacity(batches.len());
         for b in batches {
@@ -270,6 +283,7 @@ impl ExpertCompute for RemoteExperts {
             inflight.push((worker.id, b.rows, rx));
         }
         let stats = self.stats.clone();
+        let (handle, versions, sent_version) = (self.handle.clone(), self.version.subscribe(), placement.version);
         Ok(Pending::later(move || {
             let mut out = vec![0.0f32; num_rows * h];
             for (worker, rows, rx) in inflight {
@@ -280,10 +294,17 @@ impl ExpertCompute for RemoteExperts {
                     message,
                     retryable,
                 };
-                let resp = rx
-                    .blocking_recv()
-                    .map_err(|_| fail("dispatch link dropped the request".into(), true))?
-                    .map_err(|m| fail(m, true))?;
+                // A worker that stopped answering without closing its connection (frozen, or
+                // partitioned) is waited for only until the coordinator re-places its experts.
+                let mut versions = versions.clone();
+                let resp = handle.block_on(async {
+                    tokio::select! {
+                        r = rx => r.map_err(|_| fail("dispatch link dropped the request".into(), true))?.map_err(|m| fail(m, true)),
+                        _ = versions.wait_for(|&v| v != sent_version) => {
+                            Err(fail("the placement changed while waiting for this worker".into(), true))
+                        }
+                    }
+                })?;
                 stats.bytes.fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);
                 let tensor = match resp.result {
                     Some(DispatchResult::Output(t)) => t,

@@ -882,3 +882,78 @@ async fn sigterm_drains_an_expert_worker_under_load() {
     assert_eq!(experts.len(), 1);
     assert_eq!(experts[0].expert_slots.len(), 128, "the survivor holds every expert");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_expert_worker_loses_its_lease_and_rejoins() {
+    // Proves: an expert worker that stops heartbeating (SIGSTOP: its connections stay open but
+    // nothing answers) is dropped when its lease runs out (3 s); requests waiting on it move to
+    // the new placement and complete unchanged; once it runs again it finds itself forgotten,
+    // registers anew and gets experts again.
+    const STEPS: u32 = 150;
+    let prompts = prompts_with_gap(&tiny(), &[5, 12, 20], STEPS as usize, 2e-4);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
+    let frozen = cluster
+        .processes
+        .iter()
+        .find(|p| p.role == "expert-worker")
+        .unwrap()
+        .clone();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &frozen.pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
+        let got = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
+        assert_eq!(&got, want);
+    }
+    let status = client.status().await.unwrap();
+    assert!(
+        status.workers.iter().all(|w| w.address != frozen.address),
+        "the frozen worker is still a member"
+    );
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = client.status().await.unwrap();
+        let back = s.workers.iter().find(|w| w.address == frozen.address);
+        if back.is_some_and(|w| !w.expert_slots.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker did not rejoin with experts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_model_is_refused() {
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 1, &[]);
+    let other = fixtures_dir().join("mqa-wide-heads");
+    let out = std::process::Command::new(moectl())
+        .args(["expert-worker", "--coordinator", &cluster.endpoint, "--model"])
+        .arg(&other)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("serves model") && err.contains("refusing"), "{err}");
+    // The cluster is undisturbed.
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    assert_eq!(client.generate(&greedy(&[5, 6, 7], 4)).await.unwrap().tokens.len(), 4);
+    assert_eq!(client.status().await.unwrap().workers.len(), 2);
+}

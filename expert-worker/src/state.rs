@@ -90,6 +90,12 @@ impl ExpertState {
         Ok(())
     }
 
+    /// Membership was lost (the coordinator no longer knew this worker): serve no placement
+    /// until a new one is loaded. The experts stay in memory for reuse.
+    pub fn forget_versions(&self) {
+        self.inner.write().expect("lock").versions.clear();
+    }
+
     pub fn count_rows(&self, rows: usize) {
         self.rows_served.fetch_add(rows as u64, Ordering::Relaxed);
     }

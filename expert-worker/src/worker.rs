@@ -47,6 +47,10 @@ pub async fn run(args: Args) -> Result<()> {
         ..Default::default()
     };
     let on_answer = async |m: &mut Membership, answer: HeartbeatResponse| {
+        if !answer.known {
+            tracing::warn!("membership was lost; refusing dispatches until a new placement is loaded");
+            state.forget_versions();
+        }
         if answer.target_placement_version > state.newest_version()
             && let Err(e) = load_target(m, &state, answer.placement_version).await
         {
