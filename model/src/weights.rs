@@ -57,11 +57,7 @@ impl Matrix {
 fn widen(data: &MatrixData, range: std::ops::Range<usize>, out: &mut [f32]) {
     match data {
         MatrixData::F32(v) => out.copy_from_slice(&v[range]),
-        MatrixData::BF16(v) => {
-            for (o, &b) in out.iter_mut().zip(&v[range]) {
-                *o = bf16_to_f32(b);
-            }
-        }
+        MatrixData::BF16(v) => crate::kernels::widen_bf16(&v[range], out),
         MatrixData::F16(v) => {
             for (o, &b) in out.iter_mut().zip(&v[range]) {
                 *o = half::f16::from_bits(b).to_f32();

@@ -4,7 +4,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::simd::dot;
+use super::simd::{dot, dot_bf16};
 use crate::weights::{Matrix, MatrixData};
 
 /// Below this many rows the product is memory-bound: read each weight row once and take `m`
@@ -41,15 +41,25 @@ pub fn linear(x: &[f32], m: usize, w: &Matrix, y: &mut [f32]) {
         if m < SKINNY_ROWS {
             let mut wrow = vec![0.0f32; k];
             for r in 0..rows {
-                let row: &[f32] = match &w.data {
-                    MatrixData::F32(wd) => &wd[(r0 + r) * k..(r0 + r + 1) * k],
-                    _ => {
-                        w.row_to_f32(r0 + r, &mut wrow);
-                        &wrow
+                let rows = (r0 + r) * k..(r0 + r + 1) * k;
+                match &w.data {
+                    MatrixData::F32(wd) => {
+                        for i in 0..m {
+                            out[r * m + i] = dot(&wd[rows.clone()], &x[i * k..(i + 1) * k]);
+                        }
                     }
-                };
-                for i in 0..m {
-                    out[r * m + i] = dot(row, &x[i * k..(i + 1) * k]);
+                    // Fused: each bf16 weight is read once, widened in registers.
+                    MatrixData::BF16(wd) => {
+                        for i in 0..m {
+                            out[r * m + i] = dot_bf16(&wd[rows.clone()], &x[i * k..(i + 1) * k]);
+                        }
+                    }
+                    MatrixData::F16(_) => {
+                        w.row_to_f32(r0 + r, &mut wrow);
+                        for i in 0..m {
+                            out[r * m + i] = dot(&wrow, &x[i * k..(i + 1) * k]);
+                        }
+                    }
                 }
             }
         } else {

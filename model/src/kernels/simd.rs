@@ -43,6 +43,74 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_body(a, b)
 }
 
+#[inline(always)]
+fn dot_bf16_body(w: &[u16], x: &[f32]) -> f32 {
+    // Widening bf16 is a shift into the top half of an f32; fused here so each weight byte is
+    // read once, straight from the stored matrix.
+    let mut acc = [0.0f32; 16];
+    let chunks = w.len() / 16;
+    for c in 0..chunks {
+        let (ws, xs) = (&w[c * 16..c * 16 + 16], &x[c * 16..c * 16 + 16]);
+        for l in 0..16 {
+            acc[l] += f32::from_bits((ws[l] as u32) << 16) * xs[l];
+        }
+    }
+    let mut tail = 0.0;
+    for i in chunks * 16..w.len() {
+        tail += f32::from_bits((w[i] as u32) << 16) * x[i];
+    }
+    let mut sum = 0.0;
+    for pair in acc.chunks(2) {
+        sum += pair[0] + pair[1];
+    }
+    sum + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    dot_bf16_body(w, x)
+}
+
+/// `sum(bf16(w[i]) * x[i])`.
+#[inline]
+pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { dot_bf16_avx2(w, x) };
+        }
+    }
+    dot_bf16_body(w, x)
+}
+
+#[inline(always)]
+fn widen_bf16_body(w: &[u16], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(w) {
+        *o = f32::from_bits((b as u32) << 16);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn widen_bf16_avx2(w: &[u16], out: &mut [f32]) {
+    widen_bf16_body(w, out)
+}
+
+/// bf16 -> f32 for a whole slice (the tiles of the many-row product).
+pub fn widen_bf16(w: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time).
+            return unsafe { widen_bf16_avx2(w, out) };
+        }
+    }
+    widen_bf16_body(w, out)
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
@@ -52,6 +120,22 @@ fn has_avx2() -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bf16_dot_and_widen_match_naive() {
+        for n in [0usize, 1, 15, 16, 17, 100, 1024] {
+            let w: Vec<u16> = (0..n)
+                .map(|i| crate::weights::f32_to_bf16((i as f32 * 0.21).sin()))
+                .collect();
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.13).cos()).collect();
+            let wide: Vec<f32> = w.iter().map(|&b| crate::weights::bf16_to_f32(b)).collect();
+            let naive: f64 = wide.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!((super::dot_bf16(&w, &x) as f64 - naive).abs() < 1e-4, "n={n}");
+            let mut out = vec![0.0; n];
+            super::widen_bf16(&w, &mut out);
+            assert_eq!(out, wide);
+        }
+    }
+
     #[test]
     fn dot_matches_naive_on_odd_lengths() {
         for n in [0usize, 1, 7, 8, 9, 31, 64, 1000] {
