@@ -37,6 +37,9 @@ pub struct Args {
     /// Requests in flight before RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
+    /// Serve the coordinator's Prometheus metrics here (prints `METRICS <addr>`).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Seconds to wait for the cluster to serve.
     #[arg(long, default_value_t = 300)]
     ready_timeout: u64,
@@ -65,6 +68,9 @@ async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result<Proc> {
     let mut lines = BufReader::new(stdout).lines();
     let address = tokio::time::timeout(Duration::from_secs(600), async {
         while let Some(line) = lines.next_line().await? {
+            if line.starts_with("METRICS ") {
+                println!("{line}");
+            }
             if let Some(rest) = line.strip_prefix("LISTENING ") {
                 let addr = rest.split_whitespace().nth(1).context("malformed LISTENING line")?;
                 return addr.parse::<SocketAddr>().context("bad address in LISTENING line");
@@ -96,20 +102,20 @@ impl LocalCluster {
         };
         let model_arg = model.to_string_lossy().into_owned();
         let mut procs = Vec::new();
-        let coordinator = spawn(
-            "coordinator",
-            &[
-                "--model".into(),
-                model_arg.clone(),
-                "--listen".into(),
-                args.listen.to_string(),
-                "--min-expert-workers".into(),
-                args.expert_workers.to_string(),
-                "--max-in-flight".into(),
-                args.max_in_flight.to_string(),
-            ],
-        )
-        .await?;
+        let mut coordinator_args = vec![
+            "--model".into(),
+            model_arg.clone(),
+            "--listen".into(),
+            args.listen.to_string(),
+            "--min-expert-workers".into(),
+            args.expert_workers.to_string(),
+            "--max-in-flight".into(),
+            args.max_in_flight.to_string(),
+        ];
+        if let Some(m) = args.metrics_listen {
+            coordinator_args.extend(["--metrics-listen".into(), m.to_string()]);
+        }
+        let coordinator = spawn("coordinator", &coordinator_args).await?;
         let endpoint = coordinator.address.to_string();
         procs.push(coordinator);
         let common = [

@@ -957,3 +957,53 @@ async fn a_worker_with_another_model_is_refused() {
     assert_eq!(client.generate(&greedy(&[5, 6, 7], 4)).await.unwrap().tokens.len(), 4);
     assert_eq!(client.status().await.unwrap().workers.len(), 2);
 }
+
+/// GET `path` from a plain HTTP server.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, text.split_once("\r\n\r\n").unwrap().1.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_expose_the_autoscaling_signals() {
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = cluster.metrics.clone().expect("metrics address printed");
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    client.generate(&greedy(&[5, 6, 7], 8)).await.unwrap();
+    assert_eq!(http_get(&metrics, "/healthz").0, 200);
+    assert_eq!(http_get(&metrics, "/nope").0, 404);
+    // Counters arrive with heartbeats: wait (bounded) until the request shows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (code, body) = http_get(&metrics, "/metrics");
+        assert_eq!(code, 200);
+        let tokens: f64 = body
+            .lines()
+            .filter(|l| l.starts_with("moe_tokens_processed_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        if tokens >= 10.0 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "tokens never showed in the metrics:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for name in [
+        "moe_requests_in_flight ",
+        "moe_requests_queued ",
+        "moe_kv_utilization ",
+        "moe_expert_rows_served_total{worker=",
+        "moe_workers{role=\"expert\"} 2",
+        "moe_placement_version 1",
+    ] {
+        assert!(body.contains(name), "missing `{name}` in:\n{body}");
+    }
+    // Bounded cardinality: one series per worker at most.
+    assert!(body.lines().filter(|l| !l.starts_with('#')).count() < 40);
+}

@@ -7,6 +7,7 @@
 mod control;
 mod error;
 mod inference;
+mod metrics;
 pub mod registry;
 mod server;
 pub mod state;

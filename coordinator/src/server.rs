@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use crate::control::ControlService;
 use crate::error::{Error, Result};
 use crate::inference::{Handoff, InferenceService};
+use crate::metrics;
 use crate::state::{self, StateConfig};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -37,6 +38,9 @@ pub struct Args {
     /// How long a request waits for the cluster to be ready before UNAVAILABLE.
     #[arg(long, default_value_t = 30_000)]
     pub ready_timeout_ms: u64,
+    /// Serve Prometheus metrics (`/metrics`) and a health probe (`/healthz`) over HTTP here.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Exit when stdin closes (set by `moectl up`).
     #[arg(long)]
     pub watch_stdin: bool,
@@ -54,10 +58,27 @@ pub async fn run(args: Args) -> Result<()> {
         min_expert_workers: args.min_expert_workers,
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
     });
+    let admission = Arc::new(Semaphore::new(args.max_in_flight));
+    if let Some(addr) = args.metrics_listen {
+        let (listener, local) = metrics::bind(addr).await.map_err(|source| Error::Io {
+            context: format!("binding the metrics address {addr}"),
+            source,
+        })?;
+        // Not a `LISTENING` line: launchers take the first of those as the API address.
+        println!("METRICS {local}");
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics::MetricsSource {
+                state: state.clone(),
+                admission: admission.clone(),
+                max_in_flight: args.max_in_flight,
+            },
+        ));
+    }
     let inference = InferenceService {
         state: state.clone(),
         config,
-        admission: Arc::new(Semaphore::new(args.max_in_flight)),
+        admission,
         max_in_flight: args.max_in_flight,
         handoff: Arc::new(Handoff {
             state: state.clone(),

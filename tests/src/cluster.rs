@@ -17,6 +17,8 @@ pub struct ProcessInfo {
 pub struct LocalCluster {
     child: Child,
     pub endpoint: String,
+    /// Where the coordinator serves metrics, when started with `--metrics-listen`.
+    pub metrics: Option<String>,
     pub processes: Vec<ProcessInfo>,
 }
 
@@ -51,6 +53,7 @@ impl LocalCluster {
             }
         });
         let mut processes = Vec::new();
+        let mut metrics = None;
         let endpoint = loop {
             let line = match rx.recv_timeout(Duration::from_secs(180)) {
                 Ok(l) => l,
@@ -66,6 +69,8 @@ impl LocalCluster {
                     pid: parts[1].trim_start_matches("pid=").parse().expect("pid"),
                     address: parts[2].trim_start_matches("addr=").to_owned(),
                 });
+            } else if let Some(m) = line.strip_prefix("METRICS ") {
+                metrics = Some(m.trim().to_owned());
             } else if let Some(ep) = line.strip_prefix("READY ") {
                 break ep.trim().to_owned();
             }
@@ -73,6 +78,7 @@ impl LocalCluster {
         LocalCluster {
             child,
             endpoint,
+            metrics,
             processes,
         }
     }

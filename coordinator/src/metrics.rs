@@ -1,0 +1,165 @@
+//! Prometheus text metrics (and a plain health probe) over a minimal HTTP/1.1 listener: the
+//! signals operators and autoscalers act on. Label cardinality stays bounded: per worker at
+//! most, never per (layer, expert, worker).
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use moe_proto::v1::{ClusterStatusResponse, Role};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::state::StateHandle;
+
+/// What the metrics need besides the cluster status.
+#[derive(Clone)]
+pub struct MetricsSource {
+    pub state: StateHandle,
+    pub admission: Arc<Semaphore>,
+    pub max_in_flight: usize,
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, source: MetricsSource) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut read = 0;
+            // Read the request head (bounded); only the request line matters.
+            while read < buf.len() {
+                match socket.read(&mut buf[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+                if buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..read]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match (path, source.state.status().await) {
+                (_, Err(e)) => ("503 Service Unavailable", format!("{e}\n")),
+                ("/metrics", Ok(s)) => ("200 OK", render(&s, &source)),
+                ("/healthz", Ok(s)) if s.placement_version > 0 => ("200 OK", "serving\n".into()),
+                ("/healthz", Ok(_)) => ("503 Service Unavailable", "no active placement\n".into()),
+                _ => ("404 Not Found", "try /metrics or /healthz\n".into()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// Binds `addr` for metrics; returns the bound address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let attention: Vec<_> = s.workers.iter().filter(|w| w.role == Role::Attention as i32).collect();
+    let experts: Vec<_> = s.workers.iter().filter(|w| w.role == Role::Expert as i32).collect();
+    let one = |v: f64| vec![(String::new(), v)];
+    let per = |ws: &[&moe_proto::v1::WorkerStatus], f: &dyn Fn(&moe_proto::v1::WorkerStatus) -> f64| {
+        ws.iter()
+            .map(|w| (format!("{{worker=\"{}\"}}", w.worker_id), f(w)))
+            .collect::<Vec<_>>()
+    };
+    let in_flight = source.max_in_flight - source.admission.available_permits();
+    metric(
+        "moe_requests_in_flight",
+        "gauge",
+        "Requests admitted by the coordinator and not finished.",
+        &one(in_flight as f64),
+    );
+    metric(
+        "moe_requests_in_flight_limit",
+        "gauge",
+        "Admission limit (--max-in-flight).",
+        &one(source.max_in_flight as f64),
+    );
+    metric(
+        "moe_requests_queued",
+        "gauge",
+        "Requests waiting in attention workers' schedulers.",
+        &one(s.queued_requests as f64),
+    );
+    metric(
+        "moe_requests_running",
+        "gauge",
+        "Requests running on attention workers.",
+        &one(s.running_requests as f64),
+    );
+    let (used, total) = attention.iter().fold((0u64, 0u64), |(u, t), w| {
+        (u + w.kv_blocks_used as u64, t + w.kv_blocks_total as u64)
+    });
+    metric(
+        "moe_kv_utilization",
+        "gauge",
+        "KV blocks in use over all attention workers, 0..1.",
+        &one(if total > 0 { used as f64 / total as f64 } else { 0.0 }),
+    );
+    metric(
+        "moe_kv_blocks_used",
+        "gauge",
+        "KV blocks in use per attention worker.",
+        &per(&attention, &|w| w.kv_blocks_used as f64),
+    );
+    metric(
+        "moe_tokens_processed_total",
+        "counter",
+        "Token rows run through the model (prefill and decode) per attention worker.",
+        &per(&attention, &|w| w.tokens_processed as f64),
+    );
+    metric(
+        "moe_dispatch_bytes_total",
+        "counter",
+        "Bytes between each attention worker and the expert workers.",
+        &per(&attention, &|w| w.dispatch_bytes as f64),
+    );
+    metric(
+        "moe_expert_rows_served_total",
+        "counter",
+        "Token rows served per expert worker.",
+        &per(&experts, &|w| w.rows_served as f64),
+    );
+    metric(
+        "moe_expert_slots",
+        "gauge",
+        "(layer, expert) slots held per expert worker.",
+        &per(&experts, &|w| w.expert_slots.len() as f64),
+    );
+    metric(
+        "moe_workers",
+        "gauge",
+        "Live workers by role.",
+        &[
+            ("{role=\"attention\"}".into(), attention.len() as f64),
+            ("{role=\"expert\"}".into(), experts.len() as f64),
+        ],
+    );
+    metric(
+        "moe_placement_version",
+        "gauge",
+        "Active expert placement version.",
+        &one(s.placement_version as f64),
+    );
+    out
+}
