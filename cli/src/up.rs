@@ -37,6 +37,10 @@ pub struct Args {
     /// Requests in flight before RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
+    /// Require a bearer token on the client API (read from this file); clients pass it in
+    /// `MOECTL_TOKEN`.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
     /// Serve the coordinator's Prometheus metrics here (prints `METRICS <addr>`).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -112,6 +116,9 @@ impl LocalCluster {
             "--max-in-flight".into(),
             args.max_in_flight.to_string(),
         ];
+        if let Some(f) = &args.auth_token_file {
+            coordinator_args.extend(["--auth-token-file".into(), f.to_string_lossy().into_owned()]);
+        }
         if let Some(m) = args.metrics_listen {
             coordinator_args.extend(["--metrics-listen".into(), m.to_string()]);
         }
@@ -145,7 +152,11 @@ impl LocalCluster {
                 p.address
             );
         }
-        let mut client = ClusterClient::new(&endpoint)?;
+        let token = match &args.auth_token_file {
+            Some(f) => Some(moe_runtime::auth::read_token_file(f).with_context(|| format!("reading {}", f.display()))?),
+            None => None,
+        };
+        let mut client = ClusterClient::with_token(&endpoint, token.as_deref())?;
         let detail = client.wait_ready(Duration::from_secs(args.ready_timeout)).await?;
         eprintln!("cluster ready: {detail}");
         Ok(LocalCluster { procs, endpoint })

@@ -1007,3 +1007,32 @@ async fn metrics_expose_the_autoscaling_signals() {
     // Bounded cardinality: one series per worker at most.
     assert!(body.lines().filter(|l| !l.starts_with('#')).count() < 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_bearer_token_guards_the_client_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let cluster = LocalCluster::start(
+        moectl(),
+        &tiny(),
+        1,
+        1,
+        &["--auth-token-file", token_file.to_str().unwrap()],
+    );
+    for token in [None, Some("wrong")] {
+        let mut client = ClusterClient::with_token(&cluster.endpoint, token).unwrap();
+        let err = client.generate(&greedy(&[5, 6], 2)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+        assert_eq!(client.status().await.unwrap_err().code(), Code::Unauthenticated);
+    }
+    let mut client = ClusterClient::with_token(&cluster.endpoint, Some("s3cret-token")).unwrap();
+    assert_eq!(client.generate(&greedy(&[5, 6], 2)).await.unwrap().tokens.len(), 2);
+    // moectl reads the token from MOECTL_TOKEN.
+    let out = std::process::Command::new(moectl())
+        .args(["status", "--endpoint", &cluster.endpoint])
+        .env("MOECTL_TOKEN", "s3cret-token")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

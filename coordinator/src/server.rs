@@ -8,6 +8,7 @@ use std::time::Duration;
 use moe_model::ModelConfig;
 use moe_proto::v1::control_server::ControlServer;
 use moe_proto::v1::inference_server::InferenceServer;
+use moe_runtime::auth::RequireBearer;
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use moe_runtime::shutdown;
 use tokio::sync::Semaphore;
@@ -38,6 +39,10 @@ pub struct Args {
     /// How long a request waits for the cluster to be ready before UNAVAILABLE.
     #[arg(long, default_value_t = 30_000)]
     pub ready_timeout_ms: u64,
+    /// Require `authorization: Bearer <token>` on the client API, the token read from this file.
+    /// Off by default (local use); for production put the API behind this and TLS.
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
     /// Serve Prometheus metrics (`/metrics`) and a health probe (`/healthz`) over HTTP here.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -50,6 +55,13 @@ pub async fn run(args: Args) -> Result<()> {
     if args.max_in_flight == 0 {
         return Err(moe_model::Error::InvalidInput("--max-in-flight must be positive".into()).into());
     }
+    let token = match &args.auth_token_file {
+        Some(path) => Some(moe_runtime::auth::read_token_file(path).map_err(|source| Error::Io {
+            context: format!("reading the token file {}", path.display()),
+            source,
+        })?),
+        None => None,
+    };
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
     let model_id = moe_model::identity::model_identity(&args.model)?;
     let state = state::spawn(StateConfig {
@@ -95,11 +107,12 @@ pub async fn run(args: Args) -> Result<()> {
     tracing::info!(%local, %model_id, "coordinator serving");
     net::announce("coordinator", local);
     let server = tonic::transport::Server::builder()
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             InferenceServer::new(inference)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            RequireBearer::new(token),
+        ))
         .add_service(ControlServer::new(ControlService { state }))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());
     tokio::select! {

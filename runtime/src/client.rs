@@ -11,8 +11,10 @@ use moe_proto::v1::{
 };
 use tokio_stream::StreamExt;
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::auth::AddBearer;
 use crate::convert::generate_request;
 use crate::net::{self, MAX_MESSAGE_BYTES};
 
@@ -63,15 +65,23 @@ impl Generation {
 
 #[derive(Clone)]
 pub struct ClusterClient {
-    inner: InferenceClient<Channel>,
+    inner: InferenceClient<InterceptedService<Channel, AddBearer>>,
 }
 
+/// Environment variable holding the client API's bearer token, when the cluster requires one.
+pub const TOKEN_ENV: &str = "MOECTL_TOKEN";
+
 impl ClusterClient {
+    /// A client of `endpoint`, sending the token in `MOECTL_TOKEN` if it is set.
     pub fn new(endpoint: &str) -> Result<Self, Status> {
+        Self::with_token(endpoint, std::env::var(TOKEN_ENV).ok().as_deref())
+    }
+
+    pub fn with_token(endpoint: &str, token: Option<&str>) -> Result<Self, Status> {
         let channel =
             net::channel(endpoint).map_err(|e| Status::invalid_argument(format!("endpoint {endpoint}: {e}")))?;
         Ok(ClusterClient {
-            inner: InferenceClient::new(channel)
+            inner: InferenceClient::with_interceptor(channel, AddBearer::new(token)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         })

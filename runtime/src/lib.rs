@@ -1,5 +1,6 @@
 //! Plumbing shared by the coordinator, attention workers and expert workers.
 
+pub mod auth;
 pub mod client;
 pub mod control;
 pub mod convert;
