@@ -1036,3 +1036,74 @@ async fn a_configured_bearer_token_guards_the_client_api() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Passes bytes through untouched, to put malformed messages on the wire.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_refused_and_disturb_nothing() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 1, &[]);
+    // Not protobuf at all, on the client API.
+    let mut grpc = tonic::client::Grpc::new(moe_runtime::net::channel(&cluster.endpoint).unwrap());
+    grpc.ready().await.unwrap();
+    let garbage = vec![0xff, 0xff, 0xff, 0x07, 0x01];
+    let path = PathAndQuery::from_static("/moe.v1.Inference/Generate");
+    let err = grpc
+        .server_streaming(tonic::Request::new(garbage.clone()), path, RawCodec)
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    assert!(err.message().to_lowercase().contains("decode"), "{err:?}");
+
+    // And inside a dispatch stream: the stream ends, the worker goes on serving.
+    let expert = cluster.addresses("expert-worker").remove(0);
+    let mut grpc = tonic::client::Grpc::new(moe_runtime::net::channel(&expert).unwrap());
+    grpc.ready().await.unwrap();
+    let path = PathAndQuery::from_static("/moe.v1.Expert/Dispatch");
+    let outcome = grpc
+        .streaming(tonic::Request::new(tokio_stream::iter(vec![garbage])), path, RawCodec)
+        .await;
+    if let Ok(resp) = outcome {
+        let mut answers = resp.into_inner();
+        assert!(
+            !matches!(answers.next().await, Some(Ok(_))),
+            "a malformed dispatch got an answer"
+        );
+    }
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    assert_eq!(client.generate(&greedy(&[5, 6, 7], 4)).await.unwrap().tokens.len(), 4);
+}
