@@ -13,6 +13,7 @@ use crate::experts::{ExpertCompute, ExpertSelection, LocalExperts};
 use crate::kernels::argmax;
 use crate::kv_cache::{KvCache, KvCacheConfig, SeqId};
 use crate::model::AttentionModel;
+use crate::router::{ExactRouting, RoutePolicy};
 use crate::trace::Trace;
 
 /// Which logits a sequence wants back from a step.
@@ -63,6 +64,7 @@ pub struct Greedy {
 pub struct Engine {
     model: AttentionModel,
     experts: Arc<dyn ExpertCompute>,
+    policy: Arc<dyn RoutePolicy>,
     cache: KvCache,
     next_seq: SeqId,
 }
@@ -82,9 +84,15 @@ impl Engine {
         Ok(Engine {
             model,
             experts,
+            policy: Arc::new(ExactRouting),
             cache,
             next_seq: 1,
         })
+    }
+
+    /// Replaces the routing policy (exact by default).
+    pub fn set_route_policy(&mut self, policy: Arc<dyn RoutePolicy>) {
+        self.policy = policy;
     }
 
     pub fn model(&self) -> &AttentionModel {
@@ -135,6 +143,7 @@ impl Engine {
         let mut recorded = trace.then(Trace::default);
         let hidden = match self.model.forward(
             self.experts.as_ref(),
+            self.policy.as_ref(),
             &batch,
             &tokens,
             &mut self.cache,

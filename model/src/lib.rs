@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod capacity;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;

@@ -15,7 +15,7 @@ use crate::kv_cache::KvCache;
 use crate::mlp::SwiGlu;
 use crate::names;
 use crate::rope::Rope;
-use crate::router::{Router, Routing};
+use crate::router::{RoutePolicy, Router, Routing};
 use crate::trace::{LayerTrace, Trace};
 use crate::weights::Matrix;
 
@@ -193,6 +193,7 @@ impl AttentionModel {
     pub fn forward(
         &self,
         experts: &dyn ExpertCompute,
+        policy: &dyn RoutePolicy,
         batch: &BatchLayout,
         tokens: &[u32],
         cache: &mut KvCache,
@@ -211,7 +212,8 @@ impl AttentionModel {
             let (router_logits, routing) = self.route(l, &x);
             // The routed experts may run elsewhere: start them, compute the shared expert
             // meanwhile, then combine.
-            let pending = experts.begin(l, &x, n, &routing.assignments())?;
+            let assignments = policy.assign(l, &router_logits, &routing);
+            let pending = experts.begin(l, &x, n, &assignments)?;
             let mut moe_out = self.shared_expert(l, &x);
             let routed = pending.wait()?;
             add_in_place(&mut moe_out, &routed);

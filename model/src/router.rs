@@ -40,6 +40,22 @@ pub struct ExpertAssignment {
     pub weight: f32,
 }
 
+/// Turns one layer's routing decisions into the assignments the experts compute. The default,
+/// [`ExactRouting`], sends every top-k choice; lossy capacity policies live in `capacity`.
+pub trait RoutePolicy: Send + Sync {
+    fn assign(&self, layer: usize, router_logits: &[f32], routing: &Routing) -> Vec<ExpertAssignment>;
+}
+
+/// Every token to every one of its top-k experts: the reference semantics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExactRouting;
+
+impl RoutePolicy for ExactRouting {
+    fn assign(&self, _layer: usize, _router_logits: &[f32], routing: &Routing) -> Vec<ExpertAssignment> {
+        routing.assignments()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Router {
     /// `[num_experts, hidden]`, always f32 (the checkpoints keep `wg` in f32 too).
