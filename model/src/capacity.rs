@@ -14,6 +14,8 @@ pub enum Capacity {
     /// GShard/Switch: `ceil(T * factor / E)` (the convention of the Large fixture's capacity
     /// cases, factor 1.0).
     Factor(f64),
+    /// A fixed number of slots per expert.
+    Fixed(usize),
 }
 
 impl Capacity {
@@ -21,6 +23,7 @@ impl Capacity {
         match self {
             Capacity::TopK => k.max(k * tokens / experts),
             Capacity::Factor(f) => (tokens as f64 * f / experts as f64).ceil() as usize,
+            Capacity::Fixed(c) => c,
         }
     }
 }
@@ -145,6 +148,33 @@ impl RoutePolicy for CapacityRouting {
                 recycle(routing, &probs, experts, slots, seed ^ layer as u64).assignments
             }
         }
+    }
+}
+
+/// Forces recorded assignments: per layer, per token, the expert that processed it (`-1` =
+/// none), weighted by its router probability. Used to replay assignments made by code whose
+/// choices cannot be reproduced (torch's tie-breaking and RNG).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayRouting(pub Vec<Vec<i64>>);
+
+impl RoutePolicy for ReplayRouting {
+    fn assign(&self, layer: usize, router_logits: &[f32], _routing: &Routing) -> Vec<ExpertAssignment> {
+        let finals = &self.0[layer];
+        let experts = router_logits.len() / finals.len().max(1);
+        let mut out = Vec::new();
+        for (t, &e) in finals.iter().enumerate() {
+            if e < 0 {
+                continue;
+            }
+            let mut p = router_logits[t * experts..(t + 1) * experts].to_vec();
+            softmax_in_place(&mut p);
+            out.push(ExpertAssignment {
+                row: t as u32,
+                expert: e as u32,
+                weight: p[e as usize],
+            });
+        }
+        out
     }
 }
 

@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use crate::capacity::{Capacity, CapacityRouting, ReplayRouting, drop_over_capacity};
 use crate::checkpoint::{Checkpoint, read_i64};
 use crate::config::ModelConfig;
 use crate::engine::{Engine, Greedy, LogitsWanted, SeqChunk};
 use crate::error::{Error, Result};
+use crate::router::{ExactRouting, RoutePolicy};
 use crate::trace::Trace;
 
 /// Per-quantity absolute tolerances (`cases.json` → `suggested_tolerance`).
@@ -58,6 +62,16 @@ pub trait GoldenTarget {
     fn prefill_batch(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
     /// Greedy decoding of the prompts as one batch, `steps` tokens each, with step logits.
     fn greedy(&mut self, prompts: &[Vec<u32>], steps: usize) -> Result<Vec<Greedy>>;
+    /// A prefill of a fresh sequence under another routing policy, with its trace (the
+    /// capacity cases), where the target can run one; `None` otherwise.
+    fn prefill_with_policy(
+        &mut self,
+        _prompt: &[u32],
+        _policy: Arc<dyn RoutePolicy>,
+    ) -> Result<Option<(Trace, Vec<f32>)>> {
+        Ok(None)
+    }
+
     /// RoPE inverse frequencies, where the target exposes them.
     fn rope_inv_freq(&self) -> Option<Vec<f32>> {
         None
@@ -108,6 +122,25 @@ impl GoldenTarget for Engine {
     fn rope_inv_freq(&self) -> Option<Vec<f32>> {
         Some(self.model().rope().inv_freq().to_vec())
     }
+
+    fn prefill_with_policy(
+        &mut self,
+        prompt: &[u32],
+        policy: Arc<dyn RoutePolicy>,
+    ) -> Result<Option<(Trace, Vec<f32>)>> {
+        self.set_route_policy(policy);
+        let seq = self.new_sequence();
+        let chunk = SeqChunk {
+            seq,
+            tokens: prompt.to_vec(),
+            logits: LogitsWanted::All,
+        };
+        let out = self.step(&[chunk], true);
+        self.release(seq);
+        self.set_route_policy(Arc::new(ExactRouting));
+        let mut out = out?;
+        Ok(Some((out.trace.take().unwrap_or_default(), out.logits.remove(0))))
+    }
 }
 
 /// One line of the report.
@@ -144,7 +177,7 @@ impl Report {
     pub fn render(&self) -> String {
         let mut s = format!("fixture {}\n", self.fixture.display());
         s += &format!(
-            "{:<8} {:<22} {:>12} {:>10}  {}\n",
+            "{:<20} {:<22} {:>12} {:>10}  {}\n",
             "case", "quantity", "max|Δ|", "tolerance", "result"
         );
         for r in &self.rows {
@@ -155,7 +188,7 @@ impl Report {
             };
             let verdict = if r.passed { "ok" } else { "FAIL" };
             s += &format!(
-                "{:<8} {:<22} {:>12} {:>10}  {verdict} {}\n",
+                "{:<20} {:<22} {:>12} {:>10}  {verdict} {}\n",
                 r.case, r.quantity, diff, tol, r.detail
             );
         }
@@ -259,6 +292,9 @@ impl Fixture {
         if self.has("batch.input_ids") {
             checker.batch(target)?;
         }
+        if self.has("capacity.input_ids") {
+            checker.capacity(target)?;
+        }
         let compared = checker.compared.clone();
         let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
         for name in self.expected.tensor_names() {
@@ -271,7 +307,7 @@ impl Fixture {
             .into_iter()
             .map(|(group, n)| match group.as_str() {
                 "capacity" => {
-                    format!("{group}.* ({n} arrays): capacity-policy replay, not part of the default exact forward")
+                    format!("{group}.* ({n} arrays): capacity cases need an in-process target")
                 }
                 _ => format!("{group}.* ({n} arrays): not compared (per-layer traces need an in-process target)"),
             })
@@ -465,6 +501,115 @@ impl Checker<'_> {
         Ok(())
     }
 
+    /// The capacity cases: the first-C-tokens drop reproduced choice by choice and through the
+    /// forward pass; the recorded `drop` / `reroute` assignments replayed.
+    fn capacity(&mut self, target: &mut dyn GoldenTarget) -> Result<()> {
+        let tol = self.fixture.tolerances;
+        let prompt = self.fixture.tokens("capacity.input_ids")?;
+        self.compared.insert("capacity.input_ids".into());
+        let c = self.expect_ids("capacity.capacity")?.first().copied().unwrap_or(0) as usize;
+        let (layers, experts) = (self.fixture.config.num_layers, self.fixture.config.num_experts);
+        for variant in ["drop_token_order", "drop", "reroute"] {
+            let key = |q: &str| format!("capacity.{variant}.{q}");
+            if !self.fixture.has(&key("prefill_logits")) {
+                continue;
+            }
+            let policy: Arc<dyn RoutePolicy> = if variant == "drop_token_order" {
+                Arc::new(CapacityRouting {
+                    capacity: Capacity::Fixed(c),
+                    recycle_seed: None,
+                })
+            } else {
+                let finals = (0..layers)
+                    .map(|l| self.expect_ids(&key(&format!("layer{l}.final_expert"))))
+                    .collect::<Result<Vec<_>>>()?;
+                Arc::new(ReplayRouting(finals))
+            };
+            let Some((trace, logits)) = target.prefill_with_policy(&prompt, policy)? else {
+                return Ok(());
+            };
+            let case = format!("cap.{variant}");
+            let d = self.diff(&key("prefill_logits"), &logits)?;
+            self.push(&case, "prefill_logits", d, tol.logits, String::new());
+            let (mut worst_hidden, mut worst_router, mut worst_weight, mut choice_misses) =
+                (0.0f64, 0.0f64, 0.0f64, 0usize);
+            for (l, lt) in trace.layers.iter().enumerate() {
+                let layer = |q: &str| key(&format!("layer{l}.{q}"));
+                worst_hidden = worst_hidden.max(self.diff(&layer("hidden_out"), &lt.hidden_out)?);
+                worst_router = worst_router.max(self.diff(&layer("router_logits"), &lt.router_logits)?);
+                let top1: Vec<i64> = lt
+                    .routing
+                    .experts
+                    .iter()
+                    .step_by(lt.routing.topk)
+                    .map(|&e| e as i64)
+                    .collect();
+                choice_misses += count_topk_mismatches(&self.expect_ids(&layer("top1_idx"))?, &top1, 1);
+                // Weights: the router probability of the final expert (0 when dropped), from
+                // our own router logits.
+                let finals = self.expect_ids(&layer("final_expert"))?;
+                let mut probs = lt.router_logits.clone();
+                probs.chunks_mut(experts).for_each(crate::kernels::softmax_in_place);
+                let weights: Vec<f32> = finals
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &e)| if e < 0 { 0.0 } else { probs[t * experts + e as usize] })
+                    .collect();
+                worst_weight = worst_weight.max(self.diff(&layer("weight"), &weights)?);
+                if variant != "drop_token_order" {
+                    // The recorded bookkeeping must agree with our top-1 choices.
+                    let kept: Vec<i64> = finals.iter().zip(&top1).map(|(f, t)| (f == t) as i64).collect();
+                    choice_misses += count_topk_mismatches(&self.expect_ids(&layer("kept"))?, &kept, 1);
+                    let routed = histogram(experts, top1.iter().copied());
+                    let kept_counts = histogram(
+                        experts,
+                        top1.iter().zip(&kept).filter(|(_, k)| **k == 1).map(|(e, _)| *e),
+                    );
+                    let final_counts = histogram(experts, finals.iter().copied());
+                    for (q, got) in [
+                        ("counts_routed", routed),
+                        ("counts_kept", kept_counts),
+                        ("counts_final", final_counts),
+                    ] {
+                        choice_misses += count_topk_mismatches(&self.expect_ids(&layer(q))?, &got, 1);
+                    }
+                }
+                if variant == "drop_token_order" {
+                    // Our own choices must be the recorded ones.
+                    let out = drop_over_capacity(&lt.routing, experts, c);
+                    let kept: Vec<i64> = out.kept.iter().map(|&k| k as i64).collect();
+                    let fin: Vec<i64> = out.final_expert.iter().map(|e| e.map_or(-1, |e| e as i64)).collect();
+                    choice_misses += count_topk_mismatches(&self.expect_ids(&layer("kept"))?, &kept, 1);
+                    choice_misses += count_topk_mismatches(&self.expect_ids(&layer("final_expert"))?, &fin, 1);
+                    for (q, got) in [
+                        ("counts_routed", &out.counts_routed),
+                        ("counts_kept", &out.counts_kept),
+                        ("counts_final", &out.counts_final),
+                    ] {
+                        let got: Vec<i64> = got.iter().map(|&v| v as i64).collect();
+                        choice_misses += count_topk_mismatches(&self.expect_ids(&layer(q))?, &got, 1);
+                    }
+                }
+            }
+            self.push(&case, "layers.hidden_out", worst_hidden, tol.hidden, String::new());
+            self.push(
+                &case,
+                "layers.router_logits",
+                worst_router,
+                tol.router_logits,
+                String::new(),
+            );
+            self.push(&case, "layers.weight", worst_weight, tol.topk_weight, String::new());
+            let what = if variant == "drop_token_order" {
+                "(top-1, kept, final expert, counts)"
+            } else {
+                "(top-1, kept, counts; assignments replayed)"
+            };
+            self.push(&case, "layers.choices", choice_misses as f64, 0.0, what.into());
+        }
+        Ok(())
+    }
+
     fn batch(&mut self, target: &mut dyn GoldenTarget) -> Result<()> {
         let tol = self.fixture.tolerances.logits;
         let ids = self.expect_ids("batch.input_ids")?;
@@ -527,6 +672,13 @@ impl Checker<'_> {
         }
         Ok(())
     }
+}
+
+/// Count of each expert id (negative ids, "none", are skipped).
+fn histogram(experts: usize, ids: impl Iterator<Item = i64>) -> Vec<i64> {
+    let mut h = vec![0i64; experts];
+    ids.filter(|&e| e >= 0).for_each(|e| h[e as usize] += 1);
+    h
 }
 
 /// Max |a - b|; infinite when the lengths differ or a value is not finite.

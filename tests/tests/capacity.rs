@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
-use moe_model::capacity::{Capacity, CapacityRouting, drop_over_capacity, recycle};
+use moe_model::capacity::{Capacity, CapacityRouting, ReplayRouting, drop_over_capacity, recycle};
 use moe_model::checkpoint::{Checkpoint, read_i64};
 use moe_model::engine::LogitsWanted;
 use moe_model::golden::max_abs_diff;
 use moe_model::kernels::softmax_in_place;
-use moe_model::router::{ExpertAssignment, RoutePolicy, Router, Routing};
+use moe_model::router::{RoutePolicy, Router, Routing};
 use moe_model::weights::Matrix;
 use moe_model::{Engine, EngineOptions, SeqChunk};
 use moe_tests::fixtures_dir;
@@ -125,25 +125,6 @@ fn drop_in_token_order_through_the_engine_matches_the_recorded_outputs() {
     assert!(max_abs_diff(&exact, &logits) > 1e-2);
 }
 
-/// Forces each layer's recorded final expert, weighted by its router probability.
-struct Replay(Vec<Vec<i64>>);
-
-impl RoutePolicy for Replay {
-    fn assign(&self, layer: usize, router_logits: &[f32], _routing: &Routing) -> Vec<ExpertAssignment> {
-        let p = probs(router_logits);
-        self.0[layer]
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| **e >= 0)
-            .map(|(t, &e)| ExpertAssignment {
-                row: t as u32,
-                expert: e as u32,
-                weight: p[t * E + e as usize],
-            })
-            .collect()
-    }
-}
-
 #[test]
 fn replaying_recorded_assignments_reproduces_drop_and_reroute() {
     let (_, x) = fixture();
@@ -151,7 +132,7 @@ fn replaying_recorded_assignments_reproduces_drop_and_reroute() {
         let finals = (0..4)
             .map(|l| ids(&x, &format!("capacity.{variant}.layer{l}.final_expert")))
             .collect();
-        let (hidden, logits) = run(Arc::new(Replay(finals)));
+        let (hidden, logits) = run(Arc::new(ReplayRouting(finals)));
         for (l, h) in hidden.iter().enumerate() {
             let d = max_abs_diff(&f32s(&x, &format!("capacity.{variant}.layer{l}.hidden_out")), h);
             assert!(d < 5e-4, "{variant} layer {l}: {d}");

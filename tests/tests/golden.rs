@@ -51,6 +51,11 @@ fn cla_fixture_checks_kv_states() {
         .collect();
     assert_eq!(kv.len(), 3, "one KV-state check per prompt");
     assert!(kv.iter().all(|r| r.passed && r.max_abs_diff < 5e-4));
+    // The capacity cases ran too (three variants x five quantities), and nothing was skipped.
+    let cap: Vec<_> = report.rows.iter().filter(|r| r.case.starts_with("cap.")).collect();
+    assert_eq!(cap.len(), 15, "{}", report.render());
+    assert!(cap.iter().all(|r| r.passed));
+    assert!(report.not_checked.is_empty(), "{:?}", report.not_checked);
 }
 
 #[test]
