@@ -4,6 +4,8 @@ pub enum Error {
     Model(#[from] moe_model::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("placement: {0}")]
+    Plan(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -8,6 +8,7 @@ mod control;
 mod error;
 mod inference;
 mod metrics;
+pub mod planner;
 pub mod registry;
 mod server;
 pub mod state;

@@ -48,6 +48,29 @@ impl PlacementView {
         }
     }
 
+    /// A placement from explicit owners: `owners[layer * num_experts + expert]` lists the
+    /// indices into `workers` that serve it.
+    pub fn from_owners(
+        version: u64,
+        num_layers: usize,
+        num_experts: usize,
+        workers: Vec<ExpertWorkerRef>,
+        owners: Vec<Vec<usize>>,
+    ) -> Self {
+        assert_eq!(
+            owners.len(),
+            num_layers * num_experts,
+            "one owner list per (layer, expert)"
+        );
+        PlacementView {
+            version,
+            num_layers,
+            num_experts,
+            workers,
+            owners,
+        }
+    }
+
     /// Parses and checks a placement: slots in range, every slot served by someone.
     pub fn from_proto(p: &Placement) -> Result<Self, String> {
         let (l, e) = (p.num_layers as usize, p.num_experts as usize);
