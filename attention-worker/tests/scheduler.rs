@@ -26,13 +26,7 @@ fn engine(kv: KvCacheConfig) -> Engine {
 }
 
 fn request(prompt: Vec<u32>, sampling: SamplingParams) -> GenerationRequest {
-    GenerationRequest {
-        prompt,
-        sampling,
-        return_prompt_logits: false,
-        return_token_logits: false,
-        resumed: 0,
-    }
+    GenerationRequest::new(prompt, sampling)
 }
 
 /// Collects a request's events: tokens, and how it finished.

@@ -25,13 +25,7 @@ fn tiny() -> PathBuf {
 }
 
 fn greedy(prompt: &[u32], max_tokens: u32) -> GenerationRequest {
-    GenerationRequest {
-        prompt: prompt.to_vec(),
-        sampling: SamplingParams::greedy(max_tokens),
-        return_prompt_logits: false,
-        return_token_logits: false,
-        resumed: 0,
-    }
+    GenerationRequest::new(prompt.to_vec(), SamplingParams::greedy(max_tokens))
 }
 
 /// Prompts (deterministic draws) whose greedy decoding on the engine never has a top-1/top-2
@@ -588,6 +582,35 @@ async fn start_tracked(
     streams
 }
 
+type Tracked = Vec<(
+    tokio::task::JoinHandle<Result<Vec<u32>, tonic::Status>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)>;
+
+/// Streams that have not received all `steps` tokens yet; a disruption test asserts some exist
+/// at the moment of the disruption, or it proves nothing.
+fn assert_some_unfinished(streams: &Tracked, steps: u32) {
+    let unfinished = streams
+        .iter()
+        .filter(|(_, p)| p.load(std::sync::atomic::Ordering::SeqCst) < steps as usize)
+        .count();
+    assert!(
+        unfinished > 0,
+        "every request finished before the disruption; the test proved nothing"
+    );
+}
+
+/// Awaits every stream: none failed, each got exactly the tokens of an undisturbed run.
+async fn assert_streams_match(streams: Tracked, prompts: &[(Vec<u32>, Vec<u32>)]) {
+    for ((task, _), (prompt, want)) in streams.into_iter().zip(prompts) {
+        let got = task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
+        assert_eq!(&got, want, "prompt {prompt:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_an_expert_worker_under_load_fails_no_request() {
     // Proves: a dead expert worker is routed around (its experts re-loaded on the survivors from
@@ -600,21 +623,8 @@ async fn kill_9_of_an_expert_worker_under_load_fails_no_request() {
     let cluster = LocalCluster::start(moectl(), &tiny(), 1, 3, &[]);
     let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
     let killed = cluster.kill("expert-worker", 1);
-    let unfinished = streams
-        .iter()
-        .filter(|(_, p)| p.load(std::sync::atomic::Ordering::SeqCst) < STEPS as usize)
-        .count();
-    assert!(
-        unfinished > 0,
-        "every request finished before the kill; the test proved nothing"
-    );
-    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
-        let got = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
-        assert_eq!(&got, want, "prompt {prompt:?}");
-    }
+    assert_some_unfinished(&streams, STEPS);
+    assert_streams_match(streams, &prompts).await;
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     let status = client.status().await.unwrap();
     let experts: Vec<_> = status
@@ -639,21 +649,8 @@ async fn kill_9_of_an_attention_worker_mid_stream_loses_no_token() {
     let cluster = LocalCluster::start(moectl(), &tiny(), 2, 2, &[]);
     let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
     cluster.kill("attention-worker", 0);
-    let unfinished = streams
-        .iter()
-        .filter(|(_, p)| p.load(std::sync::atomic::Ordering::SeqCst) < STEPS as usize)
-        .count();
-    assert!(
-        unfinished > 0,
-        "every request finished before the kill; the test proved nothing"
-    );
-    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
-        let got = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
-        assert_eq!(&got, want, "prompt {prompt:?}");
-    }
+    assert_some_unfinished(&streams, STEPS);
+    assert_streams_match(streams, &prompts).await;
     // New requests keep working on the survivor.
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     assert_eq!(client.generate(&greedy(&[5, 6], 3)).await.unwrap().tokens.len(), 3);
@@ -684,13 +681,7 @@ async fn an_expert_worker_joining_under_load_changes_nothing_but_the_placement()
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
-        let got = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
-        assert_eq!(&got, want);
-    }
+    assert_streams_match(streams, &prompts).await;
     // The switch happens (bounded wait): three workers share the experts 22/21/21.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -798,13 +789,7 @@ async fn drained_workers_leave_without_failing_a_request() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
-        let got = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
-        assert_eq!(&got, want);
-    }
+    assert_streams_match(streams, &prompts).await;
     assert!(exits(expert.pid), "the drained expert worker did not leave");
     assert!(exits(attention.pid), "the drained attention worker did not leave");
     let status = client.status().await.unwrap();
@@ -863,13 +848,8 @@ async fn sigterm_drains_an_expert_worker_under_load() {
             .unwrap()
             .success()
     );
-    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
-        let got = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
-        assert_eq!(&got, want);
-    }
+    assert_some_unfinished(&streams, STEPS);
+    assert_streams_match(streams, &prompts).await;
     assert!(exits(expert.pid), "the expert worker did not leave after SIGTERM");
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     let status = client.status().await.unwrap();
@@ -910,13 +890,8 @@ async fn a_frozen_expert_worker_loses_its_lease_and_rejoins() {
         );
     };
     signal("-STOP");
-    for ((task, _), (prompt, want)) in streams.into_iter().zip(&prompts) {
-        let got = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
-        assert_eq!(&got, want);
-    }
+    assert_some_unfinished(&streams, STEPS);
+    assert_streams_match(streams, &prompts).await;
     let status = client.status().await.unwrap();
     assert!(
         status.workers.iter().all(|w| w.address != frozen.address),
