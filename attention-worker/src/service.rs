@@ -25,8 +25,11 @@ impl Attention for AttentionService {
         let req = moe_runtime::convert::generation_request(request.get_ref())?;
         req.validate(&self.config)
             .map_err(|e| moe_runtime::convert::status(&e))?;
-        let span = tracing::info_span!("serve", prompt = req.prompt.len(), max_tokens = req.sampling.max_tokens);
-        let _enter = span.enter();
+        tracing::debug!(
+            prompt = req.prompt.len(),
+            max_tokens = req.sampling.max_tokens,
+            "request handed over"
+        );
         let vocab = self.config.vocab_size;
         // Dropping this stream (the client went away) closes the channel; the scheduler then
         // drops the request and frees its KV blocks.

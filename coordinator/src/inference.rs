@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::state::StateHandle;
 
@@ -220,13 +221,15 @@ impl Inference for InferenceService {
         self.validate(&req)?;
         let permit = self.admit(1)?;
         let span = tracing::info_span!("generate", prompt = req.prompt_ids.len());
-        let _e = span.enter();
         let (tx, rx) = mpsc::channel(64);
         let handoff = self.handoff.clone();
-        tokio::spawn(async move {
-            handoff.serve(req, tx, |r| r).await;
-            drop(permit);
-        });
+        tokio::spawn(
+            async move {
+                handoff.serve(req, tx, |r| r).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
