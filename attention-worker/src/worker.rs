@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use moe_model::ModelConfig;
+use moe_model::capacity::{Capacity, CapacityRouting};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::{Engine, EngineOptions};
 use moe_model::kv_cache::KvCacheConfig;
@@ -38,13 +39,39 @@ pub struct Args {
     /// Requests running at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// What happens to routed assignments over an expert's capacity: `exact` (the default:
+    /// no capacity, nothing is lost), `drop` (Tencent's release semantics: over-capacity
+    /// assignments contribute nothing) or `recycle` (they move to a random expert with room).
+    /// Lossy events are counted in the metrics.
+    #[arg(long, value_enum, default_value_t = CapacityPolicy::Exact)]
+    pub capacity_policy: CapacityPolicy,
+    /// Capacity per expert as `ceil(tokens * factor / experts)`; default `max(k, k*tokens/experts)`.
+    #[arg(long)]
+    pub capacity_factor: Option<f64>,
+    /// Seed of `recycle`'s random choices.
+    #[arg(long, default_value_t = 0)]
+    pub recycle_seed: u64,
     /// How long a step that failed on the expert side waits for a new placement before its
     /// requests fail.
     #[arg(long, default_value_t = 120)]
     pub recover_timeout_s: u64,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapacityPolicy {
+    Exact,
+    Drop,
+    Recycle,
+}
+
 pub async fn run(args: Args) -> Result<()> {
+    if args.capacity_factor.is_some_and(|f| !(f.is_finite() && f > 0.0)) {
+        return Err(moe_model::Error::InvalidInput(format!(
+            "--capacity-factor {:?} must be positive",
+            args.capacity_factor
+        ))
+        .into());
+    }
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
     let model_id = moe_model::identity::model_identity(&args.worker.model)?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
@@ -64,6 +91,21 @@ pub async fn run(args: Args) -> Result<()> {
             },
         },
     )?;
+    let mut engine = engine;
+    let capacity = match args.capacity_policy {
+        CapacityPolicy::Exact => None,
+        lossy => {
+            let slots = args.capacity_factor.map_or(Capacity::TopK, Capacity::Factor);
+            let seed = (lossy == CapacityPolicy::Recycle).then_some(args.recycle_seed);
+            let policy = Arc::new(CapacityRouting::new(slots, seed));
+            tracing::warn!(
+                ?lossy,
+                "lossy capacity policy: over-capacity assignments are dropped or moved"
+            );
+            engine.set_route_policy(policy.clone());
+            Some(policy.stats.clone())
+        }
+    };
     let scheduler = scheduler::spawn(
         engine,
         SchedulerConfig {
@@ -95,6 +137,8 @@ pub async fn run(args: Args) -> Result<()> {
             tokens_processed: s.tokens_processed.load(Ordering::Relaxed),
             dispatch_bytes: remote.stats.bytes.load(Ordering::Relaxed),
             placement_version: remote.placement_version(),
+            dropped_assignments: capacity.as_ref().map_or(0, |c| c.dropped.load(Ordering::Relaxed)),
+            rerouted_assignments: capacity.as_ref().map_or(0, |c| c.rerouted.load(Ordering::Relaxed)),
             ..Default::default()
         }
     };

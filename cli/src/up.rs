@@ -41,6 +41,9 @@ pub struct Args {
     /// `MOECTL_TOKEN`.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    /// Capacity policy of the attention workers: exact (default), drop or recycle.
+    #[arg(long, default_value = "exact", value_parser = ["exact", "drop", "recycle"])]
+    capacity_policy: String,
     /// Serve the coordinator's Prometheus metrics here (prints `METRICS <addr>`).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -135,6 +138,7 @@ impl LocalCluster {
             procs.push(spawn("expert-worker", &common).await?);
         }
         let mut attn_args = common.to_vec();
+        attn_args.extend(["--capacity-policy".into(), args.capacity_policy.clone()]);
         attn_args.extend([
             "--kv-blocks".into(),
             args.kv_blocks.to_string(),

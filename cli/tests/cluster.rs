@@ -1082,3 +1082,60 @@ async fn malformed_messages_are_refused_and_disturb_nothing() {
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     assert_eq!(client.generate(&greedy(&[5, 6, 7], 4)).await.unwrap().tokens.len(), 4);
 }
+
+/// Sum of a per-worker counter in Prometheus text.
+fn metric_sum(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_capacity_policy_is_opt_in_and_counted() {
+    // Proves: `drop` is chosen per deployment, changes the computation, and every dropped
+    // assignment shows in the metrics; the default cluster drops nothing.
+    let prompt: Vec<u32> = (0..40).map(|i| 5 + (i * 37) % 500).collect();
+    let mut engine = Engine::load(&tiny(), EngineOptions::default()).unwrap();
+    let exact = engine
+        .generate_greedy(std::slice::from_ref(&prompt), 4, &[], true)
+        .unwrap()
+        .remove(0);
+    for (policy, lossy) in [("exact", false), ("drop", true)] {
+        let cluster = LocalCluster::start(
+            moectl(),
+            &tiny(),
+            1,
+            2,
+            &["--capacity-policy", policy, "--metrics-listen", "127.0.0.1:0"],
+        );
+        let metrics = cluster.metrics.clone().unwrap();
+        let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+        let mut req = greedy(&prompt, 4);
+        req.return_prompt_logits = true;
+        let got = client.generate(&req).await.unwrap();
+        // The prompt's last row produced the first token: compare it with the exact engine.
+        let pl = got.prompt_logits.unwrap();
+        let d = max_abs_diff(&pl[(prompt.len() - 1) * 512..], &exact.step_logits[0]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let dropped = loop {
+            let (_, body) = http_get(&metrics, "/metrics");
+            let tokens = metric_sum(&body, "moe_tokens_processed_total");
+            if tokens >= prompt.len() as f64 {
+                break metric_sum(&body, "moe_dropped_assignments_total");
+            }
+            assert!(Instant::now() < deadline, "counters never arrived:\n{body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if lossy {
+            assert!(
+                dropped > 0.0,
+                "40 tokens x top-8 over 64 experts of capacity 8 must overflow somewhere"
+            );
+            assert!(d > 1e-3, "dropping changed nothing ({d})");
+        } else {
+            assert_eq!(dropped, 0.0);
+            assert!(d < 1e-4, "{d}");
+        }
+    }
+}

@@ -147,6 +147,18 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
         &per(&experts, &|w| w.expert_slots.len() as f64),
     );
     metric(
+        "moe_dropped_assignments_total",
+        "counter",
+        "Routed assignments dropped by a lossy capacity policy, per attention worker.",
+        &per(&attention, &|w| w.dropped_assignments as f64),
+    );
+    metric(
+        "moe_rerouted_assignments_total",
+        "counter",
+        "Routed assignments moved to another expert by `recycle`, per attention worker.",
+        &per(&attention, &|w| w.rerouted_assignments as f64),
+    );
+    metric(
         "moe_workers",
         "gauge",
         "Live workers by role.",

@@ -7,9 +7,10 @@ use crate::rng::SplitMix64;
 use crate::router::{ExpertAssignment, RoutePolicy, Routing};
 
 /// Per-expert capacity of a step of `tokens` tokens.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Capacity {
     /// Tencent's A13B `topkgating`: `max(k, k * T / E)` (integer division).
+    #[default]
     TopK,
     /// GShard/Switch: `ceil(T * factor / E)` (the convention of the Large fixture's capacity
     /// cases, factor 1.0).
@@ -126,11 +127,32 @@ pub fn recycle(routing: &Routing, probs: &[f32], num_experts: usize, capacity: u
 }
 
 /// A lossy capacity policy as a [`RoutePolicy`]: `drop`, or `recycle` with a seed (each layer
-/// draws from its own stream, `seed ^ layer`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// draws from its own stream, `seed ^ layer`). Counts what it drops and moves, so deployments
+/// that choose it can see the cost in their metrics.
+#[derive(Debug, Clone, Default)]
 pub struct CapacityRouting {
     pub capacity: Capacity,
     pub recycle_seed: Option<u64>,
+    pub stats: std::sync::Arc<CapacityStats>,
+}
+
+/// Lossy events since start.
+#[derive(Debug, Default)]
+pub struct CapacityStats {
+    /// Assignments over capacity that contributed nothing.
+    pub dropped: std::sync::atomic::AtomicU64,
+    /// Assignments over capacity moved to another expert (`recycle`).
+    pub rerouted: std::sync::atomic::AtomicU64,
+}
+
+impl CapacityRouting {
+    pub fn new(capacity: Capacity, recycle_seed: Option<u64>) -> Self {
+        CapacityRouting {
+            capacity,
+            recycle_seed,
+            stats: Default::default(),
+        }
+    }
 }
 
 impl RoutePolicy for CapacityRouting {
@@ -138,14 +160,28 @@ impl RoutePolicy for CapacityRouting {
         let n = routing.num_rows();
         let experts = router_logits.len() / n.max(1);
         let slots = self.capacity.slots(n, experts, routing.topk);
+        use std::sync::atomic::Ordering::Relaxed;
         match self.recycle_seed {
-            None => drop_over_capacity(routing, experts, slots).assignments,
+            None => {
+                let out = drop_over_capacity(routing, experts, slots);
+                self.stats.dropped.fetch_add(out.dropped() as u64, Relaxed);
+                out.assignments
+            }
             Some(seed) => {
                 let mut probs = router_logits.to_vec();
                 for row in probs.chunks_mut(experts) {
                     softmax_in_place(row);
                 }
-                recycle(routing, &probs, experts, slots, seed ^ layer as u64).assignments
+                let out = recycle(routing, &probs, experts, slots, seed ^ layer as u64);
+                let moved = out
+                    .kept
+                    .iter()
+                    .zip(&out.final_expert)
+                    .filter(|(k, f)| !**k && f.is_some())
+                    .count();
+                self.stats.rerouted.fetch_add(moved as u64, Relaxed);
+                self.stats.dropped.fetch_add((out.dropped() - moved) as u64, Relaxed);
+                out.assignments
             }
         }
     }

@@ -515,10 +515,7 @@ impl Checker<'_> {
                 continue;
             }
             let policy: Arc<dyn RoutePolicy> = if variant == "drop_token_order" {
-                Arc::new(CapacityRouting {
-                    capacity: Capacity::Fixed(c),
-                    recycle_seed: None,
-                })
+                Arc::new(CapacityRouting::new(Capacity::Fixed(c), None))
             } else {
                 let finals = (0..layers)
                     .map(|l| self.expect_ids(&key(&format!("layer{l}.final_expert"))))

@@ -110,16 +110,27 @@ fn drop_in_token_order_reproduces_every_recorded_choice() {
 #[test]
 fn drop_in_token_order_through_the_engine_matches_the_recorded_outputs() {
     let (_, x) = fixture();
-    let (hidden, logits) = run(Arc::new(CapacityRouting {
-        capacity: Capacity::Factor(1.0),
-        recycle_seed: None,
-    }));
+    let policy = Arc::new(CapacityRouting::new(Capacity::Factor(1.0), None));
+    let (hidden, logits) = run(policy.clone());
     for (l, h) in hidden.iter().enumerate() {
         let d = max_abs_diff(&f32s(&x, &format!("capacity.drop_token_order.layer{l}.hidden_out")), h);
         assert!(d < 5e-4, "layer {l}: {d}");
     }
     let d = max_abs_diff(&f32s(&x, "capacity.drop_token_order.prefill_logits"), &logits);
     assert!(d < 5e-4, "logits: {d}");
+    // Every dropped assignment was counted: the recorded per-layer drops, summed.
+    let recorded: usize = (0..4)
+        .map(|l| {
+            ids(&x, &format!("capacity.drop_token_order.layer{l}.kept"))
+                .iter()
+                .filter(|&&k| k == 0)
+                .count()
+        })
+        .sum();
+    assert_eq!(
+        policy.stats.dropped.load(std::sync::atomic::Ordering::Relaxed) as usize,
+        recorded
+    );
     // And the exact default differs from it: the policy really dropped something.
     let (_, exact) = run(Arc::new(moe_model::router::ExactRouting));
     assert!(max_abs_diff(&exact, &logits) > 1e-2);
