@@ -87,7 +87,6 @@ impl Link {
 #[derive(Debug, Default)]
 pub struct DispatchStats {
     pub bytes: AtomicU64,
-    pub messages: AtomicU64,
 }
 
 pub struct RemoteExperts {
@@ -269,7 +268,6 @@ impl ExpertCompute for RemoteExperts {
                 assignment_weights: b.assignments.iter().map(|a| a.weight).collect(),
             };
             self.stats.bytes.fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
-            self.stats.messages.fetch_add(1, Ordering::Relaxed);
             let worker = placement.workers[b.worker].clone();
             let (tx, rx) = oneshot::channel();
             let link = self.link(&worker.address);

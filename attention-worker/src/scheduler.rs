@@ -80,8 +80,6 @@ pub struct SchedulerStats {
     pub kv_blocks_total: AtomicUsize,
     pub tokens_processed: AtomicU64,
     pub preemptions: AtomicU64,
-    /// Steps run again after the expert side recovered from a failure.
-    pub retried_steps: AtomicU64,
 }
 
 /// Cheap, cloneable handle to the scheduler thread.
@@ -91,7 +89,33 @@ pub struct SchedulerHandle {
     pub stats: Arc<SchedulerStats>,
 }
 
+/// A request run to its end in process: its tokens and when each arrived.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Completed {
+    pub tokens: Vec<u32>,
+    pub token_times: Vec<std::time::Duration>,
+}
+
 impl SchedulerHandle {
+    /// Runs `request` to its end (for in-process callers: `moectl generate`, `moectl bench`).
+    pub async fn run(&self, request: GenerationRequest) -> Result<Completed, String> {
+        let since = std::time::Instant::now();
+        let mut events = self.submit(request);
+        let mut done = Completed::default();
+        while let Some(e) = events.recv().await {
+            match e {
+                Event::Token { id, .. } => {
+                    done.tokens.push(id);
+                    done.token_times.push(since.elapsed());
+                }
+                Event::Finished { .. } => return Ok(done),
+                Event::Failed { message, .. } => return Err(message),
+                Event::PromptLogits { .. } => {}
+            }
+        }
+        Err("the scheduler stopped".into())
+    }
+
     /// Queues a request; its events arrive on the returned receiver.
     pub fn submit(&self, request: GenerationRequest) -> mpsc::UnboundedReceiver<Event> {
         let (events, rx) = mpsc::unbounded_channel();
@@ -324,7 +348,6 @@ impl Scheduler {
         for _ in 0..8 {
             match &result {
                 Err(e) if self.engine.experts().recover(e, self.config.recover_timeout) => {
-                    self.stats.retried_steps.fetch_add(1, Ordering::Relaxed);
                     result = self.engine.step(&chunks, false);
                 }
                 _ => break,
@@ -340,10 +363,7 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "step failed; failing its requests");
-                let code = match e {
-                    moe_model::Error::Remote { .. } => tonic::Code::Unavailable,
-                    _ => moe_runtime::convert::status(&e).code(),
-                };
+                let code = moe_runtime::convert::status(&e).code();
                 let mut failed: Vec<usize> = members;
                 failed.sort_unstable();
                 for &i in failed.iter().rev() {

@@ -73,8 +73,8 @@ pub async fn run(args: Args) -> Result<()> {
         .into());
     }
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
-    let model_id = moe_model::identity::model_identity(&args.worker.model)?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
+    let model_id = moe_model::identity::model_identity(&args.worker.model, &ckpt)?;
     let model = AttentionModel::load(&ckpt, config.clone())?;
     drop(ckpt);
     let remote = Arc::new(RemoteExperts::new(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use moe_attention_worker::scheduler::{self, Event, SchedulerHandle};
+use moe_attention_worker::scheduler::{self, SchedulerHandle};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions, ModelConfig, names};
@@ -55,23 +55,11 @@ impl Target {
     async fn run(&self, req: &GenerationRequest) -> Result<Generation, String> {
         match self {
             Target::Cluster(c) => c.clone().generate(req).await.map_err(|s| s.to_string()),
-            Target::InProcess(s) => {
-                let since = Instant::now();
-                let mut events = s.submit(req.clone());
-                let mut g = Generation::default();
-                while let Some(e) = events.recv().await {
-                    match e {
-                        Event::Token { id, .. } => {
-                            g.tokens.push(id);
-                            g.token_times.push(since.elapsed());
-                        }
-                        Event::Finished { .. } => return Ok(g),
-                        Event::Failed { message, .. } => return Err(message),
-                        Event::PromptLogits { .. } => {}
-                    }
-                }
-                Err("scheduler stopped".into())
-            }
+            Target::InProcess(s) => s.run(req.clone()).await.map(|done| Generation {
+                tokens: done.tokens,
+                token_times: done.token_times,
+                ..Default::default()
+            }),
         }
     }
 }

@@ -64,17 +64,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The same scheduler an attention worker runs, with the experts in process.
     let scheduler = moe_attention_worker::scheduler::spawn(engine, Default::default());
     let started = Instant::now();
-    let mut events = scheduler.submit(request);
-    let mut tokens = Vec::new();
-    while let Some(event) = events.recv().await {
-        use moe_attention_worker::scheduler::Event;
-        match event {
-            Event::Token { id, .. } => tokens.push(id),
-            Event::Finished { .. } => break,
-            Event::Failed { message, .. } => anyhow::bail!(message),
-            Event::PromptLogits { .. } => {}
-        }
-    }
+    let tokens = scheduler.run(request).await.map_err(anyhow::Error::msg)?.tokens;
     let elapsed = started.elapsed();
     println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     eprintln!(

@@ -63,7 +63,9 @@ pub async fn run(args: Args) -> Result<()> {
         None => None,
     };
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let model_id = moe_model::identity::model_identity(&args.model)?;
+    let ckpt = moe_model::checkpoint::Checkpoint::open(&args.model)?;
+    let model_id = moe_model::identity::model_identity(&args.model, &ckpt)?;
+    drop(ckpt);
     let state = state::spawn(StateConfig {
         model: config.clone(),
         model_id: model_id.clone(),

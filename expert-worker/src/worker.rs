@@ -26,8 +26,8 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<()> {
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
-    let model_id = moe_model::identity::model_identity(&args.worker.model)?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
+    let model_id = moe_model::identity::model_identity(&args.worker.model, &ckpt)?;
     let state = Arc::new(ExpertState::new(config, ckpt)?);
 
     let (trigger, shutdown) = shutdown::channel();

@@ -6,9 +6,9 @@ use std::path::Path;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
-/// A stable hex identity of the model in `dir`. Cheap: reads config.json and the safetensors
-/// headers, never the weights.
-pub fn model_identity(dir: &Path) -> Result<String> {
+/// A stable hex identity of the model in `dir`, whose weights `ckpt` has open. Cheap: reads
+/// config.json and the already parsed safetensors headers, never the weights.
+pub fn model_identity(dir: &Path, ckpt: &Checkpoint) -> Result<String> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| Error::io(format!("reading {}", config_path.display()), e))?;
@@ -19,7 +19,6 @@ pub fn model_identity(dir: &Path) -> Result<String> {
     })?;
     let mut hash = Fnv::default();
     hash.write(json.to_string().as_bytes());
-    let ckpt = Checkpoint::open(dir)?;
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
     for name in names {

@@ -25,34 +25,41 @@ pub fn generation_request(req: &GenerateRequest) -> Result<GenerationRequest, St
         .ok_or_else(|| Status::invalid_argument("sampling is missing (max_tokens at least must be set)"))?;
     Ok(GenerationRequest {
         prompt: req.prompt_ids.clone(),
-        sampling: SamplingParams {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            seed: s.seed,
-            stop_ids: s.stop_ids.clone(),
-            max_tokens: s.max_tokens,
-        },
+        sampling: sampling_from_wire(s),
         return_prompt_logits: req.return_prompt_logits,
         return_token_logits: req.return_token_logits,
         resumed: req.resumed_tokens,
     })
 }
 
+fn sampling_from_wire(s: &v1::SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+        stop_ids: s.stop_ids.clone(),
+        max_tokens: s.max_tokens,
+    }
+}
+
+fn sampling_to_wire(s: &SamplingParams) -> v1::SamplingParams {
+    v1::SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+        stop_ids: s.stop_ids.clone(),
+        max_tokens: s.max_tokens,
+    }
+}
+
 /// The wire form of a generation request.
 pub fn generate_request(req: &GenerationRequest) -> GenerateRequest {
-    let s = &req.sampling;
     GenerateRequest {
         protocol_version: PROTOCOL_VERSION,
         prompt_ids: req.prompt.clone(),
-        sampling: Some(v1::SamplingParams {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            seed: s.seed,
-            stop_ids: s.stop_ids.clone(),
-            max_tokens: s.max_tokens,
-        }),
+        sampling: Some(sampling_to_wire(&req.sampling)),
         return_prompt_logits: req.return_prompt_logits,
         return_token_logits: req.return_token_logits,
         resumed_tokens: req.resumed,
@@ -60,13 +67,15 @@ pub fn generate_request(req: &GenerationRequest) -> GenerateRequest {
 }
 
 /// A model-crate error as a gRPC status: bad input is INVALID_ARGUMENT, a missing expert
-/// FAILED_PRECONDITION, a full cache RESOURCE_EXHAUSTED, the rest INTERNAL.
+/// FAILED_PRECONDITION, a full cache RESOURCE_EXHAUSTED, a failed expert worker UNAVAILABLE
+/// (another attempt may succeed), the rest INTERNAL.
 pub fn status(e: &moe_model::Error) -> Status {
     use moe_model::Error as E;
     match e {
         E::InvalidInput(_) => Status::invalid_argument(e.to_string()),
         E::ExpertNotHeld { .. } => Status::failed_precondition(e.to_string()),
         E::KvCacheFull { .. } => Status::resource_exhausted(e.to_string()),
+        E::Remote { .. } => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }
