@@ -6,6 +6,17 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("placement: {0}")]
     Plan(String),
+    #[error("etcd: {context}: {source}")]
+    Etcd {
+        context: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A registry write refused because this coordinator lost leadership since.
+    #[error("{0}: refused, this coordinator is no longer the leader")]
+    NotLeader(String),
+    #[error("registry: {0}")]
+    Registry(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -7,11 +7,14 @@
 mod control;
 mod error;
 mod inference;
+mod leader;
+mod members;
 mod metrics;
 pub mod planner;
 pub mod registry;
 mod server;
 pub mod state;
+mod store;
 
 pub use error::{Error, Result};
 pub use server::{Args, run};

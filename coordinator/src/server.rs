@@ -16,8 +16,12 @@ use tokio::sync::Semaphore;
 use crate::control::ControlService;
 use crate::error::{Error, Result};
 use crate::inference::{Handoff, InferenceService};
+use crate::leader::{self, Election, LeaderGate};
 use crate::metrics;
+use crate::registry::{EtcdOptions, EtcdRegistry, InMemoryRegistry, Registry};
 use crate::state::{self, StateConfig};
+use crate::store::Store;
+use tonic::service::interceptor::InterceptedService;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -49,6 +53,66 @@ pub struct Args {
     /// Exit when stdin closes (set by `moectl up`).
     #[arg(long)]
     pub watch_stdin: bool,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Where membership is recorded. Without `--etcd` the coordinator keeps it in memory (one
+/// coordinator, nothing to install); with it, several coordinators elect a leader through etcd
+/// and a standby takes over what the leader recorded.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd client endpoints (comma-separated, e.g. `http://127.0.0.1:2379`).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd; clusters sharing an etcd use different prefixes.
+    #[arg(long, default_value = "/hunyuan-moe/default")]
+    pub etcd_prefix: String,
+    /// etcd user, when etcd has authentication on (password from `--etcd-password-file`).
+    #[arg(long, requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    #[arg(long, requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// Address workers and clients reach this coordinator at, announced in the election
+    /// (default: the bound listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Leadership lease: a dead leader is replaced after at most this long.
+    #[arg(long, default_value_t = 5)]
+    pub leader_ttl_s: u64,
+    /// Lease of the member records: how long they outlive the last coordinator.
+    #[arg(long, default_value_t = 30)]
+    pub member_ttl_s: u64,
+}
+
+impl EtcdArgs {
+    fn options(&self) -> Result<Option<EtcdOptions>> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        if self.leader_ttl_s < 2 || self.member_ttl_s < 2 {
+            return Err(Error::Registry(
+                "--leader-ttl-s and --member-ttl-s must be at least 2 (etcd leases count seconds)".into(),
+            ));
+        }
+        let credentials = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(user), Some(path)) => {
+                let password = moe_runtime::auth::read_token_file(path).map_err(|source| Error::Io {
+                    context: format!("reading the etcd password file {}", path.display()),
+                    source,
+                })?;
+                Some((user.clone(), password))
+            }
+            _ => None,
+        };
+        Ok(Some(EtcdOptions {
+            endpoints: self.etcd.clone(),
+            prefix: self.etcd_prefix.clone(),
+            member_ttl: Duration::from_secs(self.member_ttl_s),
+            request_timeout: Duration::from_secs(2),
+            credentials,
+        }))
+    }
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -66,12 +130,24 @@ pub async fn run(args: Args) -> Result<()> {
     let ckpt = moe_model::checkpoint::Checkpoint::open(&args.model)?;
     let model_id = moe_model::identity::model_identity(&args.model, &ckpt)?;
     drop(ckpt);
-    let state = state::spawn(StateConfig {
-        model: config.clone(),
-        model_id: model_id.clone(),
-        min_expert_workers: args.min_expert_workers,
-        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
-    });
+    let etcd = args.etcd.options()?;
+    let (mut registry, tick): (Box<dyn Registry>, Duration) = match &etcd {
+        Some(options) => (
+            Box::new(EtcdRegistry::connect(options.clone()).await?),
+            options.member_ttl / 4,
+        ),
+        None => (Box::new(InMemoryRegistry::default()), Duration::from_secs(1)),
+    };
+    registry.claim(&model_id).await?;
+    let state = state::spawn(
+        StateConfig {
+            model: config.clone(),
+            model_id: model_id.clone(),
+            min_expert_workers: args.min_expert_workers,
+            heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        },
+        Store::spawn(registry, tick),
+    );
     let admission = Arc::new(Semaphore::new(args.max_in_flight));
     if let Some(addr) = args.metrics_listen {
         let (listener, local) = metrics::bind(addr).await.map_err(|source| Error::Io {
@@ -106,16 +182,34 @@ pub async fn run(args: Args) -> Result<()> {
     })?;
     let (trigger, shutdown) = shutdown::channel();
     trigger.on_signals(args.watch_stdin);
-    tracing::info!(%local, %model_id, "coordinator serving");
+    let serving = match etcd {
+        Some(etcd) => Election {
+            etcd,
+            candidate: args.etcd.advertise.clone().unwrap_or_else(|| local.to_string()),
+            ttl: Duration::from_secs(args.etcd.leader_ttl_s),
+        }
+        .spawn(state.clone(), shutdown.clone()),
+        None => leader::lead_alone(&state)
+            .await
+            .map_err(|s| Error::Registry(s.message().to_owned()))?,
+    };
+    tracing::info!(%local, %model_id, "coordinator listening");
     net::announce("coordinator", local);
+    let gate = LeaderGate { serving };
     let server = tonic::transport::Server::builder()
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            InferenceServer::new(inference)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            RequireBearer::new(token),
+        .add_service(InterceptedService::new(
+            InterceptedService::new(
+                InferenceServer::new(inference)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                RequireBearer::new(token),
+            ),
+            gate.clone(),
         ))
-        .add_service(ControlServer::new(ControlService { state }))
+        .add_service(InterceptedService::new(
+            ControlServer::new(ControlService { state }),
+            gate,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());
     tokio::select! {
         r = server => r?,

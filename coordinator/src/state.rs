@@ -16,7 +16,9 @@ use moe_runtime::placement::ExpertWorkerRef;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::registry::{InMemoryRegistry, Registry};
+use crate::members::Members;
+use crate::registry::Fence;
+use crate::store::Store;
 
 #[derive(Debug, Clone)]
 pub struct StateConfig {
@@ -74,6 +76,11 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<ClusterStatusResponse>,
+    },
+    /// This coordinator became the leader: take over what the registry holds.
+    Lead {
+        fence: Option<Fence>,
+        reply: oneshot::Sender<()>,
     },
     Tick,
 }
@@ -142,11 +149,18 @@ impl StateHandle {
     pub async fn status(&self) -> Result<ClusterStatusResponse, Status> {
         self.ask(|reply| Command::Status { reply }).await
     }
+
+    /// Makes this coordinator's state the cluster's: loads what earlier leaders recorded, merges
+    /// it with what this one knows, and records the result under `fence`.
+    pub async fn lead(&self, fence: Option<Fence>) -> Result<(), Status> {
+        self.ask(|reply| Command::Lead { fence, reply }).await
+    }
 }
 
 struct State {
     config: StateConfig,
-    registry: Box<dyn Registry>,
+    members: Members,
+    store: Store,
     active: Option<PlacementView>,
     target: Option<PlacementView>,
     last_version: u64,
@@ -156,17 +170,15 @@ struct State {
     draining: std::collections::HashSet<String>,
 }
 
-/// Starts the state task with the embedded in-memory registry.
-pub fn spawn(config: StateConfig) -> StateHandle {
-    spawn_with(config, Box::new(InMemoryRegistry::default()))
-}
-
-pub fn spawn_with(config: StateConfig, registry: Box<dyn Registry>) -> StateHandle {
+/// Starts the state task, recording membership and placements through `store`. It serves once
+/// told to [`StateHandle::lead`].
+pub fn spawn(config: StateConfig, store: Store) -> StateHandle {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let tick = config.heartbeat_timeout / 4;
     let mut state = State {
         config,
-        registry,
+        members: Members::default(),
+        store,
         active: None,
         target: None,
         last_version: 0,
@@ -185,14 +197,14 @@ pub fn spawn_with(config: StateConfig, registry: Box<dyn Registry>) -> StateHand
     });
     tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
-            state.handle(cmd);
+            state.handle(cmd).await;
         }
     });
     StateHandle { tx }
 }
 
 impl State {
-    fn handle(&mut self, cmd: Command) {
+    async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Register {
                 role,
@@ -204,14 +216,14 @@ impl State {
                 let _ = reply.send(result);
             }
             Command::Heartbeat { id, status, reply } => {
-                let known = self.registry.heartbeat(&id, status);
+                let address = status.address.clone();
+                let known = self.members.heartbeat(&id, &address, status);
                 self.reconcile();
                 let active = self.active.as_ref().map_or(0, |p| p.version);
                 let released = known && self.releasable(&id);
                 if released {
                     tracing::info!(worker = %id, "drained: released");
-                    self.registry.remove(&id);
-                    self.draining.remove(&id);
+                    self.forget(&id);
                     self.inflight.remove(&id);
                 }
                 let _ = reply.send(HeartbeatResponse {
@@ -249,21 +261,92 @@ impl State {
                 reason,
                 reply,
             } => {
-                let removed = self.registry.remove(&worker).is_some();
+                let removed = self.forget(&worker);
                 if removed {
                     tracing::warn!(%worker, %reporter, %reason, "worker reported failed: dropped");
-                    self.inflight.remove(&worker);
                     self.reconcile();
                 }
                 let _ = reply.send(removed);
             }
             Command::Tick => {
-                for w in self.registry.expire(self.config.heartbeat_timeout) {
+                for w in self.members.expire(self.config.heartbeat_timeout) {
                     tracing::warn!(worker = %w.id, role = ?w.role, "no heartbeat within {:?}: dropped", self.config.heartbeat_timeout);
                     self.inflight.remove(&w.id);
+                    self.draining.remove(&w.id);
+                    self.store.remove_member(w.id);
                 }
                 self.reconcile();
             }
+            Command::Lead { fence, reply } => {
+                self.lead(fence).await;
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Drops a member from the view and the registry; true when it was one.
+    fn forget(&mut self, id: &str) -> bool {
+        self.inflight.remove(id);
+        self.draining.remove(id);
+        let known = self.members.remove(id).is_some();
+        if known {
+            self.store.remove_member(id.to_owned());
+        }
+        known
+    }
+
+    async fn lead(&mut self, fence: Option<Fence>) {
+        self.store.set_fence(fence).await;
+        let mut snapshot = None;
+        for attempt in 1..=3 {
+            match self.store.load().await {
+                Ok(s) => {
+                    snapshot = Some(s);
+                    break;
+                }
+                Err(e) => tracing::warn!(attempt, error = %e, "reading the registry failed"),
+            }
+        }
+        let Some(snapshot) = snapshot else {
+            tracing::error!(
+                "could not read the registry: leading with what this coordinator knows; unknown workers will register again"
+            );
+            return self.record_all();
+        };
+        let adopted = snapshot
+            .members
+            .into_iter()
+            .filter(|m| self.members.adopt(m.clone()))
+            .count();
+        if let Some(p) = snapshot.placement {
+            match PlacementView::from_proto(&p) {
+                // A newer placement than ours: another coordinator led since; it is the truth.
+                Ok(view) if view.version > self.last_version => {
+                    self.last_version = view.version;
+                    self.target = None;
+                    self.active = Some(view);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "the recorded placement is invalid: ignored"),
+            }
+        }
+        tracing::info!(
+            adopted,
+            members = self.members.iter().count(),
+            placement = self.active.as_ref().map_or(0, |p| p.version),
+            "leading"
+        );
+        self.record_all();
+        self.reconcile();
+    }
+
+    /// Records every member and the active placement under this leader's term.
+    fn record_all(&mut self) {
+        for w in self.members.iter() {
+            self.store.put_member(w.member());
+        }
+        if let Some(p) = &self.active {
+            self.store.put_placement(p.to_proto());
         }
     }
 
@@ -282,7 +365,9 @@ impl State {
                 "address `{address}` is not host:port"
             )));
         }
-        let id = self.registry.register(role, address.clone(), model_id);
+        let member = self.members.add(role, address.clone(), model_id);
+        let id = member.id.clone();
+        self.store.put_member(member);
         tracing::info!(worker = %id, ?role, %address, "worker registered");
         self.reconcile();
         Ok(id)
@@ -290,16 +375,14 @@ impl State {
 
     fn drain(&mut self, worker: String) -> Result<String, Status> {
         let role = self
-            .registry
-            .workers()
-            .into_iter()
+            .members
+            .iter()
             .find(|w| w.id == worker)
             .map(|w| w.role)
             .ok_or_else(|| Status::not_found(format!("no worker `{worker}` in the cluster")))?;
         let others = self
-            .registry
-            .workers()
-            .into_iter()
+            .members
+            .iter()
             .filter(|w| w.role == role && w.id != worker && !self.draining.contains(&w.id))
             .count();
         if others == 0 {
@@ -324,7 +407,7 @@ impl State {
         if !self.draining.contains(id) {
             return false;
         }
-        let Some(w) = self.registry.workers().into_iter().find(|w| w.id == id) else {
+        let Some(w) = self.members.iter().find(|w| w.id == id) else {
             return false;
         };
         match w.role {
@@ -340,9 +423,8 @@ impl State {
     }
 
     fn expert_workers(&self) -> Vec<ExpertWorkerRef> {
-        self.registry
-            .workers()
-            .into_iter()
+        self.members
+            .iter()
             .filter(|w| w.role == Role::Expert && !self.draining.contains(&w.id))
             .map(|w| ExpertWorkerRef {
                 id: w.id.clone(),
@@ -356,7 +438,9 @@ impl State {
     fn reconcile(&mut self) {
         let experts = self.expert_workers();
         let latest = self.target.as_ref().or(self.active.as_ref());
-        let changed = latest.is_none_or(|p| p.workers != experts);
+        // The same workers in another order (a new leader adopting them) need no new placement.
+        let changed =
+            latest.is_none_or(|p| p.workers.len() != experts.len() || p.workers.iter().any(|w| !experts.contains(w)));
         let enough =
             experts.len() >= self.config.min_expert_workers.max(1) || (self.active.is_some() && !experts.is_empty());
         if changed && enough {
@@ -368,14 +452,16 @@ impl State {
         }
         let Some(target) = &self.target else { return };
         let loaded = target.workers.iter().all(|w| {
-            self.registry
-                .workers()
+            self.members
                 .iter()
                 .any(|r| r.id == w.id && r.status.placement_version >= target.version)
         });
         if loaded {
             tracing::info!(version = target.version, "placement active");
             self.active = self.target.take();
+            if let Some(p) = &self.active {
+                self.store.put_placement(p.to_proto());
+            }
         }
     }
 
@@ -384,9 +470,8 @@ impl State {
             return Err("no expert placement is active yet (waiting for expert workers to load)".into());
         }
         let best = self
-            .registry
-            .workers()
-            .into_iter()
+            .members
+            .iter()
             // Only workers that already route with a placement can serve.
             .filter(|w| {
                 w.role == Role::Attention
@@ -416,9 +501,8 @@ impl State {
         let now = Instant::now();
         let active = self.active.as_ref();
         let workers = self
-            .registry
-            .workers()
-            .into_iter()
+            .members
+            .iter()
             .map(|w| {
                 let mut s = w.status.clone();
                 s.worker_id = w.id.clone();

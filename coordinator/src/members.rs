@@ -1,0 +1,166 @@
+//! The leader's live view of membership: who is in the cluster, what each last reported, and
+//! when it was last heard from. Heartbeats land here, never in etcd; the registry only records
+//! who the members are.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use moe_proto::v1::{Role, WorkerStatus};
+
+use crate::registry::Member;
+
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub id: String,
+    pub role: Role,
+    pub address: String,
+    pub model_id: String,
+    pub seq: u64,
+    pub last_seen: Instant,
+    pub status: WorkerStatus,
+}
+
+impl Live {
+    pub fn member(&self) -> Member {
+        Member {
+            id: self.id.clone(),
+            role: self.role,
+            address: self.address.clone(),
+            model_id: self.model_id.clone(),
+            seq: self.seq,
+        }
+    }
+}
+
+/// Members in registration order.
+#[derive(Debug, Default)]
+pub struct Members {
+    by_seq: BTreeMap<u64, Live>,
+    next_seq: u64,
+}
+
+fn role_prefix(role: Role) -> &'static str {
+    match role {
+        Role::Attention => "attn",
+        Role::Expert => "expert",
+        Role::Unspecified => "worker",
+    }
+}
+
+impl Members {
+    /// Adds a new member and returns its record.
+    pub fn add(&mut self, role: Role, address: String, model_id: String) -> Member {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let live = Live {
+            id: format!("{}-{seq}", role_prefix(role)),
+            role,
+            address,
+            model_id,
+            seq,
+            last_seen: Instant::now(),
+            status: WorkerStatus::default(),
+        };
+        let member = live.member();
+        self.by_seq.insert(seq, live);
+        member
+    }
+
+    /// Takes in a member recorded by an earlier leader, as if it had just been heard from (it
+    /// has a heartbeat timeout to show up); false when already known.
+    pub fn adopt(&mut self, m: Member) -> bool {
+        self.next_seq = self.next_seq.max(m.seq);
+        if self.get(&m.id).is_some() || self.by_seq.contains_key(&m.seq) {
+            return false;
+        }
+        self.by_seq.insert(
+            m.seq,
+            Live {
+                id: m.id,
+                role: m.role,
+                address: m.address,
+                model_id: m.model_id,
+                seq: m.seq,
+                last_seen: Instant::now(),
+                status: WorkerStatus::default(),
+            },
+        );
+        true
+    }
+
+    /// Records a heartbeat; false when no member has this id *and* address (expired, never
+    /// registered, or an id a previous leader gave to someone else before it crashed).
+    pub fn heartbeat(&mut self, id: &str, address: &str, status: WorkerStatus) -> bool {
+        match self.by_seq.values_mut().find(|w| w.id == id) {
+            Some(w) if address.is_empty() || w.address == address => {
+                w.last_seen = Instant::now();
+                w.status = status;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Live> {
+        self.by_seq.values().find(|w| w.id == id)
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<Live> {
+        let seq = self.get(id)?.seq;
+        self.by_seq.remove(&seq)
+    }
+
+    /// Drops members not heard from within `timeout`; returns them.
+    pub fn expire(&mut self, timeout: Duration) -> Vec<Live> {
+        let now = Instant::now();
+        let dead: Vec<u64> = self
+            .by_seq
+            .values()
+            .filter(|w| now.duration_since(w.last_seen) > timeout)
+            .map(|w| w.seq)
+            .collect();
+        dead.into_iter().filter_map(|s| self.by_seq.remove(&s)).collect()
+    }
+
+    /// Live members in registration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Live> {
+        self.by_seq.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_continue_after_adopted_members_and_heartbeats_check_the_address() {
+        let mut m = Members::default();
+        let adopted = Member {
+            id: "expert-7".into(),
+            role: Role::Expert,
+            address: "10.0.0.1:1".into(),
+            model_id: "x".into(),
+            seq: 7,
+        };
+        assert!(m.adopt(adopted.clone()));
+        assert!(!m.adopt(adopted), "adopting twice adds nothing");
+        let new = m.add(Role::Attention, "10.0.0.2:1".into(), "x".into());
+        assert_eq!(new.id, "attn-8");
+        assert!(m.heartbeat("expert-7", "10.0.0.1:1", WorkerStatus::default()));
+        // Same id, another address: not the member this id names.
+        assert!(!m.heartbeat("expert-7", "10.0.0.9:1", WorkerStatus::default()));
+        assert!(!m.heartbeat("expert-1", "10.0.0.1:1", WorkerStatus::default()));
+        let order: Vec<_> = m.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(order, ["expert-7", "attn-8"]);
+    }
+
+    #[test]
+    fn members_not_heard_from_expire() {
+        let mut m = Members::default();
+        m.add(Role::Expert, "a:1".into(), "x".into());
+        assert!(m.expire(Duration::from_secs(60)).is_empty());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(m.expire(Duration::from_millis(1)).len(), 1);
+        assert_eq!(m.iter().count(), 0);
+    }
+}

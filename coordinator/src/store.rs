@@ -1,0 +1,134 @@
+//! Write-behind access to the [`Registry`]: the state task hands writes over and goes on, so a
+//! slow or unreachable etcd never stalls heartbeats, request placement or serving. Writes are
+//! applied in order; one that fails for a transient reason stays queued and is retried (with
+//! everything after it) on the next tick. The same task keeps the member lease alive.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use moe_proto::v1::Placement;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Result;
+use crate::registry::{Fence, Member, Registry, Snapshot};
+
+enum Write {
+    Member(Member),
+    Remove(String),
+    Placement(Placement),
+}
+
+enum Op {
+    Write(Write),
+    Load(oneshot::Sender<Result<Snapshot>>),
+    Fence(Option<Fence>, oneshot::Sender<()>),
+}
+
+/// Cheap, cloneable handle to the store task.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+impl Store {
+    /// Starts the task; `tick` paces lease renewal and retries.
+    pub fn spawn(registry: Box<dyn Registry>, tick: Duration) -> Store {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(registry, rx, tick));
+        Store { tx }
+    }
+
+    pub fn put_member(&self, m: Member) {
+        let _ = self.tx.send(Op::Write(Write::Member(m)));
+    }
+
+    pub fn remove_member(&self, id: String) {
+        let _ = self.tx.send(Op::Write(Write::Remove(id)));
+    }
+
+    pub fn put_placement(&self, p: Placement) {
+        let _ = self.tx.send(Op::Write(Write::Placement(p)));
+    }
+
+    /// Reads what is recorded, after every write handed over before this call.
+    pub async fn load(&self) -> Result<Snapshot> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Load(reply))
+            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?;
+        rx.await
+            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?
+    }
+
+    /// Fences later writes on `fence` (see [`Registry::set_fence`]); queued writes are dropped,
+    /// as they were made under the previous term.
+    pub async fn set_fence(&self, fence: Option<Fence>) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Fence(fence, reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn apply(registry: &mut dyn Registry, w: &Write) -> Result<()> {
+    match w {
+        Write::Member(m) => registry.put_member(m).await,
+        Write::Remove(id) => registry.remove_member(id).await,
+        Write::Placement(p) => registry.put_placement(p).await,
+    }
+}
+
+/// Applies queued writes in order until one fails for a reason worth retrying.
+async fn drain(registry: &mut dyn Registry, queue: &mut VecDeque<Write>) {
+    while let Some(w) = queue.front() {
+        match apply(registry, w).await {
+            Ok(()) => {}
+            Err(e @ crate::Error::NotLeader(_)) => {
+                tracing::warn!(error = %e, "registry write dropped");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, queued = queue.len(), "registry write failed; will retry");
+                return;
+            }
+        }
+        queue.pop_front();
+    }
+}
+
+async fn run(mut registry: Box<dyn Registry>, mut rx: mpsc::UnboundedReceiver<Op>, tick: Duration) {
+    let mut queue = VecDeque::new();
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            op = rx.recv() => match op {
+                None => return,
+                Some(Op::Write(w)) => {
+                    queue.push_back(w);
+                    if queue.len() == 1 {
+                        drain(registry.as_mut(), &mut queue).await;
+                    }
+                }
+                Some(Op::Load(reply)) => {
+                    drain(registry.as_mut(), &mut queue).await;
+                    let _ = reply.send(registry.load().await);
+                }
+                Some(Op::Fence(fence, reply)) => {
+                    queue.clear();
+                    registry.set_fence(fence);
+                    let _ = reply.send(());
+                }
+            },
+            _ = ticker.tick() => {
+                drain(registry.as_mut(), &mut queue).await;
+                match registry.keep_alive().await {
+                    Ok(again) if !again.is_empty() => {
+                        tracing::warn!(members = again.len(), "member lease was lost: members recorded again");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "renewing the member lease failed; will retry"),
+                }
+            }
+        }
+    }
+}
