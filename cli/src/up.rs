@@ -50,6 +50,15 @@ pub struct Args {
     /// Seconds to wait for the cluster to serve.
     #[arg(long, default_value_t = 300)]
     ready_timeout: u64,
+    /// Record membership in etcd at these endpoints (comma-separated) instead of in memory.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Cluster key prefix in etcd.
+    #[arg(long, default_value = "/hunyuan-moe/default", requires = "etcd")]
+    etcd_prefix: String,
+    /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
 }
 
 struct Proc {
@@ -125,9 +134,38 @@ impl LocalCluster {
         if let Some(m) = args.metrics_listen {
             coordinator_args.extend(["--metrics-listen".into(), m.to_string()]);
         }
-        let coordinator = spawn("coordinator", &coordinator_args).await?;
-        let endpoint = coordinator.address.to_string();
-        procs.push(coordinator);
+        if args.coordinators == 0 {
+            bail!("--coordinators must be at least 1");
+        }
+        if args.coordinators > 1 && args.etcd.is_empty() {
+            bail!(
+                "--coordinators {} needs --etcd: standbys find the leader through etcd",
+                args.coordinators
+            );
+        }
+        if !args.etcd.is_empty() {
+            coordinator_args.extend([
+                "--etcd".into(),
+                args.etcd.join(","),
+                "--etcd-prefix".into(),
+                args.etcd_prefix.clone(),
+            ]);
+        }
+        let mut endpoints = Vec::new();
+        for i in 0..args.coordinators {
+            let mut a = coordinator_args.clone();
+            if i > 0 {
+                // Standbys: any free port, no second metrics server.
+                a[3] = "127.0.0.1:0".into();
+                if let Some(at) = a.iter().position(|x| x == "--metrics-listen") {
+                    a.drain(at..at + 2);
+                }
+            }
+            let coordinator = spawn("coordinator", &a).await?;
+            endpoints.push(coordinator.address.to_string());
+            procs.push(coordinator);
+        }
+        let endpoint = endpoints.join(",");
         let common = [
             "--model".to_owned(),
             model_arg,

@@ -13,9 +13,10 @@ use moe_proto::v1::attention_client::AttentionClient;
 use moe_proto::v1::inference_server::Inference;
 use moe_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse, HealthRequest, HealthResponse,
-    SubmitBatchRequest, SubmitBatchResponse, generate_response,
+    SubmitBatchRequest, SubmitBatchResponse,
 };
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
+use moe_runtime::resume::Progress;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -133,19 +134,13 @@ impl Handoff {
                 return;
             }
         };
-        let mut streamed: Vec<u32> = Vec::new();
-        let mut prompt_logits_sent = false;
+        let mut progress = Progress::default();
         let mut resumes = 0;
         loop {
             let failure = match upstream.next().await {
                 Some(Ok(event)) => {
-                    let finished = matches!(event.event, Some(generate_response::Event::Finished(_)));
-                    match &event.event {
-                        Some(generate_response::Event::Token(t)) => streamed.push(t.id),
-                        Some(generate_response::Event::PromptLogits(_)) => prompt_logits_sent = true,
-                        _ => {}
-                    }
-                    if tx.send(Ok(wrap(event))).await.is_err() || finished {
+                    progress.observe(&event);
+                    if tx.send(Ok(wrap(event))).await.is_err() || progress.finished {
                         return; // client gone (dropping `upstream` cancels the work), or done
                     }
                     continue;
@@ -162,24 +157,14 @@ impl Handoff {
                 return;
             }
             resumes += 1;
-            tracing::warn!(worker = %assignment.worker_id, status = %failure, streamed = streamed.len(), "attention worker failed mid-request; resuming elsewhere");
+            tracing::warn!(worker = %assignment.worker_id, status = %failure, streamed = progress.streamed.len(), "attention worker failed mid-request; resuming elsewhere");
             exclude.push(assignment.worker_id.clone());
-            let Some(resumed) = resume_request(&req, &streamed, prompt_logits_sent) else {
-                // Every token was already streamed; only the end was lost.
-                let reason = if streamed.len() as u32 >= req.sampling.as_ref().map_or(0, |s| s.max_tokens) {
-                    moe_proto::v1::FinishReason::Length
-                } else {
-                    moe_proto::v1::FinishReason::Stop
-                };
-                let done = GenerateResponse {
-                    event: Some(generate_response::Event::Finished(moe_proto::v1::Finished {
-                        reason: reason as i32,
-                        prompt_tokens: req.prompt_ids.len() as u32,
-                        generated_tokens: streamed.len() as u32,
-                    })),
-                };
-                let _ = tx.send(Ok(wrap(done))).await;
-                return;
+            let resumed = match progress.resume(&req) {
+                Ok(r) => r,
+                Err(done) => {
+                    let _ = tx.send(Ok(wrap(done))).await;
+                    return;
+                }
             };
             match self.start(resumed, &mut exclude).await {
                 Ok((u, a)) => {
@@ -193,22 +178,6 @@ impl Handoff {
             }
         }
     }
-}
-
-/// The request that continues `original` after `streamed` tokens, or `None` when nothing is
-/// left to generate (max_tokens reached, or the last token was a stop id).
-fn resume_request(original: &GenerateRequest, streamed: &[u32], prompt_logits_sent: bool) -> Option<GenerateRequest> {
-    let sampling = original.sampling.as_ref()?;
-    let done =
-        streamed.len() as u32 >= sampling.max_tokens || streamed.last().is_some_and(|t| sampling.stop_ids.contains(t));
-    if done {
-        return None;
-    }
-    let mut req = original.clone();
-    req.prompt_ids.extend_from_slice(streamed);
-    req.resumed_tokens += streamed.len() as u32;
-    req.return_prompt_logits &= !prompt_logits_sent;
-    Some(req)
 }
 
 #[tonic::async_trait]

@@ -1,5 +1,7 @@
 //! The worker side of the control plane: register with the coordinator, heartbeat, register
-//! again when the coordinator forgot us, and read placements.
+//! again when the coordinator forgot us, and read placements. Given several coordinators (one
+//! leader, standbys), calls go to the one that answered last and move on to the next when it
+//! is unreachable or a standby (both UNAVAILABLE): that is how workers follow a failover.
 
 use std::time::{Duration, Instant};
 
@@ -12,10 +14,11 @@ use moe_proto::v1::{
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::failover::Failover;
 use crate::placement::PlacementView;
 
 pub struct Membership {
-    client: ControlClient<Channel>,
+    coordinators: Failover<ControlClient<Channel>>,
     role: Role,
     address: String,
     model_id: String,
@@ -26,19 +29,23 @@ impl Membership {
     /// Registers, retrying while the coordinator is not reachable yet (up to `wait`). A refusal
     /// (a different model, a bad request) is returned at once.
     pub async fn register(
-        coordinator: &str,
+        coordinators: &[String],
         role: Role,
         address: String,
         model_id: String,
         wait: Duration,
     ) -> Result<Self, Status> {
-        let channel = crate::net::channel(coordinator)
-            .map_err(|e| Status::invalid_argument(format!("coordinator address {coordinator}: {e}")))?;
-        let client = ControlClient::new(channel)
-            .max_decoding_message_size(crate::net::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::net::MAX_MESSAGE_BYTES);
+        let mut targets = Vec::new();
+        for coordinator in coordinators {
+            let channel = crate::net::channel(coordinator)
+                .map_err(|e| Status::invalid_argument(format!("coordinator address {coordinator}: {e}")))?;
+            let client = ControlClient::new(channel)
+                .max_decoding_message_size(crate::net::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::net::MAX_MESSAGE_BYTES);
+            targets.push((coordinator.clone(), client));
+        }
         let mut m = Membership {
-            client,
+            coordinators: Failover::new(targets)?,
             role,
             address,
             model_id,
@@ -57,16 +64,19 @@ impl Membership {
     }
 
     async fn register_once(&mut self) -> Result<(), Status> {
+        let request = RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            role: self.role as i32,
+            address: self.address.clone(),
+            model_id: self.model_id.clone(),
+        };
         let resp = self
-            .client
-            .register(RegisterRequest {
-                protocol_version: PROTOCOL_VERSION,
-                role: self.role as i32,
-                address: self.address.clone(),
-                model_id: self.model_id.clone(),
+            .coordinators
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.register(r).await }
             })
-            .await?
-            .into_inner();
+            .await?;
         tracing::info!(worker_id = %resp.worker_id, role = ?self.role, "registered with the coordinator");
         self.worker_id = resp.worker_id;
         Ok(())
@@ -81,14 +91,17 @@ impl Membership {
         status.worker_id = self.worker_id.clone();
         status.role = self.role as i32;
         status.address = self.address.clone();
+        let request = HeartbeatRequest {
+            worker_id: self.worker_id.clone(),
+            status: Some(status),
+        };
         let resp = self
-            .client
-            .heartbeat(HeartbeatRequest {
-                worker_id: self.worker_id.clone(),
-                status: Some(status),
+            .coordinators
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.heartbeat(r).await }
             })
-            .await?
-            .into_inner();
+            .await?;
         if !resp.known {
             tracing::warn!(worker_id = %self.worker_id, "coordinator forgot this worker; registering again");
             self.register_once().await?;
@@ -99,34 +112,41 @@ impl Membership {
     /// The active placement, or the target one being prepared.
     pub async fn placement(&mut self, target: bool) -> Result<PlacementView, Status> {
         let p = self
-            .client
-            .get_placement(GetPlacementRequest { target })
-            .await?
-            .into_inner();
+            .coordinators
+            .call(|mut c| async move { c.get_placement(GetPlacementRequest { target }).await })
+            .await?;
         PlacementView::from_proto(&p).map_err(Status::internal)
     }
 
     /// Tells the coordinator that `worker` failed (as seen from here).
     pub async fn report_failure(&mut self, worker: &str, reason: &str) -> Result<bool, Status> {
+        let request = ReportFailureRequest {
+            reporter_id: self.worker_id.clone(),
+            worker_id: worker.to_owned(),
+            reason: reason.to_owned(),
+        };
         let resp = self
-            .client
-            .report_failure(ReportFailureRequest {
-                reporter_id: self.worker_id.clone(),
-                worker_id: worker.to_owned(),
-                reason: reason.to_owned(),
+            .coordinators
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.report_failure(r).await }
             })
             .await?;
-        Ok(resp.into_inner().removed)
+        Ok(resp.removed)
     }
 
     /// Asks the coordinator to drain this worker.
     pub async fn drain_self(&mut self) -> Result<String, Status> {
+        let request = DrainRequest {
+            worker_id: self.worker_id.clone(),
+        };
         let resp = self
-            .client
-            .drain(DrainRequest {
-                worker_id: self.worker_id.clone(),
+            .coordinators
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.drain(r).await }
             })
             .await?;
-        Ok(resp.into_inner().detail)
+        Ok(resp.detail)
     }
 }

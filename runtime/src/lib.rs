@@ -4,8 +4,10 @@ pub mod auth;
 pub mod client;
 pub mod control;
 pub mod convert;
+pub mod failover;
 pub mod net;
 pub mod placement;
+pub mod resume;
 pub mod shutdown;
 pub mod worker;
 

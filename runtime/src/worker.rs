@@ -93,9 +93,10 @@ pub struct WorkerArgs {
     /// Address other components reach this worker at (default: the bound listen address).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Coordinator control-plane address (host:port).
-    #[arg(long)]
-    pub coordinator: String,
+    /// Coordinator control-plane address (host:port); several, comma-separated, when
+    /// coordinators stand by for each other (the worker follows whichever leads).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub coordinator: Vec<String>,
     #[arg(long, default_value_t = 200)]
     pub heartbeat_ms: u64,
     /// Exit when stdin closes (set by `moectl up`, so no worker outlives its cluster).
@@ -127,7 +128,7 @@ pub struct WorkerSpec {
     pub listen: SocketAddr,
     /// Address others reach this worker at; default the bound address.
     pub advertise: Option<String>,
-    pub coordinator: String,
+    pub coordinator: Vec<String>,
     pub model_id: String,
     pub heartbeat: Duration,
     /// Time given to in-flight streams after shutdown.

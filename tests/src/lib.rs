@@ -2,6 +2,7 @@
 //! local cluster harness.
 
 pub mod cluster;
+pub mod etcd;
 
 use std::path::{Path, PathBuf};
 
