@@ -2,76 +2,22 @@
 //! the single-process engine and the golden fixture, for several worker counts; concurrent
 //! clients; a client that goes away; bad requests and bad dispatch messages.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use moe_model::golden::max_abs_diff;
-use moe_model::sampling::{GenerationRequest, SamplingParams};
+use moe_model::sampling::GenerationRequest;
 use moe_model::{Engine, EngineOptions};
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::v1::{GenerateRequest, Role};
 use moe_runtime::client::ClusterClient;
 use moe_tests::cluster::LocalCluster;
 use moe_tests::fixtures_dir;
+
+mod common;
+use common::*;
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-fn moectl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_moectl"))
-}
-
-fn tiny() -> PathBuf {
-    fixtures_dir().join("hunyuan-tiny")
-}
-
-fn greedy(prompt: &[u32], max_tokens: u32) -> GenerationRequest {
-    GenerationRequest::new(prompt.to_vec(), SamplingParams::greedy(max_tokens))
-}
-
-/// Prompts (deterministic draws) whose greedy decoding on the engine never has a top-1/top-2
-/// logit gap below 2e-3, so float rounding differences between batch compositions (~1e-5)
-/// cannot flip a token. Returns each prompt with its engine tokens.
-fn decisive_prompts(model: &Path, lens: &[usize], steps: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
-    prompts_with_gap(model, lens, steps, 2e-3)
-}
-
-/// Like `decisive_prompts` with another minimum gap.
-fn prompts_with_gap(model: &Path, lens: &[usize], steps: usize, min_gap: f32) -> Vec<(Vec<u32>, Vec<u32>)> {
-    let mut engine = Engine::load(model, EngineOptions::default()).unwrap();
-    let vocab = engine.config().vocab_size as u64;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (5 + state % (vocab - 5)) as u32
-    };
-    let mut out = Vec::new();
-    for &len in lens {
-        for _attempt in 0..50 {
-            let prompt: Vec<u32> = (0..len).map(|_| next()).collect();
-            let g = engine
-                .generate_greedy(std::slice::from_ref(&prompt), steps, &[], true)
-                .unwrap()
-                .remove(0);
-            let gap = g
-                .step_logits
-                .iter()
-                .map(|l| {
-                    let mut s = l.clone();
-                    s.sort_by(|a, b| b.total_cmp(a));
-                    s[0] - s[1]
-                })
-                .fold(f32::INFINITY, f32::min);
-            if gap >= min_gap {
-                out.push((prompt, g.tokens));
-                break;
-            }
-        }
-    }
-    assert_eq!(out.len(), lens.len(), "could not draw decisive prompts");
-    out
-}
 
 fn check_golden_through(endpoint: &str, fixture: &Path) {
     let out = std::process::Command::new(moectl())
@@ -535,79 +481,6 @@ async fn odd_layer_cla_model_through_the_cluster_matches_the_engine() {
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     for (prompt, want) in &prompts {
         assert_eq!(&client.generate(&greedy(prompt, 10)).await.unwrap().tokens, want);
-    }
-}
-
-/// Streams `req` and counts tokens into `progress` as they arrive.
-async fn tracked(
-    mut client: ClusterClient,
-    req: GenerationRequest,
-    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> Result<Vec<u32>, tonic::Status> {
-    let since = Instant::now();
-    let mut stream = client.generate_stream(&req).await?;
-    let mut g = moe_runtime::client::Generation::default();
-    while let Some(event) = stream.next().await {
-        // `absorb` refuses a token index that is not the next one: no gap, no repeat.
-        g.absorb(event?, since)?;
-        progress.store(g.tokens.len(), std::sync::atomic::Ordering::SeqCst);
-    }
-    Ok(g.tokens)
-}
-
-/// Starts tracked streams for `prompts` and waits (bounded) until each has a token.
-async fn start_tracked(
-    endpoint: &str,
-    prompts: &[(Vec<u32>, Vec<u32>)],
-    max_tokens: u32,
-) -> Vec<(
-    tokio::task::JoinHandle<Result<Vec<u32>, tonic::Status>>,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-)> {
-    let mut streams = Vec::new();
-    for (prompt, _) in prompts {
-        let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let client = ClusterClient::new(endpoint).unwrap();
-        let task = tokio::spawn(tracked(client, greedy(prompt, max_tokens), progress.clone()));
-        streams.push((task, progress));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while streams
-        .iter()
-        .any(|(_, p)| p.load(std::sync::atomic::Ordering::SeqCst) == 0)
-    {
-        assert!(Instant::now() < deadline, "streams did not start");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    streams
-}
-
-type Tracked = Vec<(
-    tokio::task::JoinHandle<Result<Vec<u32>, tonic::Status>>,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-)>;
-
-/// Streams that have not received all `steps` tokens yet; a disruption test asserts some exist
-/// at the moment of the disruption, or it proves nothing.
-fn assert_some_unfinished(streams: &Tracked, steps: u32) {
-    let unfinished = streams
-        .iter()
-        .filter(|(_, p)| p.load(std::sync::atomic::Ordering::SeqCst) < steps as usize)
-        .count();
-    assert!(
-        unfinished > 0,
-        "every request finished before the disruption; the test proved nothing"
-    );
-}
-
-/// Awaits every stream: none failed, each got exactly the tokens of an undisturbed run.
-async fn assert_streams_match(streams: Tracked, prompts: &[(Vec<u32>, Vec<u32>)]) {
-    for ((task, _), (prompt, want)) in streams.into_iter().zip(prompts) {
-        let got = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("request for {prompt:?} failed: {e}"));
-        assert_eq!(&got, want, "prompt {prompt:?}");
     }
 }
 
