@@ -19,6 +19,8 @@ pub struct MetricsSource {
     pub state: StateHandle,
     pub admission: Arc<Semaphore>,
     pub max_in_flight: usize,
+    /// Whether this coordinator leads (standbys report 0 and are not healthy).
+    pub serving: crate::leader::Serving,
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
@@ -43,8 +45,10 @@ pub async fn serve(listener: TcpListener, source: MetricsSource) {
             }
             let head = String::from_utf8_lossy(&buf[..read]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
+            let leading = *source.serving.borrow();
             let (status, body) = match (path, source.state.status().await) {
                 (_, Err(e)) => ("503 Service Unavailable", format!("{e}\n")),
+                ("/healthz", Ok(_)) if !leading => ("503 Service Unavailable", "standby: not the leader\n".into()),
                 ("/metrics", Ok(s)) => ("200 OK", render(&s, &source)),
                 ("/healthz", Ok(s)) if s.placement_version > 0 => ("200 OK", "serving\n".into()),
                 ("/healthz", Ok(_)) => ("503 Service Unavailable", "no active placement\n".into()),
@@ -83,6 +87,12 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
             .collect::<Vec<_>>()
     };
     let in_flight = source.max_in_flight - source.admission.available_permits();
+    metric(
+        "moe_coordinator_leader",
+        "gauge",
+        "1 while this coordinator leads the cluster, 0 while it stands by.",
+        &one(if *source.serving.borrow() { 1.0 } else { 0.0 }),
+    );
     metric(
         "moe_requests_in_flight",
         "gauge",

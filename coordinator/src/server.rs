@@ -149,26 +149,10 @@ pub async fn run(args: Args) -> Result<()> {
         Store::spawn(registry, tick),
     );
     let admission = Arc::new(Semaphore::new(args.max_in_flight));
-    if let Some(addr) = args.metrics_listen {
-        let (listener, local) = metrics::bind(addr).await.map_err(|source| Error::Io {
-            context: format!("binding the metrics address {addr}"),
-            source,
-        })?;
-        // Not a `LISTENING` line: launchers take the first of those as the API address.
-        println!("METRICS {local}");
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics::MetricsSource {
-                state: state.clone(),
-                admission: admission.clone(),
-                max_in_flight: args.max_in_flight,
-            },
-        ));
-    }
     let inference = InferenceService {
         state: state.clone(),
         config,
-        admission,
+        admission: admission.clone(),
         max_in_flight: args.max_in_flight,
         handoff: Arc::new(Handoff {
             state: state.clone(),
@@ -193,6 +177,23 @@ pub async fn run(args: Args) -> Result<()> {
             .await
             .map_err(|s| Error::Registry(s.message().to_owned()))?,
     };
+    if let Some(addr) = args.metrics_listen {
+        let (listener, local) = metrics::bind(addr).await.map_err(|source| Error::Io {
+            context: format!("binding the metrics address {addr}"),
+            source,
+        })?;
+        // Not a `LISTENING` line: launchers take the first of those as the API address.
+        println!("METRICS {local}");
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics::MetricsSource {
+                state: state.clone(),
+                admission: admission.clone(),
+                max_in_flight: args.max_in_flight,
+                serving: serving.clone(),
+            },
+        ));
+    }
     tracing::info!(%local, %model_id, "coordinator listening");
     net::announce("coordinator", local);
     let gate = LeaderGate { serving };
