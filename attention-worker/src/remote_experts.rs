@@ -87,6 +87,15 @@ impl Link {
 #[derive(Debug, Default)]
 pub struct DispatchStats {
     pub bytes: AtomicU64,
+    /// Tokens routed to each `layer * num_experts + expert` since start: the coordinator's
+    /// load statistics.
+    pub expert_tokens: Vec<AtomicU64>,
+}
+
+impl DispatchStats {
+    pub fn expert_tokens(&self) -> Vec<u64> {
+        self.expert_tokens.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
 }
 
 pub struct RemoteExperts {
@@ -105,7 +114,7 @@ pub struct RemoteExperts {
 }
 
 impl RemoteExperts {
-    pub fn new(handle: tokio::runtime::Handle, hidden: usize) -> Self {
+    pub fn new(handle: tokio::runtime::Handle, hidden: usize, num_layers: usize, num_experts: usize) -> Self {
         RemoteExperts {
             handle,
             hidden,
@@ -115,7 +124,10 @@ impl RemoteExperts {
             links: Mutex::new(HashMap::new()),
             suspects: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
-            stats: Arc::new(DispatchStats::default()),
+            stats: Arc::new(DispatchStats {
+                bytes: AtomicU64::new(0),
+                expert_tokens: (0..num_layers * num_experts).map(|_| AtomicU64::new(0)).collect(),
+            }),
         }
     }
 
@@ -159,18 +171,22 @@ fn split_by_worker(
 ) -> Result<Vec<WorkerBatch>, Error> {
     let mut batches: Vec<Option<WorkerBatch>> = (0..placement.workers.len()).map(|_| None).collect();
     let mut local: Vec<HashMap<u32, u32>> = vec![HashMap::new(); placement.workers.len()];
+    // Assignments given to each worker so far in this step.
+    let mut load = vec![0usize; placement.workers.len()];
     for a in assignments {
         if a.row as usize >= num_rows || a.expert as usize >= placement.num_experts {
             return Err(Error::InvalidInput(format!("assignment {a:?} out of range")));
         }
-        // Replicas: the first owner for now (load-aware choice comes with the balancer).
+        // Among an expert's replicas, the least loaded in this step (the first on ties).
         let w = *placement
             .owners(layer, a.expert as usize)
-            .first()
+            .iter()
+            .min_by_key(|&&w| load[w])
             .ok_or(Error::ExpertNotHeld {
                 layer,
                 expert: a.expert as usize,
             })?;
+        load[w] += 1;
         let batch = batches[w].get_or_insert_with(|| WorkerBatch {
             worker: w,
             rows: Vec::new(),
@@ -250,6 +266,12 @@ impl ExpertCompute for RemoteExperts {
                 retryable: true,
             })?;
         self.last_used.store(placement.version, Ordering::Relaxed);
+        let e = placement.num_experts;
+        for a in assignments {
+            if let Some(c) = self.stats.expert_tokens.get(layer * e + a.expert as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let batches = split_by_worker(&placement, layer, num_rows, assignments)?;
         let mut inflight = Vec::with_capacity(batches.len());
         for b in batches {
@@ -326,5 +348,54 @@ impl ExpertCompute for RemoteExperts {
             }
             Ok(out)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_runtime::placement::ExpertWorkerRef;
+
+    fn worker(i: usize) -> ExpertWorkerRef {
+        ExpertWorkerRef {
+            id: format!("w{i}"),
+            address: format!("127.0.0.1:{i}"),
+        }
+    }
+
+    fn assignment(row: u32, expert: u32) -> ExpertAssignment {
+        ExpertAssignment {
+            row,
+            expert,
+            weight: 0.5,
+        }
+    }
+
+    #[test]
+    fn replicas_share_a_hot_expert_and_rows_are_renumbered() {
+        // One layer, 2 experts; expert 0 on both workers, expert 1 on worker 1 only.
+        let p = PlacementView::from_owners(3, 1, 2, vec![worker(0), worker(1)], vec![vec![0, 1], vec![1]]);
+        let a: Vec<_> = (0..6).map(|r| assignment(r, 0)).chain([assignment(0, 1)]).collect();
+        let batches = split_by_worker(&p, 0, 6, &a).unwrap();
+        let per: Vec<(usize, usize)> = batches.iter().map(|b| (b.worker, b.assignments.len())).collect();
+        // Six rows of the hot expert alternate between its replicas; expert 1 goes to w1.
+        assert_eq!(per, [(0, 3), (1, 4)]);
+        let w0 = &batches[0];
+        assert_eq!(w0.rows, [0, 2, 4]);
+        assert_eq!(
+            w0.assignments.iter().map(|a| a.row).collect::<Vec<_>>(),
+            [0, 1, 2],
+            "dense local rows"
+        );
+        // Every assignment is sent exactly once.
+        let total: usize = batches.iter().map(|b| b.assignments.len()).sum();
+        assert_eq!(total, a.len());
+    }
+
+    #[test]
+    fn an_expert_nobody_holds_is_an_error() {
+        let p = PlacementView::from_owners(1, 1, 2, vec![worker(0)], vec![vec![0], vec![]]);
+        let err = split_by_worker(&p, 0, 1, &[assignment(0, 1)]).err().unwrap();
+        assert!(matches!(err, Error::ExpertNotHeld { layer: 0, expert: 1 }), "{err}");
     }
 }

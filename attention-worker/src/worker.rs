@@ -80,6 +80,8 @@ pub async fn run(args: Args) -> Result<()> {
     let remote = Arc::new(RemoteExperts::new(
         tokio::runtime::Handle::current(),
         config.hidden_size,
+        config.num_layers,
+        config.num_experts,
     ));
     let engine = Engine::new(
         model,
@@ -139,6 +141,7 @@ pub async fn run(args: Args) -> Result<()> {
             placement_version: remote.placement_version(),
             dropped_assignments: capacity.as_ref().map_or(0, |c| c.dropped.load(Ordering::Relaxed)),
             rerouted_assignments: capacity.as_ref().map_or(0, |c| c.rerouted.load(Ordering::Relaxed)),
+            expert_tokens: remote.stats.expert_tokens(),
             ..Default::default()
         }
     };

@@ -59,6 +59,18 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         wait_s: u64,
     },
+    /// Fit the expert placement to the recent load (replicas for hot experts, even expected
+    /// load per expert worker); the switch happens once the new slots are loaded.
+    Rebalance {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        endpoint: String,
+        /// Plan even when the current placement is already balanced.
+        #[arg(long)]
+        force: bool,
+        /// Wait up to this many seconds for the new placement to be active (0: do not wait).
+        #[arg(long, default_value_t = 120)]
+        wait_s: u64,
+    },
     /// Check a model against a golden fixture and print max |Δ| per quantity.
     CheckGolden(check_golden::Args),
     /// Write a seeded random Hunyuan-shaped model (HF layout) for tests and benchmarks.
@@ -103,6 +115,14 @@ fn main() -> ExitCode {
             } => {
                 let wait = (wait_s > 0).then(|| std::time::Duration::from_secs(wait_s));
                 ok(remote::drain(&endpoint, &worker, wait).await)
+            }
+            Command::Rebalance {
+                endpoint,
+                force,
+                wait_s,
+            } => {
+                let wait = (wait_s > 0).then(|| std::time::Duration::from_secs(wait_s));
+                ok(remote::rebalance(&endpoint, force, wait).await)
             }
             Command::GenModel(args) => ok(gen_model::run(args)),
             Command::Coordinator(args) => ok(moe_coordinator::run(args).await.map_err(Into::into)),

@@ -4,7 +4,9 @@ use std::io::Write;
 use std::time::Instant;
 
 use moe_model::sampling::{GenerationRequest, SamplingParams};
-use moe_proto::v1::Role;
+use std::collections::HashMap;
+
+use moe_proto::v1::{ClusterStatusResponse, Role};
 use moe_runtime::client::{ClusterClient, Generation};
 use tokio_stream::StreamExt;
 
@@ -40,9 +42,56 @@ pub async fn generate(endpoint: &str, prompt: Vec<u32>, sampling: SamplingParams
     Ok(())
 }
 
+/// Each expert worker's expected share of the window's expert load under the active
+/// placement (a replica takes an equal part of its expert's load), by worker id.
+fn load_shares(s: &ClusterStatusResponse) -> HashMap<String, f64> {
+    let mut holders: HashMap<u32, usize> = HashMap::new();
+    for w in &s.workers {
+        for &slot in &w.expert_slots {
+            *holders.entry(slot).or_default() += 1;
+        }
+    }
+    let total: u64 = s.expert_load.iter().sum();
+    s.workers
+        .iter()
+        .filter(|w| w.role == Role::Expert as i32 && total > 0)
+        .map(|w| {
+            let tokens: f64 = w
+                .expert_slots
+                .iter()
+                .map(|&slot| s.expert_load.get(slot as usize).copied().unwrap_or(0) as f64 / holders[&slot] as f64)
+                .sum();
+            (w.worker_id.clone(), tokens / total as f64)
+        })
+        .collect()
+}
+
+/// The `n` (layer, expert) cells with the most tokens in the window, with their share.
+fn hottest(s: &ClusterStatusResponse, n: usize) -> Vec<(usize, usize, f64)> {
+    let total: u64 = s.expert_load.iter().sum();
+    let e = s.num_experts.max(1) as usize;
+    let mut cells: Vec<(usize, u64)> = s.expert_load.iter().copied().enumerate().collect();
+    cells.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    cells
+        .into_iter()
+        .take_while(|&(_, t)| t > 0)
+        .take(n)
+        .map(|(i, t)| (i / e, i % e, t as f64 / total as f64))
+        .collect()
+}
+
+fn busy_ms_per_dispatch(w: &moe_proto::v1::WorkerStatus) -> f64 {
+    if w.dispatches_served == 0 {
+        0.0
+    } else {
+        w.busy_micros as f64 / 1000.0 / w.dispatches_served as f64
+    }
+}
+
 pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(endpoint)?;
     let s = client.status().await?;
+    let shares = load_shares(&s);
     if json {
         let workers: Vec<serde_json::Value> = s
             .workers
@@ -54,12 +103,19 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
                     "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total, "rows_served": w.rows_served,
                     "tokens_processed": w.tokens_processed, "dispatch_bytes": w.dispatch_bytes,
                     "placement_version": w.placement_version, "millis_since_heartbeat": w.millis_since_heartbeat,
+                    "expected_load_share": shares.get(&w.worker_id), "busy_ms_per_dispatch": busy_ms_per_dispatch(w),
+                    "spare_slots": w.spare_slots,
                 })
             })
             .collect();
         let v = serde_json::json!({
             "model_id": s.model_id, "placement_version": s.placement_version,
             "running_requests": s.running_requests, "queued_requests": s.queued_requests, "workers": workers,
+            "expert_load": {
+                "window_s": s.load_window_s, "tokens": s.expert_load.iter().sum::<u64>(),
+                "imbalance": s.load_imbalance,
+                "per_layer": s.expert_load.chunks(s.num_experts.max(1) as usize).collect::<Vec<_>>(),
+            },
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -68,6 +124,19 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
         "model {}  placement v{}  requests: {} running, {} queued",
         s.model_id, s.placement_version, s.running_requests, s.queued_requests
     );
+    let tokens: u64 = s.expert_load.iter().sum();
+    if tokens > 0 {
+        let hot: Vec<String> = hottest(&s, 5)
+            .into_iter()
+            .map(|(l, e, f)| format!("L{l}/E{e} {:.1}%", f * 100.0))
+            .collect();
+        println!(
+            "expert load, last {:.0} s: {tokens} tokens; expected imbalance {:.3} (max/mean worker); hottest: {}",
+            s.load_window_s,
+            s.load_imbalance,
+            hot.join(", ")
+        );
+    }
     println!(
         "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>10}",
         "worker", "role", "address", "experts", "load", "kv blocks", "heartbeat"
@@ -77,7 +146,10 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
         let (experts, load, kv) = match role {
             Role::Expert => (
                 w.expert_slots.len().to_string(),
-                format!("{} rows", w.rows_served),
+                match shares.get(&w.worker_id) {
+                    Some(share) => format!("{:.1}%", share * 100.0),
+                    None => format!("{} rows", w.rows_served),
+                },
                 "-".to_owned(),
             ),
             _ => (
@@ -124,4 +196,35 @@ pub async fn drain(endpoint: &str, worker: &str, wait: Option<std::time::Duratio
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Asks the coordinator for a placement fitted to the recent expert load; with `wait`, until the
+/// new placement is active.
+pub async fn rebalance(endpoint: &str, force: bool, wait: Option<std::time::Duration>) -> anyhow::Result<()> {
+    let channel = moe_runtime::net::channel(endpoint)?;
+    let mut control = moe_proto::v1::control_client::ControlClient::new(channel);
+    let r = control
+        .rebalance(moe_proto::v1::RebalanceRequest { force })
+        .await?
+        .into_inner();
+    println!(
+        "{}",
+        serde_json::json!({
+            "target_version": r.target_version, "imbalance_before": r.imbalance_before,
+            "imbalance_after": r.imbalance_after, "detail": r.detail,
+        })
+    );
+    let Some(wait) = wait.filter(|_| r.target_version > 0) else {
+        return Ok(());
+    };
+    let mut client = ClusterClient::new(endpoint)?;
+    let deadline = Instant::now() + wait;
+    while client.status().await?.placement_version < r.target_version {
+        if Instant::now() >= deadline {
+            anyhow::bail!("placement {} not active after {wait:?}", r.target_version);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!("placement {} active", r.target_version);
+    Ok(())
 }

@@ -56,6 +56,13 @@ pub struct Args {
     /// Cluster key prefix in etcd.
     #[arg(long, default_value = "/hunyuan-moe/default", requires = "etcd")]
     etcd_prefix: String,
+    /// Expert slots per layer per expert worker beyond an even share, for replicas of hot
+    /// experts.
+    #[arg(long, default_value_t = 0)]
+    spare_slots: u32,
+    /// Rebalance the expert placement by itself above this expected imbalance (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    rebalance_threshold: f64,
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
     #[arg(long, default_value_t = 1)]
     coordinators: usize,
@@ -127,6 +134,8 @@ impl LocalCluster {
             args.expert_workers.to_string(),
             "--max-in-flight".into(),
             args.max_in_flight.to_string(),
+            "--rebalance-threshold".into(),
+            args.rebalance_threshold.to_string(),
         ];
         if let Some(f) = &args.auth_token_file {
             coordinator_args.extend(["--auth-token-file".into(), f.to_string_lossy().into_owned()]);
@@ -172,8 +181,10 @@ impl LocalCluster {
             "--coordinator".to_owned(),
             endpoint.clone(),
         ];
+        let mut expert_args = common.to_vec();
+        expert_args.extend(["--spare-slots".into(), args.spare_slots.to_string()]);
         for _ in 0..args.expert_workers {
-            procs.push(spawn("expert-worker", &common).await?);
+            procs.push(spawn("expert-worker", &expert_args).await?);
         }
         let mut attn_args = common.to_vec();
         attn_args.extend(["--capacity-policy".into(), args.capacity_policy.clone()]);

@@ -1012,3 +1012,100 @@ async fn a_lossy_capacity_policy_is_opt_in_and_counted() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_under_load_replicates_hot_experts_and_changes_no_token() {
+    // Proves: `moectl rebalance` fits the placement to the load counted from real traffic:
+    // hot experts get replicas in the spare slots, the switch happens while requests stream,
+    // none fails, the tokens are those of an undisturbed run, and the load window, the expected
+    // imbalance and the per-worker shares are visible in `moectl status --json`.
+    // Long streams: the switch takes a few heartbeats (200 ms each) and must land mid-stream.
+    const STEPS: u32 = 1200;
+    let prompts = prompts_with_gap(&tiny(), &[3, 9, 17, 26, 5, 12], STEPS as usize, 5e-5);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--spare-slots", "8"]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    // Traffic to count: one run of every prompt, then the window holds it.
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, 40)).await.unwrap().tokens, &want[..40]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let s = client.status().await.unwrap();
+        if s.load_imbalance > 0.0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no expert load reached the coordinator");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(before.expert_load.len(), 2 * 64);
+    assert!(before.expert_load.iter().sum::<u64>() > 0);
+
+    let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
+    let out = std::process::Command::new(moectl())
+        .args(["rebalance", "--force", "--wait-s", "0", "--endpoint", &cluster.endpoint])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let target = report["target_version"].as_u64().unwrap();
+    assert!(target > before.placement_version, "{report}");
+    assert!(
+        report["imbalance_after"].as_f64().unwrap() <= report["imbalance_before"].as_f64().unwrap(),
+        "{report}"
+    );
+    // The switch must happen while requests are running: the attention worker routes with the
+    // new placement (bounded wait) before the streams are done.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = client.status().await.unwrap();
+        let switched = s
+            .workers
+            .iter()
+            .any(|w| w.role == Role::Attention as i32 && w.placement_version == target);
+        if switched {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "placement {target} never reached the attention worker"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_some_unfinished(&streams, STEPS);
+    assert_streams_match(streams, &prompts).await;
+
+    let after = client.status().await.unwrap();
+    assert_eq!(after.placement_version, target, "the rebalanced placement is active");
+    let held: usize = after.workers.iter().map(|w| w.expert_slots.len()).sum();
+    assert!(
+        held > 128,
+        "hot experts got replicas in the spare slots ({held} slots for 128 experts)"
+    );
+    for w in after.workers.iter().filter(|w| w.role == Role::Expert as i32) {
+        assert!(
+            w.expert_slots.len() <= 2 * (32 + 8),
+            "{} holds {} slots",
+            w.worker_id,
+            w.expert_slots.len()
+        );
+    }
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+    }
+    let out = std::process::Command::new(moectl())
+        .args(["status", "--json", "--endpoint", &cluster.endpoint])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["expert_load"]["tokens"].as_u64().unwrap() > 0, "{status}");
+    let shares: f64 = status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["expected_load_share"].as_f64())
+        .sum();
+    assert!(
+        (shares - 1.0).abs() < 1e-9,
+        "the expert workers' shares add up to the whole load: {shares}"
+    );
+}

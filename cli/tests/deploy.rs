@@ -196,20 +196,33 @@ fn coordinators_and_workers_reach_services_that_exist() {
                     services.insert(format!("{name}:{}", p["port"].as_u64().unwrap()));
                 }
             }
-            for c in doc["spec"]["template"]["spec"]["containers"].as_sequence().into_iter().flatten() {
+            for c in doc["spec"]["template"]["spec"]["containers"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+            {
                 let args = strings(&c["args"]);
                 for w in args.windows(2) {
                     if matches!(w[0].as_str(), "--etcd" | "--coordinator") {
                         for target in w[1].split(',') {
-                            uses.push((path.display().to_string(), target.trim_start_matches("http://").to_owned()));
+                            uses.push((
+                                path.display().to_string(),
+                                target.trim_start_matches("http://").to_owned(),
+                            ));
                         }
                     }
                 }
             }
         }
     }
-    assert!(uses.iter().any(|(_, t)| t.starts_with("moe-etcd")), "no coordinator uses etcd");
+    assert!(
+        uses.iter().any(|(_, t)| t.starts_with("moe-etcd")),
+        "no coordinator uses etcd"
+    );
     for (place, target) in uses {
-        assert!(services.contains(&target), "{place}: {target} is not a Service port ({services:?})");
+        assert!(
+            services.contains(&target),
+            "{place}: {target} is not a Service port ({services:?})"
+        );
     }
 }

@@ -2,8 +2,8 @@
 
 use moe_proto::v1::control_server::Control;
 use moe_proto::v1::{
-    DrainRequest, DrainResponse, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RegisterRequest,
-    RegisterResponse, ReportFailureRequest, ReportFailureResponse, Role,
+    DrainRequest, DrainResponse, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RebalanceRequest,
+    RebalanceResponse, RegisterRequest, RegisterResponse, ReportFailureRequest, ReportFailureResponse, Role,
 };
 use tonic::{Request, Response, Status};
 
@@ -15,6 +15,10 @@ pub struct ControlService {
 
 #[tonic::async_trait]
 impl Control for ControlService {
+    async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
+        Ok(Response::new(self.state.rebalance(request.into_inner().force).await?))
+    }
+
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let req = request.into_inner();
         moe_runtime::convert::check_version(req.protocol_version)?;

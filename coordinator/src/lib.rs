@@ -8,6 +8,7 @@ mod control;
 mod error;
 mod inference;
 mod leader;
+mod load;
 mod members;
 mod metrics;
 pub mod planner;

@@ -19,7 +19,7 @@ use crate::inference::{Handoff, InferenceService};
 use crate::leader::{self, Election, LeaderGate};
 use crate::metrics;
 use crate::registry::{EtcdOptions, EtcdRegistry, InMemoryRegistry, Registry};
-use crate::state::{self, StateConfig};
+use crate::state::{self, BalanceConfig, StateConfig};
 use crate::store::Store;
 use tonic::service::interceptor::InterceptedService;
 
@@ -55,6 +55,17 @@ pub struct Args {
     pub watch_stdin: bool,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// Expert load is counted over this moving window (seconds).
+    #[arg(long, default_value_t = 30)]
+    pub load_window_s: u64,
+    /// Rebalance the expert placement by itself when its expected imbalance (max/mean expert
+    /// worker load, worst layer) over the window passes this, e.g. 1.3; 0 = only on
+    /// `moectl rebalance`.
+    #[arg(long, default_value_t = 0.0)]
+    pub rebalance_threshold: f64,
+    /// Least seconds between two automatic rebalances.
+    #[arg(long, default_value_t = 60)]
+    pub rebalance_interval_s: u64,
 }
 
 /// Where membership is recorded. Without `--etcd` the coordinator keeps it in memory (one
@@ -116,6 +127,16 @@ impl EtcdArgs {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    if args.load_window_s == 0 {
+        return Err(moe_model::Error::InvalidInput("--load-window-s must be positive".into()).into());
+    }
+    if !(args.rebalance_threshold == 0.0 || args.rebalance_threshold > 1.0) {
+        return Err(moe_model::Error::InvalidInput(format!(
+            "--rebalance-threshold {} must be 0 (off) or above 1 (max/mean load)",
+            args.rebalance_threshold
+        ))
+        .into());
+    }
     if args.max_in_flight == 0 {
         return Err(moe_model::Error::InvalidInput("--max-in-flight must be positive".into()).into());
     }
@@ -145,6 +166,12 @@ pub async fn run(args: Args) -> Result<()> {
             model_id: model_id.clone(),
             min_expert_workers: args.min_expert_workers,
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+            balance: BalanceConfig {
+                window: Duration::from_secs(args.load_window_s),
+                threshold: args.rebalance_threshold,
+                min_interval: Duration::from_secs(args.rebalance_interval_s),
+                ..BalanceConfig::default()
+            },
         },
         Store::spawn(registry, tick),
     );

@@ -10,13 +10,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use moe_model::ModelConfig;
-use moe_proto::v1::{ClusterStatusResponse, HeartbeatResponse, Placement, Role, WorkerStatus};
+use moe_proto::v1::{ClusterStatusResponse, HeartbeatResponse, Placement, RebalanceResponse, Role, WorkerStatus};
 use moe_runtime::PlacementView;
 use moe_runtime::placement::ExpertWorkerRef;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
+use crate::load::LoadWindow;
 use crate::members::Members;
+use crate::planner::{self, WorkerSlots};
 use crate::registry::Fence;
 use crate::store::Store;
 
@@ -28,7 +30,36 @@ pub struct StateConfig {
     pub min_expert_workers: usize,
     /// A worker not heard from for this long is dropped.
     pub heartbeat_timeout: Duration,
+    pub balance: BalanceConfig,
 }
+
+/// When and how the expert placement follows the load.
+#[derive(Debug, Clone)]
+pub struct BalanceConfig {
+    /// Expert load is counted over this moving window.
+    pub window: Duration,
+    /// Rebalance by itself when the active placement's expected imbalance (max/mean expert
+    /// worker load, worst layer) over the window passes this; 0 = only on request.
+    pub threshold: f64,
+    /// Least time between two automatic rebalances.
+    pub min_interval: Duration,
+    /// Tokens the window must hold before an automatic rebalance trusts it.
+    pub min_tokens: u64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            window: Duration::from_secs(30),
+            threshold: 0.0,
+            min_interval: Duration::from_secs(60),
+            min_tokens: 10_000,
+        }
+    }
+}
+
+/// A placement within this of perfect balance is left alone by a rebalance that is not forced.
+const BALANCED: f64 = 1.05;
 
 /// An attention worker chosen for a request; dropping it releases the slot.
 pub struct Assignment {
@@ -76,6 +107,10 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<ClusterStatusResponse>,
+    },
+    Rebalance {
+        force: bool,
+        reply: oneshot::Sender<Result<RebalanceResponse, Status>>,
     },
     /// This coordinator became the leader: take over what the registry holds.
     Lead {
@@ -150,6 +185,11 @@ impl StateHandle {
         self.ask(|reply| Command::Status { reply }).await
     }
 
+    /// Plans a placement for the load of the window and makes it the target.
+    pub async fn rebalance(&self, force: bool) -> Result<RebalanceResponse, Status> {
+        self.ask(|reply| Command::Rebalance { force, reply }).await?
+    }
+
     /// Makes this coordinator's state the cluster's: loads what earlier leaders recorded, merges
     /// it with what this one knows, and records the result under `fence`.
     pub async fn lead(&self, fence: Option<Fence>) -> Result<(), Status> {
@@ -168,6 +208,8 @@ struct State {
     inflight: HashMap<String, usize>,
     /// Workers being drained.
     draining: std::collections::HashSet<String>,
+    load: LoadWindow,
+    last_rebalance: Instant,
 }
 
 /// Starts the state task, recording membership and placements through `store`. It serves once
@@ -175,7 +217,10 @@ struct State {
 pub fn spawn(config: StateConfig, store: Store) -> StateHandle {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let tick = config.heartbeat_timeout / 4;
+    let load = LoadWindow::new(config.balance.window, config.model.num_layers, config.model.num_experts);
     let mut state = State {
+        load,
+        last_rebalance: Instant::now(),
         config,
         members: Members::default(),
         store,
@@ -215,9 +260,14 @@ impl State {
                 let result = self.register(role, address, model_id);
                 let _ = reply.send(result);
             }
-            Command::Heartbeat { id, status, reply } => {
+            Command::Heartbeat { id, mut status, reply } => {
                 let address = status.address.clone();
+                // Load counters feed the window; the stored status stays small.
+                let tokens = std::mem::take(&mut status.expert_tokens);
                 let known = self.members.heartbeat(&id, &address, status);
+                if known && let Err(why) = self.load.observe(&id, &tokens) {
+                    tracing::warn!(worker = %id, %why, "load report ignored");
+                }
                 self.reconcile();
                 let active = self.active.as_ref().map_or(0, |p| p.version);
                 let released = known && self.releasable(&id);
@@ -273,9 +323,14 @@ impl State {
                     tracing::warn!(worker = %w.id, role = ?w.role, "no heartbeat within {:?}: dropped", self.config.heartbeat_timeout);
                     self.inflight.remove(&w.id);
                     self.draining.remove(&w.id);
+                    self.load.forget(&w.id);
                     self.store.remove_member(w.id);
                 }
                 self.reconcile();
+                self.auto_rebalance();
+            }
+            Command::Rebalance { force, reply } => {
+                let _ = reply.send(self.rebalance(force));
             }
             Command::Lead { fence, reply } => {
                 self.lead(fence).await;
@@ -288,6 +343,7 @@ impl State {
     fn forget(&mut self, id: &str) -> bool {
         self.inflight.remove(id);
         self.draining.remove(id);
+        self.load.forget(id);
         let known = self.members.remove(id).is_some();
         if known {
             self.store.remove_member(id.to_owned());
@@ -422,6 +478,110 @@ impl State {
         }
     }
 
+    /// Expected imbalance of the active placement under the window's load (worst layer), or
+    /// 0 when there is no load or no placement.
+    fn imbalance(&self, load: &[Vec<f64>]) -> f64 {
+        let Some(active) = &self.active else { return 0.0 };
+        if load.iter().flatten().all(|&x| x == 0.0) {
+            return 0.0;
+        }
+        planner::imbalance(active, load).into_iter().fold(0.0, f64::max)
+    }
+
+    fn rebalance(&mut self, force: bool) -> Result<RebalanceResponse, Status> {
+        if let Some(t) = &self.target {
+            return Err(Status::failed_precondition(format!(
+                "placement {} is still loading; rebalance once it is active",
+                t.version
+            )));
+        }
+        let Some(active) = self.active.clone() else {
+            return Err(Status::unavailable("no placement yet: waiting for expert workers"));
+        };
+        let load = self.load.matrix();
+        let seen: f64 = load.iter().flatten().sum();
+        if seen == 0.0 {
+            return Err(Status::failed_precondition(format!(
+                "no expert load seen in the last {:?}: nothing to balance on",
+                self.load.window()
+            )));
+        }
+        let before = self.imbalance(&load);
+        let experts = self.expert_workers();
+        let e = self.config.model.num_experts;
+        let share = e.div_ceil(experts.len().max(1));
+        let slots: Vec<WorkerSlots> = experts
+            .into_iter()
+            .map(|worker| {
+                let spare = self
+                    .members
+                    .get(&worker.id)
+                    .map_or(0, |w| w.status.spare_slots as usize);
+                WorkerSlots {
+                    worker,
+                    slots: (share + spare).min(e),
+                }
+            })
+            .collect();
+        let current = (!force).then_some(&active);
+        let plan = planner::plan(self.last_version + 1, &load, &slots, current, BALANCED)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let after = planner::imbalance(&plan, &load).into_iter().fold(0.0, f64::max);
+        if plan.same_slots(&active) || (!force && after >= before) {
+            return Ok(RebalanceResponse {
+                target_version: 0,
+                imbalance_before: before,
+                imbalance_after: before,
+                detail: format!(
+                    "placement {} kept: imbalance {before:.3} is as good as planning gets",
+                    active.version
+                ),
+            });
+        }
+        self.last_version = plan.version;
+        self.last_rebalance = Instant::now();
+        tracing::info!(
+            version = plan.version,
+            before,
+            after,
+            "rebalancing: new target placement"
+        );
+        let detail = format!(
+            "placement {} loading: expected imbalance {before:.3} -> {after:.3}; it switches once every expert worker has loaded its slots",
+            plan.version
+        );
+        let target_version = plan.version;
+        self.target = Some(plan);
+        self.reconcile();
+        Ok(RebalanceResponse {
+            target_version,
+            imbalance_before: before,
+            imbalance_after: after,
+            detail,
+        })
+    }
+
+    /// Rebalances by itself when the threshold is set and passed, at most once per interval.
+    fn auto_rebalance(&mut self) {
+        let b = self.config.balance.clone();
+        if b.threshold <= 0.0 || self.target.is_some() || self.last_rebalance.elapsed() < b.min_interval {
+            return;
+        }
+        let load = self.load.matrix();
+        if (load.iter().flatten().sum::<f64>() as u64) < b.min_tokens {
+            return;
+        }
+        let imbalance = self.imbalance(&load);
+        if imbalance > b.threshold {
+            // Whatever the outcome, wait an interval before trying again.
+            self.last_rebalance = Instant::now();
+            match self.rebalance(false) {
+                Ok(r) => tracing::info!(imbalance, threshold = b.threshold, detail = %r.detail, "automatic rebalance"),
+                Err(s) => tracing::warn!(imbalance, status = %s, "automatic rebalance not possible"),
+            }
+        }
+    }
+
     fn expert_workers(&self) -> Vec<ExpertWorkerRef> {
         self.members
             .iter()
@@ -520,7 +680,13 @@ impl State {
             .collect::<Vec<_>>();
         let running = workers.iter().map(|w| w.running).sum();
         let queued = workers.iter().map(|w| w.waiting).sum();
+        let load = self.load.matrix();
         ClusterStatusResponse {
+            expert_load: self.load.totals(),
+            num_layers: self.config.model.num_layers as u32,
+            num_experts: self.config.model.num_experts as u32,
+            load_window_s: self.load.window().as_secs_f64(),
+            load_imbalance: self.imbalance(&load),
             model_id: self.config.model_id.clone(),
             placement_version: active.map_or(0, |p| p.version),
             workers,

@@ -75,6 +75,7 @@ impl ExpertService {
                 weight: req.assignment_weights[i],
             });
         }
+        let started = std::time::Instant::now();
         let out = tokio::task::spawn_blocking(move || experts.compute(layer, &values, n, &assignments))
             .await
             .map_err(|e| (Code::Internal, format!("expert task failed: {e}")))?
@@ -82,7 +83,7 @@ impl ExpertService {
                 let s = moe_runtime::convert::status(&e);
                 (s.code(), s.message().to_owned())
             })?;
-        state.count_rows(n);
+        state.count_dispatch(n, started.elapsed());
         Ok(encode_f32(&out, &[n, config.hidden_size]))
     }
 }

@@ -16,6 +16,9 @@ pub struct ExpertState {
     ckpt: Checkpoint,
     inner: RwLock<Inner>,
     pub rows_served: AtomicU64,
+    /// Time spent computing dispatches, and dispatches served: the worker's busy time per step.
+    pub busy_micros: AtomicU64,
+    pub dispatches: AtomicU64,
 }
 
 struct Inner {
@@ -35,6 +38,8 @@ impl ExpertState {
                 versions: BTreeMap::new(),
             }),
             rows_served: AtomicU64::new(0),
+            busy_micros: AtomicU64::new(0),
+            dispatches: AtomicU64::new(0),
         })
     }
 
@@ -96,7 +101,9 @@ impl ExpertState {
         self.inner.write().expect("lock").versions.clear();
     }
 
-    pub fn count_rows(&self, rows: usize) {
+    pub fn count_dispatch(&self, rows: usize, busy: std::time::Duration) {
         self.rows_served.fetch_add(rows as u64, Ordering::Relaxed);
+        self.busy_micros.fetch_add(busy.as_micros() as u64, Ordering::Relaxed);
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -22,6 +22,10 @@ use crate::state::ExpertState;
 pub struct Args {
     #[command(flatten)]
     pub worker: WorkerArgs,
+    /// Expert slots per layer beyond an even share of the experts, for replicas of hot
+    /// experts (each costs one expert's weights per layer in memory).
+    #[arg(long, default_value_t = 0)]
+    pub spare_slots: u32,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -43,6 +47,9 @@ pub async fn run(args: Args) -> Result<()> {
     let status = || WorkerStatus {
         expert_slots: state.held_slots(),
         rows_served: state.rows_served.load(Ordering::Relaxed),
+        busy_micros: state.busy_micros.load(Ordering::Relaxed),
+        dispatches_served: state.dispatches.load(Ordering::Relaxed),
+        spare_slots: args.spare_slots,
         placement_version: state.newest_version(),
         ..Default::default()
     };

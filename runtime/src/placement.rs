@@ -48,6 +48,11 @@ impl PlacementView {
         }
     }
 
+    /// The same workers serving the same slots (versions aside).
+    pub fn same_slots(&self, other: &PlacementView) -> bool {
+        self.workers == other.workers && self.owners == other.owners
+    }
+
     /// A placement from explicit owners: `owners[layer * num_experts + expert]` lists the
     /// indices into `workers` that serve it.
     pub fn from_owners(
