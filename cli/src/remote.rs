@@ -4,8 +4,6 @@ use std::io::Write;
 use std::time::Instant;
 
 use moe_model::sampling::{GenerationRequest, SamplingParams};
-use std::collections::HashMap;
-
 use moe_proto::v1::{ClusterStatusResponse, Role};
 use moe_runtime::client::{ClusterClient, Generation};
 use tokio_stream::StreamExt;
@@ -42,30 +40,6 @@ pub async fn generate(endpoint: &str, prompt: Vec<u32>, sampling: SamplingParams
     Ok(())
 }
 
-/// Each expert worker's expected share of the window's expert load under the active
-/// placement (a replica takes an equal part of its expert's load), by worker id.
-fn load_shares(s: &ClusterStatusResponse) -> HashMap<String, f64> {
-    let mut holders: HashMap<u32, usize> = HashMap::new();
-    for w in &s.workers {
-        for &slot in &w.expert_slots {
-            *holders.entry(slot).or_default() += 1;
-        }
-    }
-    let total: u64 = s.expert_load.iter().sum();
-    s.workers
-        .iter()
-        .filter(|w| w.role == Role::Expert as i32 && total > 0)
-        .map(|w| {
-            let tokens: f64 = w
-                .expert_slots
-                .iter()
-                .map(|&slot| s.expert_load.get(slot as usize).copied().unwrap_or(0) as f64 / holders[&slot] as f64)
-                .sum();
-            (w.worker_id.clone(), tokens / total as f64)
-        })
-        .collect()
-}
-
 /// The `n` (layer, expert) cells with the most tokens in the window, with their share.
 fn hottest(s: &ClusterStatusResponse, n: usize) -> Vec<(usize, usize, f64)> {
     let total: u64 = s.expert_load.iter().sum();
@@ -91,7 +65,6 @@ fn busy_ms_per_dispatch(w: &moe_proto::v1::WorkerStatus) -> f64 {
 pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(endpoint)?;
     let s = client.status().await?;
-    let shares = load_shares(&s);
     if json {
         let workers: Vec<serde_json::Value> = s
             .workers
@@ -103,7 +76,7 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
                     "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total, "rows_served": w.rows_served,
                     "tokens_processed": w.tokens_processed, "dispatch_bytes": w.dispatch_bytes,
                     "placement_version": w.placement_version, "millis_since_heartbeat": w.millis_since_heartbeat,
-                    "expected_load_share": shares.get(&w.worker_id), "busy_ms_per_dispatch": busy_ms_per_dispatch(w),
+                    "expected_load_share": (w.role == Role::Expert as i32).then_some(w.load_share), "busy_ms_per_dispatch": busy_ms_per_dispatch(w),
                     "spare_slots": w.spare_slots,
                 })
             })
@@ -146,9 +119,10 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
         let (experts, load, kv) = match role {
             Role::Expert => (
                 w.expert_slots.len().to_string(),
-                match shares.get(&w.worker_id) {
-                    Some(share) => format!("{:.1}%", share * 100.0),
-                    None => format!("{} rows", w.rows_served),
+                if s.expert_load.iter().any(|&t| t > 0) {
+                    format!("{:.1}%", w.load_share * 100.0)
+                } else {
+                    format!("{} rows", w.rows_served)
                 },
                 "-".to_owned(),
             ),

@@ -6,10 +6,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-const BUCKET: Duration = Duration::from_secs(1);
-
 pub struct LoadWindow {
     window: Duration,
+    /// Reports closer together than this share a bucket: one second, or a tenth of a short
+    /// window.
+    bucket: Duration,
     num_layers: usize,
     num_experts: usize,
     /// Last cumulative counters per attention worker.
@@ -22,6 +23,7 @@ impl LoadWindow {
     pub fn new(window: Duration, num_layers: usize, num_experts: usize) -> Self {
         LoadWindow {
             window,
+            bucket: (window / 10).min(Duration::from_secs(1)),
             num_layers,
             num_experts,
             last: HashMap::new(),
@@ -68,7 +70,7 @@ impl LoadWindow {
             return;
         }
         match self.buckets.back_mut() {
-            Some((start, counts)) if now.duration_since(*start) < BUCKET => {
+            Some((start, counts)) if now.duration_since(*start) < self.bucket => {
                 for (c, d) in counts.iter_mut().zip(delta) {
                     *c += d;
                 }

@@ -169,6 +169,36 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
         &per(&attention, &|w| w.rerouted_assignments as f64),
     );
     metric(
+        "moe_expert_busy_seconds_total",
+        "counter",
+        "Time spent computing dispatches per expert worker (busy time; over dispatches: per step).",
+        &per(&experts, &|w| w.busy_micros as f64 / 1e6),
+    );
+    metric(
+        "moe_expert_dispatches_total",
+        "counter",
+        "Dispatch messages served per expert worker.",
+        &per(&experts, &|w| w.dispatches_served as f64),
+    );
+    metric(
+        "moe_expert_load_share",
+        "gauge",
+        "Share of the window's expert load each expert worker is expected to serve (balanced: 1/workers).",
+        &per(&experts, &|w| w.load_share),
+    );
+    metric(
+        "moe_expert_load_imbalance",
+        "gauge",
+        "Expected max/mean expert-worker load of the active placement over the load window, worst layer (0: no load yet).",
+        &one(s.load_imbalance),
+    );
+    metric(
+        "moe_expert_tokens_window",
+        "gauge",
+        "Tokens routed to experts over the load window (per layer and expert: moectl status --json).",
+        &one(s.expert_load.iter().sum::<u64>() as f64),
+    );
+    metric(
         "moe_workers",
         "gauge",
         "Live workers by role.",

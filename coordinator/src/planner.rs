@@ -16,22 +16,43 @@ pub struct WorkerSlots {
 /// (`load[layer][expert]`, e.g. tokens routed over a window). A replica serves an equal share
 /// of its expert's load. 1.0 is perfect balance.
 pub fn imbalance(placement: &PlacementView, load: &[Vec<f64>]) -> Vec<f64> {
-    let w = placement.workers.len();
     load.iter()
         .enumerate()
         .map(|(l, layer)| {
-            let mut per_worker = vec![0.0; w];
-            for (e, &x) in layer.iter().enumerate() {
-                let owners = placement.owners(l, e);
-                for &o in owners {
-                    per_worker[o] += x / owners.len() as f64;
-                }
-            }
-            let mean = per_worker.iter().sum::<f64>() / w as f64;
+            let per_worker = worker_loads(placement, l, layer);
+            let mean = per_worker.iter().sum::<f64>() / per_worker.len() as f64;
             let max = per_worker.iter().copied().fold(0.0, f64::max);
             if mean > 0.0 { max / mean } else { 1.0 }
         })
         .collect()
+}
+
+/// Each worker's expected load in `layer` (`load[expert]`), replicas taking equal parts.
+fn worker_loads(placement: &PlacementView, layer: usize, load: &[f64]) -> Vec<f64> {
+    let mut per_worker = vec![0.0; placement.workers.len()];
+    for (e, &x) in load.iter().enumerate() {
+        let owners = placement.owners(layer, e);
+        for &o in owners {
+            per_worker[o] += x / owners.len() as f64;
+        }
+    }
+    per_worker
+}
+
+/// Each worker's share of the whole load (`[layer][expert]`) under `placement`, replicas
+/// taking equal parts; all zeros without load.
+pub fn load_shares(placement: &PlacementView, load: &[Vec<f64>]) -> Vec<f64> {
+    let mut per_worker = vec![0.0; placement.workers.len()];
+    for (l, layer) in load.iter().enumerate() {
+        for (w, x) in worker_loads(placement, l, layer).into_iter().enumerate() {
+            per_worker[w] += x;
+        }
+    }
+    let total: f64 = per_worker.iter().sum();
+    if total > 0.0 {
+        per_worker.iter_mut().for_each(|x| *x /= total);
+    }
+    per_worker
 }
 
 /// Plans a placement of `load` (`[layer][expert]`) over `workers`. If `current` is given and its

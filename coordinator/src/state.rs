@@ -660,6 +660,8 @@ impl State {
     fn status(&self) -> ClusterStatusResponse {
         let now = Instant::now();
         let active = self.active.as_ref();
+        let load = self.load.matrix();
+        let shares = active.map(|p| planner::load_shares(p, &load)).unwrap_or_default();
         let workers = self
             .members
             .iter()
@@ -673,6 +675,12 @@ impl State {
                     let e = self.config.model.num_experts;
                     if let Some(p) = active {
                         s.expert_slots = p.slots_of(&w.id).into_iter().map(|(l, x)| (l * e + x) as u32).collect();
+                        s.load_share = p
+                            .workers
+                            .iter()
+                            .position(|x| x.id == w.id)
+                            .and_then(|i| shares.get(i).copied())
+                            .unwrap_or(0.0);
                     }
                 }
                 s
@@ -680,7 +688,6 @@ impl State {
             .collect::<Vec<_>>();
         let running = workers.iter().map(|w| w.running).sum();
         let queued = workers.iter().map(|w| w.waiting).sum();
-        let load = self.load.matrix();
         ClusterStatusResponse {
             expert_load: self.load.totals(),
             num_layers: self.config.model.num_layers as u32,
