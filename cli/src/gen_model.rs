@@ -53,6 +53,10 @@ pub struct ShapeOverrides {
     /// Write a separate lm_head.weight instead of tying it to the embedding.
     #[arg(long)]
     untied: bool,
+    /// Make expert popularity follow a Zipf law with this exponent (a per-layer router logit
+    /// bias, `mlp.gate.wg.bias`; 0 = none), for load-balancing benchmarks.
+    #[arg(long)]
+    skew: Option<f64>,
 }
 
 impl ShapeOverrides {
@@ -73,6 +77,9 @@ impl ShapeOverrides {
         set(&mut shape.vocab, self.vocab);
         if self.untied {
             shape.tie_embeddings = false;
+        }
+        if let Some(s) = self.skew {
+            shape.router_skew = s;
         }
     }
 }

@@ -63,6 +63,13 @@ impl AttentionModel {
                 post_attention_norm: ckpt.vector(&names::layer(l, names::POST_ATTN_NORM), h)?,
                 router: Router {
                     wg: ckpt.matrix_f32(&names::layer(l, names::ROUTER), config.num_experts, h)?,
+                    bias: {
+                        let name = names::layer(l, names::ROUTER_BIAS);
+                        match ckpt.contains(&name) {
+                            true => Some(ckpt.vector(&name, config.num_experts)?),
+                            false => None,
+                        }
+                    },
                     topk: lc.moe_topk,
                     renormalize: config.renormalize_topk,
                 },

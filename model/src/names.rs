@@ -26,6 +26,9 @@ pub const O_PROJ: &str = "self_attn.o_proj.weight";
 pub const Q_NORM: &str = "self_attn.query_layernorm.weight";
 pub const K_NORM: &str = "self_attn.key_layernorm.weight";
 pub const ROUTER: &str = "mlp.gate.wg.weight";
+/// Not in the released checkpoints (their gate has no bias; HF's loader ignores the key): our
+/// synthetic skewed models carry a per-expert router logit bias here.
+pub const ROUTER_BIAS: &str = "mlp.gate.wg.bias";
 
 /// Is this tensor part of a routed expert (the part expert workers own)?
 pub fn is_routed_expert(name: &str) -> bool {

@@ -60,6 +60,8 @@ impl RoutePolicy for ExactRouting {
 pub struct Router {
     /// `[num_experts, hidden]`, always f32 (the checkpoints keep `wg` in f32 too).
     pub wg: Matrix,
+    /// Added to the logits when the checkpoint has `mlp.gate.wg.bias` (synthetic skewed models).
+    pub bias: Option<Vec<f32>>,
     pub topk: usize,
     pub renormalize: bool,
 }
@@ -69,6 +71,11 @@ impl Router {
     pub fn logits(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut logits = vec![0.0; rows * self.wg.rows];
         linear(x, rows, &self.wg, &mut logits);
+        if let Some(bias) = &self.bias {
+            for row in logits.chunks_mut(bias.len()) {
+                row.iter_mut().zip(bias).for_each(|(l, b)| *l += b);
+            }
+        }
         logits
     }
 
@@ -118,6 +125,7 @@ mod tests {
         let wg = Matrix::from_f32(4, 1, vec![0.0; 4]);
         let mut router = Router {
             wg,
+            bias: None,
             topk: 2,
             renormalize: true,
         };
@@ -133,5 +141,19 @@ mod tests {
         let total: f32 = logits.iter().map(|v| v.exp()).sum();
         assert_eq!(r.experts, vec![1]);
         assert!((r.weights[0] - e1 / total).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_router_bias_is_added_to_every_row_of_logits() {
+        // wg = identity on 2 inputs, 3 experts (third reads nothing).
+        let wg = Matrix::from_f32(3, 2, vec![1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        let router = Router {
+            wg,
+            bias: Some(vec![0.5, -1.0, 2.0]),
+            topk: 1,
+            renormalize: false,
+        };
+        let logits = router.logits(&[1.0, 2.0, 3.0, 4.0], 2);
+        assert_eq!(logits, [1.5, 1.0, 2.0, 3.5, 3.0, 2.0]);
     }
 }

@@ -43,6 +43,10 @@ pub struct ModelShape {
     pub cla_share_factor: usize,
     pub tie_embeddings: bool,
     pub max_positions: usize,
+    /// Zipf exponent of expert popularity (0: none). Non-zero adds a router logit bias
+    /// `-S * c * ln(rank + 1)` per layer (c = 2.34, the router noise's Gumbel scale) (ranks a seeded permutation of the experts), stored as
+    /// `mlp.gate.wg.bias`, so the imbalance is a property of the model and reproducible.
+    pub router_skew: f64,
 }
 
 pub const PRESETS: &[&str] = &["tiny", "tiny-large", "medium", "a13b", "large"];
@@ -63,6 +67,7 @@ impl ModelShape {
             cla_share_factor: 1,
             tie_embeddings: true,
             max_positions: 32768,
+            router_skew: 0.0,
         };
         Ok(match name {
             // The golden fixture's shapes.
@@ -83,6 +88,7 @@ impl ModelShape {
                 cla_share_factor: 2,
                 tie_embeddings: true,
                 max_positions: 131072,
+                router_skew: 0.0,
             },
             "large" => ModelShape {
                 family: Family::Large,
@@ -98,6 +104,7 @@ impl ModelShape {
                 cla_share_factor: 2,
                 tie_embeddings: true,
                 max_positions: 131072,
+                router_skew: 0.0,
             },
             other => {
                 return Err(Error::InvalidInput(format!(
@@ -110,6 +117,12 @@ impl ModelShape {
 
     /// Checks that the sizes make a model this crate (and the reference) can run.
     pub fn validate(&self) -> Result<()> {
+        if !self.router_skew.is_finite() || self.router_skew < 0.0 {
+            return Err(Error::InvalidInput(format!(
+                "router skew {} must be a finite exponent >= 0",
+                self.router_skew
+            )));
+        }
         let bad = |what: String| Err(Error::InvalidInput(format!("model shape: {what}")));
         for (name, v) in [
             ("vocab", self.vocab),
@@ -246,6 +259,9 @@ impl ModelShape {
             specs.push(spec(n(names::Q_NORM), dtype, &[self.head_dim]));
             specs.push(spec(n(names::K_NORM), dtype, &[self.head_dim]));
             specs.push(spec(n(names::ROUTER), DType::F32, &[self.experts, h]));
+            if self.router_skew != 0.0 {
+                specs.push(spec(n(names::ROUTER_BIAS), DType::F32, &[self.experts]));
+            }
             for p in ["gate_proj", "up_proj"] {
                 specs.push(spec(names::shared(l, p), dtype, &[i, h]));
             }
@@ -279,10 +295,15 @@ fn spec(name: String, dtype: DType, shape: &[usize]) -> TensorSpec {
 enum Init {
     Normal(f64),
     Uniform(f64, f64),
+    /// `-S * c * ln(rank + 1)`, ranks a seeded permutation.
+    Zipf(f64),
 }
 
-fn init_for(spec: &TensorSpec, hidden: usize) -> Init {
+fn init_for(spec: &TensorSpec, hidden: usize, skew: f64) -> Init {
     let name = spec.name.as_str();
+    if name.ends_with(names::ROUTER_BIAS) {
+        return Init::Zipf(skew);
+    }
     let fan_in = *spec.shape.last().unwrap_or(&1) as f64;
     if name.ends_with("layernorm.weight") || name == names::FINAL_NORM {
         Init::Uniform(0.7, 1.3)
@@ -307,16 +328,29 @@ fn tensor_rng(seed: u64, name: &str) -> SplitMix64 {
     SplitMix64::new(seed ^ h.rotate_left(17))
 }
 
-fn fill_tensor(spec: &TensorSpec, hidden: usize, seed: u64, out: &mut Vec<u8>) {
+fn fill_tensor(spec: &TensorSpec, hidden: usize, skew: f64, seed: u64, out: &mut Vec<u8>) {
     let mut rng = tensor_rng(seed, &spec.name);
     let count: usize = spec.shape.iter().product();
-    let init = init_for(spec, hidden);
+    let init = init_for(spec, hidden, skew);
     let mut push = |v: f32| match spec.dtype {
         DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
         DType::BF16 => out.extend_from_slice(&f32_to_bf16(v).to_le_bytes()),
         DType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
     };
     match init {
+        Init::Zipf(s) => {
+            // Fisher-Yates: which expert gets which popularity rank differs per layer.
+            let mut rank: Vec<usize> = (0..count).collect();
+            for i in (1..count).rev() {
+                rank.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            // Choices under noisy logits behave like a softmax with the noise's Gumbel scale
+            // (std * sqrt(6) / pi; the router logits have std ~3 here), so scaling the bias by
+            // it makes the *realised* popularity fall off like rank^-S.
+            let gumbel_scale = 3.0 * 6f64.sqrt() / std::f64::consts::PI;
+            rank.iter()
+                .for_each(|&r| push((-s * gumbel_scale * ((r + 1) as f64).ln()) as f32));
+        }
         Init::Uniform(lo, hi) => (0..count).for_each(|_| push((lo + (hi - lo) * rng.unit()) as f32)),
         Init::Normal(std) => {
             // Box-Muller, two values per draw.
@@ -376,9 +410,9 @@ pub fn write_random_model(shape: &ModelShape, options: &SynthOptions, dir: &Path
         )?,
     ];
     let specs = shape.tensor_specs(options.dtype);
-    let (hidden, seed) = (shape.hidden, options.seed);
+    let (hidden, skew, seed) = (shape.hidden, shape.router_skew, options.seed);
     files.extend(write_model(dir, &specs, options.shard_bytes, &mut |s, buf| {
-        fill_tensor(s, hidden, seed, buf)
+        fill_tensor(s, hidden, skew, seed, buf)
     })?);
     Ok(files)
 }

@@ -37,6 +37,7 @@ fn ids(ck: &Checkpoint, name: &str) -> Vec<i64> {
 fn top1(logits: &[f32]) -> Routing {
     let router = Router {
         wg: Matrix::from_f32(E, 1, vec![0.0; E]),
+        bias: None,
         topk: 1,
         renormalize: false,
     };
