@@ -90,6 +90,10 @@ pub struct DispatchStats {
     /// Tokens routed to each `layer * num_experts + expert` since start: the coordinator's
     /// load statistics.
     pub expert_tokens: Vec<AtomicU64>,
+    /// Per layer dispatch: assignments to the busiest expert worker, and the mean over the
+    /// placement's workers (x1000), summed; their ratio is the measured per-step imbalance.
+    pub busiest_assignments: AtomicU64,
+    pub mean_assignments_milli: AtomicU64,
 }
 
 impl DispatchStats {
@@ -126,6 +130,8 @@ impl RemoteExperts {
             next_id: AtomicU64::new(1),
             stats: Arc::new(DispatchStats {
                 bytes: AtomicU64::new(0),
+                busiest_assignments: AtomicU64::new(0),
+                mean_assignments_milli: AtomicU64::new(0),
                 expert_tokens: (0..num_layers * num_experts).map(|_| AtomicU64::new(0)).collect(),
             }),
         }
@@ -273,6 +279,14 @@ impl ExpertCompute for RemoteExperts {
             }
         }
         let batches = split_by_worker(&placement, layer, num_rows, assignments)?;
+        let busiest = batches.iter().map(|b| b.assignments.len()).max().unwrap_or(0);
+        let workers = placement.workers.len().max(1);
+        self.stats
+            .busiest_assignments
+            .fetch_add(busiest as u64, Ordering::Relaxed);
+        self.stats
+            .mean_assignments_milli
+            .fetch_add((assignments.len() * 1000 / workers) as u64, Ordering::Relaxed);
         let mut inflight = Vec::with_capacity(batches.len());
         for b in batches {
             let mut packed = Vec::with_capacity(b.rows.len() * h);

@@ -142,6 +142,8 @@ pub async fn run(args: Args) -> Result<()> {
             dropped_assignments: capacity.as_ref().map_or(0, |c| c.dropped.load(Ordering::Relaxed)),
             rerouted_assignments: capacity.as_ref().map_or(0, |c| c.rerouted.load(Ordering::Relaxed)),
             expert_tokens: remote.stats.expert_tokens(),
+            busiest_assignments: remote.stats.busiest_assignments.load(Ordering::Relaxed),
+            mean_assignments_milli: remote.stats.mean_assignments_milli.load(Ordering::Relaxed),
             ..Default::default()
         }
     };

@@ -44,6 +44,10 @@ pub struct Args {
     /// Skip measuring memory bandwidth and matmul peak.
     #[arg(long)]
     no_machine: bool,
+    /// (Cluster only) Run the load, ask the coordinator to rebalance the expert placement for
+    /// it, run the same load again, and report the expert-worker imbalance before and after.
+    #[arg(long, requires = "endpoint")]
+    rebalance: bool,
 }
 
 enum Target {
@@ -116,19 +120,146 @@ fn prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
-async fn dispatch_counters(target: &Target) -> (u64, u64) {
-    let Target::Cluster(c) = target else { return (0, 0) };
+/// Cumulative cluster counters, read from the coordinator's status.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    dispatch_bytes: u64,
+    tokens: u64,
+    busiest_assignments: u64,
+    mean_assignments_milli: u64,
+    /// The coordinator's expected imbalance of the active placement over its load window.
+    expected_imbalance: f64,
+    placement_version: u64,
+}
+
+async fn counters(target: &Target) -> Counters {
+    let Target::Cluster(c) = target else {
+        return Counters::default();
+    };
     // Workers report their counters with their heartbeats (every 200 ms by default): let one
     // pass so the snapshot covers what just ran.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    match c.clone().status().await {
-        Ok(s) => s
-            .workers
-            .iter()
-            .filter(|w| w.role == Role::Attention as i32)
-            .fold((0, 0), |(b, t), w| (b + w.dispatch_bytes, t + w.tokens_processed)),
-        Err(_) => (0, 0),
+    let Ok(s) = c.clone().status().await else {
+        return Counters::default();
+    };
+    let mut out = Counters {
+        expected_imbalance: s.load_imbalance,
+        placement_version: s.placement_version,
+        ..Counters::default()
+    };
+    for w in s.workers.iter().filter(|w| w.role == Role::Attention as i32) {
+        out.dispatch_bytes += w.dispatch_bytes;
+        out.tokens += w.tokens_processed;
+        out.busiest_assignments += w.busiest_assignments;
+        out.mean_assignments_milli += w.mean_assignments_milli;
     }
+    out
+}
+
+/// One run of the configured load.
+struct Phase {
+    wall_s: f64,
+    results: Vec<Result<Generation, String>>,
+    before: Counters,
+    after: Counters,
+}
+
+impl Phase {
+    async fn run(target: &Arc<Target>, args: &Args, vocab: usize) -> anyhow::Result<Phase> {
+        let before = counters(target).await;
+        let queue = Arc::new(Mutex::new(prompts(args.requests, args.prompt_len, vocab, args.seed)));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..args.concurrency.min(args.requests) {
+            let (queue, target) = (queue.clone(), target.clone());
+            let gen_len = args.gen_len;
+            workers.push(tokio::spawn(async move {
+                let mut results = Vec::new();
+                loop {
+                    let Some(prompt) = queue.lock().await.pop() else { break };
+                    results.push(target.run(&greedy(prompt, gen_len)).await);
+                }
+                results
+            }));
+        }
+        let mut results = Vec::new();
+        for w in workers {
+            results.extend(w.await?);
+        }
+        let wall_s = started.elapsed().as_secs_f64();
+        Ok(Phase {
+            wall_s,
+            results,
+            before,
+            after: counters(target).await,
+        })
+    }
+
+    fn ok(&self) -> Vec<&Generation> {
+        self.results.iter().filter_map(|r| r.as_ref().ok()).collect()
+    }
+
+    fn failed(&self) -> usize {
+        self.results.iter().filter(|r| r.is_err()).count()
+    }
+
+    fn decode_tokens_per_s(&self) -> f64 {
+        self.ok().iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / self.wall_s
+    }
+
+    /// Measured per-step imbalance over this phase: assignments to the busiest expert worker
+    /// over the mean per worker, summed over every layer dispatch (bigger steps weigh more).
+    fn step_imbalance(&self) -> Option<f64> {
+        let busiest = self.after.busiest_assignments - self.before.busiest_assignments;
+        let mean = (self.after.mean_assignments_milli - self.before.mean_assignments_milli) as f64 / 1000.0;
+        (mean > 0.0).then(|| busiest as f64 / mean)
+    }
+
+    fn balance(&self) -> serde_json::Value {
+        json!({
+            "placement_version": self.after.placement_version,
+            "step_imbalance": self.step_imbalance(),
+            "expected_imbalance": self.after.expected_imbalance,
+            "decode_tokens_per_s": self.decode_tokens_per_s(),
+            "failed": self.failed(),
+        })
+    }
+}
+
+fn greedy(prompt: Vec<u32>, gen_len: u32) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        sampling: SamplingParams::greedy(gen_len),
+        return_prompt_logits: false,
+        return_token_logits: false,
+        resumed: 0,
+    }
+}
+
+/// Asks the coordinator to rebalance and waits (bounded) until the new placement is active.
+async fn rebalance(endpoint: &str) -> anyhow::Result<serde_json::Value> {
+    let channel = moe_runtime::net::channel(endpoint)?;
+    let mut control = moe_proto::v1::control_client::ControlClient::new(channel);
+    let r = control
+        .rebalance(moe_proto::v1::RebalanceRequest { force: false })
+        .await?
+        .into_inner();
+    if r.target_version > 0 {
+        let mut client = ClusterClient::new(endpoint)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while client.status().await?.placement_version < r.target_version {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "placement {} never became active",
+                r.target_version
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(json!({
+        "target_version": r.target_version, "imbalance_before": r.imbalance_before,
+        "imbalance_after": r.imbalance_after, "detail": r.detail,
+    }))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -154,21 +285,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Target::InProcess(scheduler::spawn(engine, Default::default()))
         }
     };
-    let request = |prompt: Vec<u32>| GenerationRequest {
-        prompt,
-        sampling: SamplingParams::greedy(args.gen_len),
-        return_prompt_logits: false,
-        return_token_logits: false,
-        resumed: 0,
-    };
-
     // Alone: prefill time (time to first token) and decode step time at batch 1.
     let probe_prompt = prompts(1, args.prompt_len, config.vocab_size, args.seed ^ 0xabc).remove(0);
     target
-        .run(&request(probe_prompt.clone()))
+        .run(&greedy(probe_prompt.clone(), args.gen_len))
         .await
         .map_err(anyhow::Error::msg)?; // warm-up
-    let probe = target.run(&request(probe_prompt)).await.map_err(anyhow::Error::msg)?;
+    let probe = target
+        .run(&greedy(probe_prompt, args.gen_len))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let prefill_s = probe.token_times[0].as_secs_f64();
     let decode_step_s = if probe.token_times.len() > 1 {
         (probe.token_times.last().unwrap().as_secs_f64() - prefill_s) / (probe.token_times.len() - 1) as f64
@@ -177,44 +303,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     // Under load.
-    let (bytes0, tokens0) = dispatch_counters(&target).await;
-    let queue = Arc::new(Mutex::new(prompts(
-        args.requests,
-        args.prompt_len,
-        config.vocab_size,
-        args.seed,
-    )));
     let target = Arc::new(target);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..args.concurrency.min(args.requests) {
-        let (queue, target) = (queue.clone(), target.clone());
-        let gen_len = args.gen_len;
-        workers.push(tokio::spawn(async move {
-            let mut results = Vec::new();
-            loop {
-                let Some(prompt) = queue.lock().await.pop() else { break };
-                let req = GenerationRequest {
-                    prompt,
-                    sampling: SamplingParams::greedy(gen_len),
-                    return_prompt_logits: false,
-                    return_token_logits: false,
-                    resumed: 0,
-                };
-                results.push(target.run(&req).await);
-            }
-            results
-        }));
-    }
-    let mut results = Vec::new();
-    for w in workers {
-        results.extend(w.await?);
-    }
-    let wall = started.elapsed().as_secs_f64();
-    let (bytes1, tokens1) = dispatch_counters(&target).await;
-
-    let failed = results.iter().filter(|r| r.is_err()).count();
-    let ok: Vec<&Generation> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let mut phase = Phase::run(&target, &args, config.vocab_size).await?;
+    let balance = match (&args.endpoint, args.rebalance) {
+        (Some(endpoint), true) => {
+            let before = phase.balance();
+            let rebalanced = rebalance(endpoint).await?;
+            phase = Phase::run(&target, &args, config.vocab_size).await?;
+            Some(json!({ "before": before, "rebalance": rebalanced, "after": phase.balance() }))
+        }
+        _ => None,
+    };
+    let (wall, failed, ok) = (phase.wall_s, phase.failed(), phase.ok());
     let mut ttft: Vec<f64> = ok
         .iter()
         .filter_map(|g| g.token_times.first())
@@ -228,9 +328,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     itl.sort_by(f64::total_cmp);
     let generated: usize = ok.iter().map(|g| g.tokens.len()).sum();
     let prompt_tokens = ok.len() * args.prompt_len;
-    let tokens = tokens1.saturating_sub(tokens0);
+    let tokens = phase.after.tokens.saturating_sub(phase.before.tokens);
     let bytes_per_token_layer = if tokens > 0 {
-        Some((bytes1 - bytes0) as f64 / (tokens as f64 * config.num_layers as f64))
+        Some(
+            (phase.after.dispatch_bytes - phase.before.dispatch_bytes) as f64
+                / (tokens as f64 * config.num_layers as f64),
+        )
     } else {
         None
     };
@@ -250,6 +353,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "ttft_ms": { "p50": percentile(&ttft, 0.5), "p99": percentile(&ttft, 0.99) },
         "itl_ms": { "p50": percentile(&itl, 0.5), "p99": percentile(&itl, 0.99) },
         "dispatch_bytes_per_token_per_layer": bytes_per_token_layer,
+        "step_imbalance": phase.step_imbalance(),
+        "expected_imbalance": args.endpoint.as_ref().map(|_| phase.after.expected_imbalance),
+        "balance": balance,
         "alone": {
             "prefill_ms": prefill_s * 1e3,
             "prefill_gflops": prefill_gflops,

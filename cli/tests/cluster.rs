@@ -439,8 +439,23 @@ async fn bench_prints_json_for_the_engine_and_a_cluster() {
     );
 
     let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
-    let remote = bench(&["--endpoint", &cluster.endpoint]);
+    let remote = bench(&["--endpoint", &cluster.endpoint, "--rebalance"]);
     assert_eq!(remote["failed"], 0);
+    // --rebalance: the load ran before and after a rebalance, each measured.
+    let balance = &remote["balance"];
+    for phase in ["before", "after"] {
+        assert_eq!(balance[phase]["failed"], 0, "{balance}");
+        let step = balance[phase]["step_imbalance"].as_f64().unwrap();
+        assert!(step >= 1.0, "max/mean is at least 1: {balance}");
+        assert!(
+            balance[phase]["expected_imbalance"].as_f64().unwrap() >= 1.0,
+            "{balance}"
+        );
+    }
+    let target = balance["rebalance"]["target_version"].as_u64().unwrap();
+    if target > 0 {
+        assert_eq!(balance["after"]["placement_version"], target, "{balance}");
+    }
     assert!(remote["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // Each routed row crosses as 64 f32 each way (plus framing), to at most two workers.
     let per_layer = remote["dispatch_bytes_per_token_per_layer"].as_f64().unwrap();
