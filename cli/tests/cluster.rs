@@ -1130,3 +1130,47 @@ async fn a_rebalance_under_load_replicates_hot_experts_and_changes_no_token() {
         "the expert workers' shares add up to the whole load: {shares}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_rebalances_by_itself_above_the_threshold() {
+    // Proves: with `--rebalance-threshold`, traffic whose expected imbalance passes it makes
+    // the coordinator plan and switch to a placement with replicas on its own, and the cluster
+    // computes the same tokens on it.
+    const STEPS: u32 = 200;
+    let prompts = prompts_with_gap(&tiny(), &[4, 10, 18, 27], STEPS as usize, 1e-4);
+    let cluster = LocalCluster::start(
+        moectl(),
+        &tiny(),
+        1,
+        2,
+        &["--spare-slots", "8", "--rebalance-threshold", "1.02"],
+    );
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    let status = loop {
+        // Traffic until the window holds enough tokens and the imbalance is seen.
+        let (prompt, want) = &prompts[round % prompts.len()];
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+        round += 1;
+        let s = client.status().await.unwrap();
+        if s.placement_version > 1 && s.workers.iter().map(|w| w.expert_slots.len()).sum::<usize>() > 128 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no automatic rebalance: imbalance {:.3} at v{}",
+            s.load_imbalance,
+            s.placement_version
+        );
+    };
+    // The new placement is balanced for the traffic that triggered it.
+    assert!(
+        status.load_imbalance <= 1.1,
+        "expected imbalance {:.3} after the automatic rebalance",
+        status.load_imbalance
+    );
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+    }
+}

@@ -209,7 +209,8 @@ struct State {
     /// Workers being drained.
     draining: std::collections::HashSet<String>,
     load: LoadWindow,
-    last_rebalance: Instant,
+    /// When the placement was last rebalanced (or an automatic attempt made).
+    last_rebalance: Option<Instant>,
 }
 
 /// Starts the state task, recording membership and placements through `store`. It serves once
@@ -220,7 +221,7 @@ pub fn spawn(config: StateConfig, store: Store) -> StateHandle {
     let load = LoadWindow::new(config.balance.window, config.model.num_layers, config.model.num_experts);
     let mut state = State {
         load,
-        last_rebalance: Instant::now(),
+        last_rebalance: None,
         config,
         members: Members::default(),
         store,
@@ -539,7 +540,7 @@ impl State {
             });
         }
         self.last_version = plan.version;
-        self.last_rebalance = Instant::now();
+        self.last_rebalance = Some(Instant::now());
         tracing::info!(
             version = plan.version,
             before,
@@ -564,7 +565,8 @@ impl State {
     /// Rebalances by itself when the threshold is set and passed, at most once per interval.
     fn auto_rebalance(&mut self) {
         let b = self.config.balance.clone();
-        if b.threshold <= 0.0 || self.target.is_some() || self.last_rebalance.elapsed() < b.min_interval {
+        let recent = self.last_rebalance.is_some_and(|t| t.elapsed() < b.min_interval);
+        if b.threshold <= 0.0 || self.target.is_some() || recent {
             return;
         }
         let load = self.load.matrix();
@@ -574,7 +576,7 @@ impl State {
         let imbalance = self.imbalance(&load);
         if imbalance > b.threshold {
             // Whatever the outcome, wait an interval before trying again.
-            self.last_rebalance = Instant::now();
+            self.last_rebalance = Some(Instant::now());
             match self.rebalance(false) {
                 Ok(r) => tracing::info!(imbalance, threshold = b.threshold, detail = %r.detail, "automatic rebalance"),
                 Err(s) => tracing::warn!(imbalance, status = %s, "automatic rebalance not possible"),
