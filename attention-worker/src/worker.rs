@@ -65,6 +65,7 @@ pub enum CapacityPolicy {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    args.worker.install_tls()?;
     if args.capacity_factor.is_some_and(|f| !(f.is_finite() && f > 0.0)) {
         return Err(moe_model::Error::InvalidInput(format!(
             "--capacity-factor {:?} must be positive",

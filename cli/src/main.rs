@@ -1,6 +1,7 @@
 //! `moectl`: the operator and client CLI of the Hunyuan MoE cluster.
 
 mod bench;
+mod certs;
 mod check_golden;
 mod default_model;
 mod gen_model;
@@ -75,6 +76,8 @@ enum Command {
     CheckGolden(check_golden::Args),
     /// Write a seeded random Hunyuan-shaped model (HF layout) for tests and benchmarks.
     GenModel(gen_model::Args),
+    /// Write a cluster CA and a node certificate for `--tls-cert/--tls-key/--tls-ca`.
+    GenCerts(certs::Args),
     /// Run the coordinator (normally started by `moectl up` or a deployment).
     Coordinator(moe_coordinator::Args),
     /// Run an attention worker.
@@ -95,6 +98,24 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     moe_runtime::worker::init_tracing(default_level);
+    // Client commands take their TLS from MOECTL_TLS_CA / _CERT / _KEY; services and `up`
+    // from their flags.
+    let serves = matches!(
+        cli.command,
+        Command::Up(_) | Command::Coordinator(_) | Command::AttentionWorker(_) | Command::ExpertWorker(_)
+    );
+    if !serves {
+        match moe_runtime::tls::ClientTls::from_env() {
+            Ok(Some(client)) => {
+                let _ = moe_runtime::tls::install(moe_runtime::tls::Tls { server: None, client });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let result: anyhow::Result<ExitCode> = moe_runtime::worker::block_on(async {
         let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
@@ -125,6 +146,7 @@ fn main() -> ExitCode {
                 ok(remote::rebalance(&endpoint, force, wait).await)
             }
             Command::GenModel(args) => ok(gen_model::run(args)),
+            Command::GenCerts(args) => ok(certs::run(args)),
             Command::Coordinator(args) => ok(moe_coordinator::run(args).await.map_err(Into::into)),
             Command::AttentionWorker(args) => ok(moe_attention_worker::run(args).await.map_err(Into::into)),
             Command::ExpertWorker(args) => ok(moe_expert_worker::run(args).await.map_err(Into::into)),

@@ -63,6 +63,10 @@ pub struct Args {
     /// Rebalance the expert placement by itself above this expected imbalance (0 = off).
     #[arg(long, default_value_t = 0.0)]
     rebalance_threshold: f64,
+    /// TLS for every component (mutual on the control and data planes); `moectl gen-certs`
+    /// writes a CA and a node certificate. Clients then need `MOECTL_TLS_CA`.
+    #[command(flatten)]
+    tls: moe_runtime::tls::TlsArgs,
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
     #[arg(long, default_value_t = 1)]
     coordinators: usize,
@@ -152,6 +156,13 @@ impl LocalCluster {
                 args.coordinators
             );
         }
+        let mut tls_args = Vec::new();
+        if let (Some(c), Some(k), Some(ca)) = (&args.tls.tls_cert, &args.tls.tls_key, &args.tls.tls_ca) {
+            for (flag, path) in [("--tls-cert", c), ("--tls-key", k), ("--tls-ca", ca)] {
+                tls_args.extend([flag.to_owned(), path.to_string_lossy().into_owned()]);
+            }
+        }
+        coordinator_args.extend(tls_args.iter().cloned());
         if !args.etcd.is_empty() {
             coordinator_args.extend([
                 "--etcd".into(),
@@ -175,12 +186,13 @@ impl LocalCluster {
             procs.push(coordinator);
         }
         let endpoint = endpoints.join(",");
-        let common = [
+        let mut common = vec![
             "--model".to_owned(),
             model_arg,
             "--coordinator".to_owned(),
             endpoint.clone(),
         ];
+        common.extend(tls_args);
         let mut expert_args = common.to_vec();
         expert_args.extend(["--spare-slots".into(), args.spare_slots.to_string()]);
         for _ in 0..args.expert_workers {
@@ -209,7 +221,8 @@ impl LocalCluster {
             Some(f) => Some(moe_runtime::auth::read_token_file(f).with_context(|| format!("reading {}", f.display()))?),
             None => None,
         };
-        let mut client = ClusterClient::with_token(&endpoint, token.as_deref())?;
+        let tls = args.tls.load(false).map_err(anyhow::Error::msg)?.map(|t| t.client);
+        let mut client = ClusterClient::with_options(&endpoint, token.as_deref(), tls.as_ref())?;
         let detail = client.wait_ready(Duration::from_secs(args.ready_timeout)).await?;
         eprintln!("cluster ready: {detail}");
         Ok(LocalCluster { procs, endpoint })

@@ -15,6 +15,8 @@ pub enum Error {
     /// A registry write refused because this coordinator lost leadership since.
     #[error("{0}: refused, this coordinator is no longer the leader")]
     NotLeader(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("registry: {0}")]
     Registry(String),
     #[error("{context}: {source}")]

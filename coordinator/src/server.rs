@@ -11,6 +11,7 @@ use moe_proto::v1::inference_server::InferenceServer;
 use moe_runtime::auth::RequireBearer;
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use moe_runtime::shutdown;
+use moe_runtime::tls::{RequireClientCert, TlsArgs};
 use tokio::sync::Semaphore;
 
 use crate::control::ControlService;
@@ -55,6 +56,10 @@ pub struct Args {
     pub watch_stdin: bool,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    /// TLS: the client API then takes clients with or without a certificate (they have the
+    /// bearer token); the control plane requires one (mutual TLS with the workers).
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Expert load is counted over this moving window (seconds).
     #[arg(long, default_value_t = 30)]
     pub load_window_s: u64,
@@ -147,6 +152,12 @@ pub async fn run(args: Args) -> Result<()> {
         })?),
         None => None,
     };
+    let tls = args.tls.load(false).map_err(Error::Tls)?;
+    let tls_on = tls.is_some();
+    if let Some(tls) = tls {
+        tracing::info!("TLS on: mutual TLS on the control plane");
+        moe_runtime::tls::install(tls).map_err(Error::Tls)?;
+    }
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
     let ckpt = moe_model::checkpoint::Checkpoint::open(&args.model)?;
     let model_id = moe_model::identity::model_identity(&args.model, &ckpt)?;
@@ -224,7 +235,7 @@ pub async fn run(args: Args) -> Result<()> {
     tracing::info!(%local, %model_id, "coordinator listening");
     net::announce("coordinator", local);
     let gate = LeaderGate { serving };
-    let server = tonic::transport::Server::builder()
+    let server = net::server()?
         .add_service(InterceptedService::new(
             InterceptedService::new(
                 InferenceServer::new(inference)
@@ -235,7 +246,10 @@ pub async fn run(args: Args) -> Result<()> {
             gate.clone(),
         ))
         .add_service(InterceptedService::new(
-            ControlServer::new(ControlService { state }),
+            InterceptedService::new(
+                ControlServer::new(ControlService { state }),
+                RequireClientCert { enabled: tls_on },
+            ),
             gate,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());

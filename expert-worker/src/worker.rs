@@ -29,6 +29,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    args.worker.install_tls()?;
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
     let model_id = moe_model::identity::model_identity(&args.worker.model, &ckpt)?;

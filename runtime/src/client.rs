@@ -26,6 +26,7 @@ use crate::convert::generate_request;
 use crate::failover::{self, Failover};
 use crate::net::{self, MAX_MESSAGE_BYTES};
 use crate::resume::Progress;
+use crate::tls::ClientTls;
 
 /// Everything a finished generation returned.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -98,13 +99,22 @@ impl ClusterClient {
         Self::with_token(endpoints, std::env::var(TOKEN_ENV).ok().as_deref())
     }
 
+    /// With TLS from `MOECTL_TLS_CA` (and `MOECTL_TLS_CERT`/`_KEY`) when set, else this
+    /// process's installed TLS, else none.
+    pub fn with_token(endpoints: &str, token: Option<&str>) -> Result<Self, Status> {
+        let tls = ClientTls::from_env()
+            .map_err(Status::invalid_argument)?
+            .or_else(|| crate::tls::installed().map(|t| t.client.clone()));
+        Self::with_options(endpoints, token, tls.as_ref())
+    }
+
     /// With one endpoint, calls fail at once when it is unavailable; with several, they keep
     /// trying for 30 s (a leader election takes a few seconds).
-    pub fn with_token(endpoints: &str, token: Option<&str>) -> Result<Self, Status> {
+    pub fn with_options(endpoints: &str, token: Option<&str>, tls: Option<&ClientTls>) -> Result<Self, Status> {
         let mut targets = Vec::new();
         for endpoint in failover::addresses(endpoints) {
-            let channel =
-                net::channel(&endpoint).map_err(|e| Status::invalid_argument(format!("endpoint {endpoint}: {e}")))?;
+            let channel = net::channel_with(&endpoint, tls)
+                .map_err(|e| Status::invalid_argument(format!("endpoint {endpoint}: {e}")))?;
             let client = InferenceClient::with_interceptor(channel, AddBearer::new(token)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);

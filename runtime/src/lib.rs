@@ -9,6 +9,7 @@ pub mod net;
 pub mod placement;
 pub mod resume;
 pub mod shutdown;
+pub mod tls;
 pub mod worker;
 
 pub use placement::PlacementView;

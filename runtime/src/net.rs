@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, Endpoint, Server};
+
+use crate::tls::ClientTls;
 
 /// Largest gRPC message (a prefill batch's activations or prompt logits): 1 GiB.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
@@ -19,19 +21,39 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpIncoming, SocketAddr)
     Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
 }
 
-/// A lazily connecting channel to `addr` (`host:port` or a URL).
+/// A lazily connecting channel to `addr` (`host:port` or a URL), with this process's TLS
+/// when one is installed ([`crate::tls::install`]).
 pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    channel_with(addr, crate::tls::installed().map(|t| &t.client))
+}
+
+/// A channel with explicit TLS settings (`None`: plain HTTP/2).
+pub fn channel_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let url = if addr.contains("://") {
         addr.to_owned()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    Ok(Endpoint::from_shared(url)?
+    let mut endpoint = Endpoint::from_shared(url)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.config())?;
+    }
+    Ok(endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .connect_lazy())
+}
+
+/// A server builder with this process's TLS when one is installed.
+pub fn server() -> Result<Server, tonic::transport::Error> {
+    let builder = Server::builder();
+    match crate::tls::installed().and_then(|t| t.server.clone()) {
+        Some(config) => builder.tls_config(config),
+        None => Ok(builder),
+    }
 }
 
 /// Announces the bound address on stdout, one line, so a parent process (`moectl up`, tests)

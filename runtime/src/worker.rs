@@ -20,9 +20,11 @@ pub async fn serve(
     routes: Routes,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, JoinHandle<Result<(), tonic::transport::Error>>)> {
+    let builder = net::server().map_err(std::io::Error::other)?;
     let (incoming, local) = net::bind(listen).await?;
     let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        let mut builder = builder;
+        builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, stop)
             .await
@@ -79,6 +81,8 @@ pub enum WorkerError {
     },
     #[error("coordinator: {0}")]
     Coordinator(#[from] Status),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Flags every worker process takes.
@@ -102,9 +106,19 @@ pub struct WorkerArgs {
     /// Exit when stdin closes (set by `moectl up`, so no worker outlives its cluster).
     #[arg(long)]
     pub watch_stdin: bool,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl WorkerArgs {
+    /// Installs this worker's TLS (every connection it serves must present a certificate).
+    pub fn install_tls(&self) -> Result<(), WorkerError> {
+        if let Some(tls) = self.tls.load(true).map_err(WorkerError::Tls)? {
+            crate::tls::install(tls).map_err(WorkerError::Tls)?;
+        }
+        Ok(())
+    }
+
     pub fn spec(&self, name: &'static str, role: moe_proto::v1::Role, model_id: String, grace: Duration) -> WorkerSpec {
         WorkerSpec {
             name,
