@@ -56,6 +56,13 @@ pub struct Args {
     /// Cluster key prefix in etcd.
     #[arg(long, default_value = "/hunyuan-moe/default", requires = "etcd")]
     etcd_prefix: String,
+    /// etcd TLS: CA (PEM), and client certificate + key when etcd requires one.
+    #[arg(long, requires = "etcd")]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Expert slots per layer per expert worker beyond an even share, for replicas of hot
     /// experts.
     #[arg(long, default_value_t = 0)]
@@ -170,6 +177,15 @@ impl LocalCluster {
                 "--etcd-prefix".into(),
                 args.etcd_prefix.clone(),
             ]);
+            for (flag, path) in [
+                ("--etcd-ca", &args.etcd_ca),
+                ("--etcd-cert", &args.etcd_cert),
+                ("--etcd-key", &args.etcd_key),
+            ] {
+                if let Some(p) = path {
+                    coordinator_args.extend([flag.to_owned(), p.to_string_lossy().into_owned()]);
+                }
+            }
         }
         let mut endpoints = Vec::new();
         for i in 0..args.coordinators {

@@ -23,6 +23,7 @@ async fn recorded(etcd: &Etcd) -> Snapshot {
         member_ttl: Duration::from_secs(30),
         request_timeout: Duration::from_secs(2),
         credentials: None,
+        tls: None,
     })
     .await
     .unwrap();
@@ -231,4 +232,73 @@ async fn bench_fails_nothing_while_an_expert_worker_dies_and_another_joins() {
     .await;
     drop(joiner.stdin.take());
     let _ = joiner.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_an_etcd_that_requires_tls_and_client_certificates() {
+    // Proves: with etcd serving TLS only and requiring client certificates, the registry
+    // connects with the CA and a client certificate (and not without them), and `moectl up`
+    // elects its coordinator and serves through it.
+    let certs = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(moectl())
+        .args(["gen-certs", "--out"])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let files = moe_tests::etcd::EtcdTls {
+        ca: certs.path().join("ca.pem"),
+        cert: certs.path().join("node.pem"),
+        key: certs.path().join("node.key"),
+    };
+    let etcd = Etcd::start_tls(files.clone());
+    assert!(etcd.endpoint.starts_with("https://"));
+    let options = |tls| EtcdOptions {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: PREFIX.into(),
+        member_ttl: Duration::from_secs(30),
+        request_timeout: Duration::from_secs(2),
+        credentials: None,
+        tls,
+    };
+    let mutual = moe_runtime::tls::ClientTls::from_files(&files.ca, Some((&files.cert, &files.key))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reg = loop {
+        if let Ok(mut r) = EtcdRegistry::connect(options(Some(mutual.clone()))).await
+            && r.claim("probe-model").await.is_ok()
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "TLS etcd never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(reg.load().await.unwrap().members.is_empty());
+    // Without a client certificate, etcd refuses.
+    let ca_only = moe_runtime::tls::ClientTls::from_files(&files.ca, None).unwrap();
+    let refused = match EtcdRegistry::connect(options(Some(ca_only))).await {
+        Ok(mut r) => r.load().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "etcd served a client without a certificate");
+
+    let cluster = LocalCluster::start(
+        moectl(),
+        &tiny(),
+        1,
+        1,
+        &[
+            "--etcd",
+            &etcd.endpoint,
+            "--etcd-prefix",
+            "/hunyuan-moe/tls",
+            "--etcd-ca",
+            files.ca.to_str().unwrap(),
+            "--etcd-cert",
+            files.cert.to_str().unwrap(),
+            "--etcd-key",
+            files.key.to_str().unwrap(),
+        ],
+    );
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    assert_eq!(client.generate(&greedy(&[5, 6, 7], 4)).await.unwrap().tokens.len(), 4);
 }

@@ -11,7 +11,7 @@ use moe_proto::v1::inference_server::InferenceServer;
 use moe_runtime::auth::RequireBearer;
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use moe_runtime::shutdown;
-use moe_runtime::tls::{RequireClientCert, TlsArgs};
+use moe_runtime::tls::{ClientTls, RequireClientCert, TlsArgs};
 use tokio::sync::Semaphore;
 
 use crate::control::ControlService;
@@ -89,6 +89,14 @@ pub struct EtcdArgs {
     pub etcd_user: Option<String>,
     #[arg(long, requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
+    /// CA certificate (PEM) of etcd's TLS (`https://` endpoints).
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's client certificate authentication.
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
     /// Address workers and clients reach this coordinator at, announced in the election
     /// (default: the bound listen address).
     #[arg(long)]
@@ -121,12 +129,20 @@ impl EtcdArgs {
             }
             _ => None,
         };
+        let tls = match &self.etcd_ca {
+            Some(ca) => {
+                let pair = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
+                Some(ClientTls::from_files(ca, pair).map_err(Error::Tls)?)
+            }
+            None => None,
+        };
         Ok(Some(EtcdOptions {
             endpoints: self.etcd.clone(),
             prefix: self.etcd_prefix.clone(),
             member_ttl: Duration::from_secs(self.member_ttl_s),
             request_timeout: Duration::from_secs(2),
             credentials,
+            tls,
         }))
     }
 }

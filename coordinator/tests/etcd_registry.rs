@@ -15,6 +15,7 @@ fn options(etcd: &Etcd, prefix: &str) -> EtcdOptions {
         member_ttl: Duration::from_secs(2),
         request_timeout: Duration::from_secs(2),
         credentials: None,
+        tls: None,
     }
 }
 

@@ -8,12 +8,21 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// PEM files for an etcd that serves TLS and requires client certificates.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 pub struct Etcd {
     child: Option<Child>,
+    tls: Option<EtcdTls>,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
-    /// `http://127.0.0.1:PORT`, for `--etcd`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), for `--etcd`.
     pub endpoint: String,
 }
 
@@ -41,31 +50,53 @@ fn etcd_binary() -> PathBuf {
 impl Etcd {
     /// Starts etcd and waits (bounded) until it reports healthy.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving TLS only, with client certificate authentication.
+    pub fn start_tls(tls: EtcdTls) -> Self {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> Self {
         let client_port = free_port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut etcd = Etcd {
             child: None,
+            tls,
             dir: tempfile::tempdir().expect("temporary directory"),
             client_port,
             peer_port: free_port(),
-            endpoint: format!("http://127.0.0.1:{client_port}"),
+            endpoint: format!("{scheme}://127.0.0.1:{client_port}"),
         };
         etcd.spawn();
         etcd
     }
 
     fn spawn(&mut self) {
-        let (c, p) = (self.client_port, self.peer_port);
+        let p = self.peer_port;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .expect("etcd log file");
-        let child = Command::new(etcd_binary())
+        let mut command = Command::new(etcd_binary());
+        if let Some(t) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--listen-client-urls", &self.endpoint])
+            .args(["--advertise-client-urls", &self.endpoint])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
             .args(["--initial-cluster", &format!("test=http://127.0.0.1:{p}")])
@@ -96,8 +127,12 @@ impl Etcd {
         }
     }
 
-    /// etcd's own `/health` answers healthy.
+    /// etcd's own `/health` answers healthy (with TLS: its port accepts connections; the
+    /// client's first call checks the rest).
     pub fn healthy(&self) -> bool {
+        if self.tls.is_some() {
+            return TcpStream::connect(("127.0.0.1", self.client_port)).is_ok();
+        }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };

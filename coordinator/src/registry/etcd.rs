@@ -33,6 +33,9 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// etcd user name and password, when etcd has authentication on.
     pub credentials: Option<(String, String)>,
+    /// TLS to etcd (`https://` endpoints): the CA etcd's certificate chains to, and a client
+    /// certificate when etcd requires one.
+    pub tls: Option<moe_runtime::tls::ClientTls>,
 }
 
 impl EtcdOptions {
@@ -56,6 +59,9 @@ impl EtcdOptions {
             .with_keep_alive(Duration::from_secs(2), self.request_timeout);
         if let Some((user, password)) = &self.credentials {
             options = options.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.config());
         }
         let connect = Client::connect(&self.endpoints, Some(options));
         match tokio::time::timeout(self.request_timeout, connect).await {
