@@ -3,7 +3,7 @@
 //! owns any of the batch's routed experts, holding every row routed to it; the answers (one
 //! weighted sum per row per worker) are added up in worker order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -94,6 +94,8 @@ pub struct DispatchStats {
     /// placement's workers (x1000), summed; their ratio is the measured per-step imbalance.
     pub busiest_assignments: AtomicU64,
     pub mean_assignments_milli: AtomicU64,
+    /// Dispatch messages sent as later micro-batches because a slot was full.
+    pub overflow_dispatches: AtomicU64,
 }
 
 impl DispatchStats {
@@ -114,11 +116,19 @@ pub struct RemoteExperts {
     last_used: AtomicU64,
     links: Mutex<HashMap<String, Link>>,
     next_id: AtomicU64,
+    slot_capacity: Option<usize>,
     pub stats: Arc<DispatchStats>,
 }
 
 impl RemoteExperts {
-    pub fn new(handle: tokio::runtime::Handle, hidden: usize, num_layers: usize, num_experts: usize) -> Self {
+    /// `slot_capacity`: rows per expert slot per micro-batch (`None`: unlimited).
+    pub fn new(
+        handle: tokio::runtime::Handle,
+        hidden: usize,
+        num_layers: usize,
+        num_experts: usize,
+        slot_capacity: Option<usize>,
+    ) -> Self {
         RemoteExperts {
             handle,
             hidden,
@@ -128,10 +138,12 @@ impl RemoteExperts {
             links: Mutex::new(HashMap::new()),
             suspects: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
+            slot_capacity,
             stats: Arc::new(DispatchStats {
                 bytes: AtomicU64::new(0),
                 busiest_assignments: AtomicU64::new(0),
                 mean_assignments_milli: AtomicU64::new(0),
+                overflow_dispatches: AtomicU64::new(0),
                 expert_tokens: (0..num_layers * num_experts).map(|_| AtomicU64::new(0)).collect(),
             }),
         }
@@ -161,51 +173,68 @@ impl RemoteExperts {
     }
 }
 
-/// Rows and assignments bound for one worker, with rows renumbered densely.
+/// Rows and assignments bound for one worker in one micro-batch, rows renumbered densely.
 struct WorkerBatch {
     worker: usize,
+    /// 0 for the step itself; 1, 2, ... for rows over a slot's capacity (`exact` policy).
+    round: usize,
     /// Global row of each local row.
     rows: Vec<u32>,
     assignments: Vec<ExpertAssignment>,
+    /// Local row of each global row.
+    local: HashMap<u32, u32>,
 }
 
+/// Splits one layer's assignments over the expert workers. Each assignment goes to the replica
+/// of its expert that is least loaded in this step, among those whose slot still has room
+/// under `slot_capacity` (rows per slot per micro-batch); when every replica's slot is full, to
+/// the next micro-batch of the least loaded one. Nothing is dropped: the outputs equal an
+/// unlimited run's.
 fn split_by_worker(
     placement: &PlacementView,
     layer: usize,
     num_rows: usize,
     assignments: &[ExpertAssignment],
+    slot_capacity: Option<usize>,
 ) -> Result<Vec<WorkerBatch>, Error> {
-    let mut batches: Vec<Option<WorkerBatch>> = (0..placement.workers.len()).map(|_| None).collect();
-    let mut local: Vec<HashMap<u32, u32>> = vec![HashMap::new(); placement.workers.len()];
-    // Assignments given to each worker so far in this step.
+    let mut batches: BTreeMap<(usize, usize), WorkerBatch> = BTreeMap::new();
+    // Assignments given to each worker, and to each (worker, expert) slot, so far in this step.
     let mut load = vec![0usize; placement.workers.len()];
+    let mut taken: HashMap<(usize, u32), usize> = HashMap::new();
     for a in assignments {
         if a.row as usize >= num_rows || a.expert as usize >= placement.num_experts {
             return Err(Error::InvalidInput(format!("assignment {a:?} out of range")));
         }
-        // Among an expert's replicas, the least loaded in this step (the first on ties).
-        let w = *placement
+        let round_at = |w: usize| {
+            let t = taken.get(&(w, a.expert)).copied().unwrap_or(0);
+            slot_capacity.map_or(0, |c| t / c.max(1))
+        };
+        let (round, w) = placement
             .owners(layer, a.expert as usize)
             .iter()
-            .min_by_key(|&&w| load[w])
+            .map(|&w| (round_at(w), w))
+            .min_by_key(|&(round, w)| (round, load[w]))
             .ok_or(Error::ExpertNotHeld {
                 layer,
                 expert: a.expert as usize,
             })?;
         load[w] += 1;
-        let batch = batches[w].get_or_insert_with(|| WorkerBatch {
+        *taken.entry((w, a.expert)).or_default() += 1;
+        let batch = batches.entry((round, w)).or_insert_with(|| WorkerBatch {
             worker: w,
+            round,
             rows: Vec::new(),
             assignments: Vec::new(),
+            local: HashMap::new(),
         });
         let next = batch.rows.len() as u32;
-        let row = *local[w].entry(a.row).or_insert_with(|| {
+        let row = *batch.local.entry(a.row).or_insert_with(|| {
             batch.rows.push(a.row);
             next
         });
         batch.assignments.push(ExpertAssignment { row, ..*a });
     }
-    Ok(batches.into_iter().flatten().collect())
+    Ok(batches.into_values().collect())
 }
 
 impl ExpertCompute for RemoteExperts {
@@ -278,9 +307,13 @@ impl ExpertCompute for RemoteExperts {
                 c.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let batches = split_by_worker(&placement, layer, num_rows, assignments)?;
-        let busiest = batches.iter().map(|b| b.assignments.len()).max().unwrap_or(0);
+        let batches = split_by_worker(&placement, layer, num_rows, assignments, self.slot_capacity)?;
         let workers = placement.workers.len().max(1);
+        let mut per_worker = vec![0usize; workers];
+        for b in &batches {
+            per_worker[b.worker] += b.assignments.len();
+        }
+        let busiest = per_worker.into_iter().max().unwrap_or(0);
         self.stats
             .busiest_assignments
             .fetch_add(busiest as u64, Ordering::Relaxed);
@@ -289,6 +322,9 @@ impl ExpertCompute for RemoteExperts {
             .fetch_add((assignments.len() * 1000 / workers) as u64, Ordering::Relaxed);
         let mut inflight = Vec::with_capacity(batches.len());
         for b in batches {
+            if b.round > 0 {
+                self.stats.overflow_dispatches.fetch_add(1, Ordering::Relaxed);
+            }
             let mut packed = Vec::with_capacity(b.rows.len() * h);
             for &r in &b.rows {
                 packed.extend_from_slice(&rows[r as usize * h..(r as usize + 1) * h]);
@@ -390,7 +426,7 @@ mod tests {
         // One layer, 2 experts; expert 0 on both workers, expert 1 on worker 1 only.
         let p = PlacementView::from_owners(3, 1, 2, vec![worker(0), worker(1)], vec![vec![0, 1], vec![1]]);
         let a: Vec<_> = (0..6).map(|r| assignment(r, 0)).chain([assignment(0, 1)]).collect();
-        let batches = split_by_worker(&p, 0, 6, &a).unwrap();
+        let batches = split_by_worker(&p, 0, 6, &a, None).unwrap();
         let per: Vec<(usize, usize)> = batches.iter().map(|b| (b.worker, b.assignments.len())).collect();
         // Six rows of the hot expert alternate between its replicas; expert 1 goes to w1.
         assert_eq!(per, [(0, 3), (1, 4)]);
@@ -409,7 +445,48 @@ mod tests {
     #[test]
     fn an_expert_nobody_holds_is_an_error() {
         let p = PlacementView::from_owners(1, 1, 2, vec![worker(0)], vec![vec![0], vec![]]);
-        let err = split_by_worker(&p, 0, 1, &[assignment(0, 1)]).err().unwrap();
+        let err = split_by_worker(&p, 0, 1, &[assignment(0, 1)], None).err().unwrap();
         assert!(matches!(err, Error::ExpertNotHeld { layer: 0, expert: 1 }), "{err}");
+    }
+
+    #[test]
+    fn rows_over_a_slot_capacity_go_to_other_replicas_then_to_later_micro_batches() {
+        // Expert 0 on both workers, expert 1 on worker 0 only; capacity 2 rows per slot.
+        let p = PlacementView::from_owners(1, 1, 2, vec![worker(0), worker(1)], vec![vec![0, 1], vec![0]]);
+        let a: Vec<_> = (0..6)
+            .map(|r| assignment(r, 0))
+            .chain((0..5).map(|r| assignment(r, 1)))
+            .collect();
+        let batches = split_by_worker(&p, 0, 6, &a, Some(2)).unwrap();
+        let mut per_slot_round: HashMap<(usize, usize, u32), usize> = HashMap::new();
+        let mut seen = Vec::new();
+        for b in &batches {
+            for x in &b.assignments {
+                *per_slot_round.entry((b.worker, b.round, x.expert)).or_default() += 1;
+                seen.push((b.rows[x.row as usize], x.expert));
+            }
+        }
+        assert!(per_slot_round.values().all(|&n| n <= 2), "{per_slot_round:?}");
+        // Expert 0's six rows: 2 + 2 on the replicas in round 0, the rest in round 1.
+        let expert0_round0: usize = per_slot_round
+            .iter()
+            .filter(|((_, r, e), _)| *r == 0 && *e == 0)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(expert0_round0, 4);
+        // Expert 1 has one replica: 2 + 2 + 1 over three rounds.
+        assert_eq!(per_slot_round[&(0, 2, 1)], 1);
+        // Every assignment exactly once.
+        seen.sort_unstable();
+        let mut want: Vec<(u32, u32)> = a.iter().map(|x| (x.row, x.expert)).collect();
+        want.sort_unstable();
+        assert_eq!(seen, want);
+        // Without a capacity everything is one micro-batch.
+        assert!(
+            split_by_worker(&p, 0, 6, &a, None)
+                .unwrap()
+                .iter()
+                .all(|b| b.round == 0)
+        );
     }
 }

@@ -48,6 +48,11 @@ pub struct Args {
     /// Capacity per expert as `ceil(tokens * factor / experts)`; default `max(k, k*tokens/experts)`.
     #[arg(long)]
     pub capacity_factor: Option<f64>,
+    /// Under `exact`: token rows per expert slot per micro-batch; rows over it go to another
+    /// replica of the expert, else to a later micro-batch of the same step (nothing is
+    /// dropped; outputs equal an unlimited run's). Default: unlimited.
+    #[arg(long)]
+    pub slot_capacity: Option<usize>,
     /// Seed of `recycle`'s random choices.
     #[arg(long, default_value_t = 0)]
     pub recycle_seed: u64,
@@ -66,6 +71,9 @@ pub enum CapacityPolicy {
 
 pub async fn run(args: Args) -> Result<()> {
     args.worker.install_tls()?;
+    if args.slot_capacity == Some(0) {
+        return Err(moe_model::Error::InvalidInput("--slot-capacity must be positive".into()).into());
+    }
     if args.capacity_factor.is_some_and(|f| !(f.is_finite() && f > 0.0)) {
         return Err(moe_model::Error::InvalidInput(format!(
             "--capacity-factor {:?} must be positive",
@@ -83,6 +91,7 @@ pub async fn run(args: Args) -> Result<()> {
         config.hidden_size,
         config.num_layers,
         config.num_experts,
+        args.slot_capacity,
     ));
     let engine = Engine::new(
         model,
@@ -145,6 +154,7 @@ pub async fn run(args: Args) -> Result<()> {
             expert_tokens: remote.stats.expert_tokens(),
             busiest_assignments: remote.stats.busiest_assignments.load(Ordering::Relaxed),
             mean_assignments_milli: remote.stats.mean_assignments_milli.load(Ordering::Relaxed),
+            overflow_dispatches: remote.stats.overflow_dispatches.load(Ordering::Relaxed),
             ..Default::default()
         }
     };

@@ -67,6 +67,10 @@ pub struct Args {
     /// experts.
     #[arg(long, default_value_t = 0)]
     spare_slots: u32,
+    /// Attention workers: token rows per expert slot per micro-batch (exact policy; default
+    /// unlimited).
+    #[arg(long)]
+    slot_capacity: Option<usize>,
     /// Rebalance the expert placement by itself above this expected imbalance (0 = off).
     #[arg(long, default_value_t = 0.0)]
     rebalance_threshold: f64,
@@ -216,6 +220,9 @@ impl LocalCluster {
         }
         let mut attn_args = common.to_vec();
         attn_args.extend(["--capacity-policy".into(), args.capacity_policy.clone()]);
+        if let Some(c) = args.slot_capacity {
+            attn_args.extend(["--slot-capacity".into(), c.to_string()]);
+        }
         attn_args.extend([
             "--kv-blocks".into(),
             args.kv_blocks.to_string(),

@@ -1174,3 +1174,34 @@ async fn the_coordinator_rebalances_by_itself_above_the_threshold() {
         assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_capacity_splits_steps_into_micro_batches_and_changes_no_token() {
+    // Proves: under `exact` with a per-slot capacity of one row, every step whose batch sends
+    // an expert more than one row spills into later micro-batches (counted), and concurrent
+    // requests still get exactly the engine's tokens: nothing is dropped.
+    let prompts = decisive_prompts(&tiny(), &[3, 7, 12, 18, 25, 31], 24);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--slot-capacity", "1"]);
+    let mut tasks = Vec::new();
+    for (prompt, want) in prompts.clone() {
+        let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let got = client.generate(&greedy(&prompt, 24)).await.unwrap().tokens;
+            assert_eq!(got, want, "prompt {prompt:?}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = client.status().await.unwrap();
+        let overflow: u64 = s.workers.iter().map(|w| w.overflow_dispatches).sum();
+        if overflow > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no step spilled over a capacity of 1 row");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

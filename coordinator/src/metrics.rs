@@ -169,6 +169,12 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
         &per(&attention, &|w| w.rerouted_assignments as f64),
     );
     metric(
+        "moe_overflow_dispatches_total",
+        "counter",
+        "Dispatches sent as a later micro-batch because an expert slot was full (--slot-capacity), per attention worker.",
+        &per(&attention, &|w| w.overflow_dispatches as f64),
+    );
+    metric(
         "moe_expert_busy_seconds_total",
         "counter",
         "Time spent computing dispatches per expert worker (busy time; over dispatches: per step).",
