@@ -28,8 +28,10 @@ struct Inner {
 }
 
 impl ExpertState {
-    pub fn new(config: ModelConfig, ckpt: Checkpoint) -> Result<Self> {
-        let experts = LocalExperts::load(&ckpt, &config, &moe_model::experts::ExpertSelection::Only(Vec::new()))?;
+    /// Holds nothing yet; experts are loaded per placement, onto `device`.
+    pub fn new(config: ModelConfig, ckpt: Checkpoint, device: moe_model::device::Device) -> Result<Self> {
+        let none = moe_model::experts::ExpertSelection::Only(Vec::new());
+        let experts = LocalExperts::load_on(&ckpt, &config, &none, device)?;
         Ok(ExpertState {
             config,
             ckpt,

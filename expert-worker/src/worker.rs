@@ -26,6 +26,10 @@ pub struct Args {
     /// experts (each costs one expert's weights per layer in memory).
     #[arg(long, default_value_t = 0)]
     pub spare_slots: u32,
+    /// Where the expert products run: `cpu`, or `cuda:N` in a build with the `cuda` feature
+    /// (experimental: not yet run on a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -33,7 +37,9 @@ pub async fn run(args: Args) -> Result<()> {
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
     let model_id = moe_model::identity::model_identity(&args.worker.model, &ckpt)?;
-    let state = Arc::new(ExpertState::new(config, ckpt)?);
+    let device = moe_model::device::Device::open(&args.device)?;
+    tracing::info!(?device, "expert products on");
+    let state = Arc::new(ExpertState::new(config, ckpt, device)?);
 
     let (trigger, shutdown) = shutdown::channel();
     let (drain_trigger, drain) = shutdown::channel();

@@ -54,6 +54,11 @@ pub enum Error {
         retryable: bool,
     },
 
+    /// The compute device cannot be used (no GPU support built in, no driver, no such GPU, or
+    /// a CUDA call failed).
+    #[error("device: {0}")]
+    Device(String),
+
     #[error("fixture {path}: {reason}")]
     Fixture { path: PathBuf, reason: String },
 }

@@ -10,6 +10,8 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+use crate::cuda::DeviceSwiGlu;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::axpy;
 use crate::mlp::SwiGlu;
@@ -87,15 +89,34 @@ pub struct LocalExperts {
     /// `experts[layer][expert]`; `None` where not held. Shared so that a holder with more or
     /// fewer experts can be derived cheaply while the current one keeps serving.
     experts: Vec<Vec<Option<Arc<SwiGlu>>>>,
+    /// Where the products run; on a GPU, `on_device` mirrors `experts`.
+    device: Device,
+    on_device: Vec<Vec<Option<Arc<DeviceSwiGlu>>>>,
 }
 
 impl LocalExperts {
     pub fn load(ckpt: &Checkpoint, config: &ModelConfig, selection: &ExpertSelection) -> Result<Self> {
+        Self::load_on(ckpt, config, selection, Device::Cpu)
+    }
+
+    /// Like [`LocalExperts::load`], computing on `device` (weights are copied there).
+    pub fn load_on(
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        selection: &ExpertSelection,
+        device: Device,
+    ) -> Result<Self> {
         let empty = LocalExperts {
             hidden: config.hidden_size,
             experts: (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect(),
+            on_device: (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect(),
+            device,
         };
         empty.with(ckpt, config, &selection.pairs(config), &[])
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// A holder with `add` loaded (those already held are shared, not reloaded) and `remove`
@@ -108,9 +129,11 @@ impl LocalExperts {
         remove: &[(usize, usize)],
     ) -> Result<Self> {
         let mut experts = self.experts.clone();
+        let mut on_device = self.on_device.clone();
         for &(l, e) in remove {
             if let Some(slot) = experts.get_mut(l).and_then(|layer| layer.get_mut(e)) {
                 *slot = None;
+                on_device[l][e] = None;
             }
         }
         for &(l, e) in add {
@@ -123,12 +146,17 @@ impl LocalExperts {
             if experts[l][e].is_none() {
                 let inter = config.layers[l].expert_intermediate;
                 let mlp = SwiGlu::load(ckpt, |p| names::expert(l, e, p), config.hidden_size, inter)?;
+                if let Device::Cuda(gpu) = &self.device {
+                    on_device[l][e] = Some(Arc::new(gpu.upload(&mlp)?));
+                }
                 experts[l][e] = Some(Arc::new(mlp));
             }
         }
         Ok(LocalExperts {
             hidden: self.hidden,
             experts,
+            device: self.device.clone(),
+            on_device,
         })
     }
 
@@ -205,11 +233,18 @@ impl ExpertCompute for LocalExperts {
                     let r = assignments[i].row as usize;
                     x.extend_from_slice(&rows[r * h..(r + 1) * h]);
                 }
-                self.get(layer, *expert as usize)
-                    .expect("checked above")
-                    .forward(&x, members.len())
+                let e = *expert as usize;
+                match &self.device {
+                    Device::Cpu => Ok(self.get(layer, e).expect("checked above").forward(&x, members.len())),
+                    Device::Cuda(gpu) => {
+                        let mlp = self.on_device[layer][e]
+                            .as_deref()
+                            .expect("uploaded with the host copy");
+                        gpu.forward(mlp, &x, members.len())
+                    }
+                }
             })
-            .collect();
+            .collect::<Result<_>>()?;
 
         // Where each assignment's expert output sits, then combine in assignment order so the
         // summation order does not depend on how experts were grouped or scheduled.

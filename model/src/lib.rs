@@ -10,6 +10,8 @@ pub mod batch;
 pub mod capacity;
 pub mod checkpoint;
 pub mod config;
+mod cuda;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod experts;

@@ -1,0 +1,41 @@
+//! `--device` on an expert worker: a GPU that cannot be used is a clear start-up error (which
+//! build, which library, which device), never a panic.
+
+use std::process::Command;
+
+mod common;
+use common::*;
+
+fn expert_worker_with(device: &str) -> (bool, String) {
+    let out = Command::new(moectl())
+        .args([
+            "expert-worker",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--device",
+            device,
+            "--model",
+        ])
+        .arg(tiny())
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn an_unusable_gpu_stops_the_expert_worker_with_the_reason() {
+    let (ok, stderr) = expert_worker_with("cuda:0");
+    assert!(!ok);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // This build has no CUDA support, or this machine has no driver / no such GPU.
+    assert!(
+        stderr.contains("--features cuda") || stderr.contains("libcuda") || stderr.contains("GPU 0"),
+        "{stderr}"
+    );
+    let (ok, stderr) = expert_worker_with("tpu:3");
+    assert!(!ok);
+    assert!(
+        stderr.contains("tpu:3") && stderr.contains("cpu, cuda or cuda:N"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,12 @@
+//! GPU support. With the `cuda` feature, [`gpu`]; without it, a stub with the same API whose
+//! types cannot be constructed, so the rest of the crate never branches on the feature.
+
+#[cfg(feature = "cuda")]
+mod gpu;
+#[cfg(feature = "cuda")]
+pub use gpu::{CudaDevice, DeviceSwiGlu};
+
+#[cfg(not(feature = "cuda"))]
+mod stub;
+#[cfg(not(feature = "cuda"))]
+pub use stub::{CudaDevice, DeviceSwiGlu};

@@ -1,0 +1,44 @@
+//! Builds without the `cuda` feature: the GPU types exist (so call sites do not branch on the
+//! feature) but cannot be constructed; opening a GPU says how to get one.
+
+use crate::mlp::SwiGlu;
+use crate::{Error, Result};
+
+/// Never constructed in this build.
+#[derive(Clone)]
+pub struct CudaDevice {
+    never: std::convert::Infallible,
+}
+
+/// Never constructed in this build.
+#[derive(Debug)]
+pub struct DeviceSwiGlu {
+    never: std::convert::Infallible,
+}
+
+impl CudaDevice {
+    pub fn open(_ordinal: usize) -> Result<CudaDevice> {
+        Err(Error::Device(
+            "this build has no GPU support: rebuild with `--features cuda` (the CUDA libraries are loaded at run time)"
+                .into(),
+        ))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        match self.never {}
+    }
+
+    pub fn upload(&self, _mlp: &SwiGlu) -> Result<DeviceSwiGlu> {
+        match self.never {}
+    }
+
+    pub fn forward(&self, _mlp: &DeviceSwiGlu, _x: &[f32], _rows: usize) -> Result<Vec<f32>> {
+        match self.never {}
+    }
+}
+
+impl DeviceSwiGlu {
+    pub fn size_in_bytes(&self) -> usize {
+        match self.never {}
+    }
+}

@@ -1,0 +1,46 @@
+//! The CUDA expert backend against the CPU one. These need an NVIDIA GPU and a build with the
+//! `cuda` feature (`cargo test -p moe-tests --features cuda --test gpu -- --ignored`);
+//! elsewhere they are reported as ignored, never as passed. What runs everywhere: asking for a
+//! GPU that is not there is a clear error (see `moe_model::device` tests).
+
+use moe_model::checkpoint::Checkpoint;
+use moe_model::device::Device;
+use moe_model::experts::{ExpertAssignment, ExpertCompute, ExpertSelection, LocalExperts};
+use moe_model::golden::max_abs_diff;
+use moe_model::{DType, ModelConfig};
+use moe_tests::write_preset;
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and --features cuda"]
+fn gpu_experts_match_the_cpu_within_bf16_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    write_preset(dir.path(), "tiny", 5, DType::BF16, None);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let config = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let gpu = Device::open("cuda:0").expect("a GPU (this test is run with --ignored on GPU hosts)");
+    let cpu_experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All).unwrap();
+    let gpu_experts = LocalExperts::load_on(&ckpt, &config, &ExpertSelection::All, gpu).unwrap();
+    let h = config.hidden_size;
+    let rows = 37;
+    let x: Vec<f32> = (0..rows * h)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.5)
+        .collect();
+    let assignments: Vec<ExpertAssignment> = (0..rows as u32)
+        .flat_map(|r| {
+            (0..4u32).map(move |k| ExpertAssignment {
+                row: r,
+                expert: (r * 5 + k * 11) % config.num_experts as u32,
+                weight: 0.25,
+            })
+        })
+        .collect();
+    for layer in 0..config.num_layers {
+        let want = cpu_experts.compute(layer, &x, rows, &assignments).unwrap();
+        let got = gpu_experts.compute(layer, &x, rows, &assignments).unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&want, &got) as f32;
+        eprintln!("layer {layer}: max |gpu - cpu| = {diff:.3e} (max |cpu| {scale:.3e})");
+        // bf16 activations between the products: ~3 significant digits.
+        assert!(diff <= 2e-2 * scale.max(1e-3), "layer {layer}: {diff} vs scale {scale}");
+    }
+}
