@@ -101,6 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
                 block_size: args.block_size,
                 num_blocks: args.kv_blocks,
             },
+            ..Default::default()
         },
     )?;
     let mut engine = engine;

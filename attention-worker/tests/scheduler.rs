@@ -20,7 +20,10 @@ fn engine(kv: KvCacheConfig) -> Engine {
     Engine::new(
         AttentionModel::load(&ckpt, config).unwrap(),
         Arc::new(experts),
-        EngineOptions { kv_cache: kv },
+        EngineOptions {
+            kv_cache: kv,
+            ..Default::default()
+        },
     )
     .unwrap()
 }

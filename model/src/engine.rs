@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::experts::{ExpertCompute, ExpertSelection, LocalExperts};
 use crate::kernels::argmax;
@@ -43,12 +44,15 @@ pub struct StepOutput {
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub kv_cache: KvCacheConfig,
+    /// Where [`Engine::load`] puts the routed experts (the attention half runs on the CPU).
+    pub expert_device: Device,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             kv_cache: KvCacheConfig::for_tokens(16 * 1024, 16),
+            expert_device: Device::Cpu,
         }
     }
 }
@@ -74,7 +78,7 @@ impl Engine {
     pub fn load(dir: &Path, options: EngineOptions) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        let experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All)?;
+        let experts = LocalExperts::load_on(&ckpt, &config, &ExpertSelection::All, options.expert_device.clone())?;
         let model = AttentionModel::load(&ckpt, config)?;
         Self::new(model, Arc::new(experts), options)
     }

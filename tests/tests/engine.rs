@@ -26,7 +26,10 @@ fn engine_with(experts: Arc<dyn ExpertCompute>, kv: KvCacheConfig) -> Engine {
     Engine::new(
         AttentionModel::load(&ckpt, config).unwrap(),
         experts,
-        EngineOptions { kv_cache: kv },
+        EngineOptions {
+            kv_cache: kv,
+            ..Default::default()
+        },
     )
     .unwrap()
 }

@@ -44,3 +44,27 @@ fn gpu_experts_match_the_cpu_within_bf16_tolerance() {
         assert!(diff <= 2e-2 * scale.max(1e-3), "layer {layer}: {diff} vs scale {scale}");
     }
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and --features cuda"]
+fn the_engine_with_gpu_experts_matches_the_cpu_engine_on_the_golden_model() {
+    use moe_model::{Engine, EngineOptions};
+    let dir = moe_tests::fixtures_dir().join("hunyuan-tiny");
+    let options = EngineOptions {
+        expert_device: Device::open("cuda:0").expect("a GPU"),
+        ..Default::default()
+    };
+    let mut gpu = Engine::load(&dir, options).unwrap();
+    let mut cpu = Engine::load(&dir, EngineOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![(5..40).collect(), vec![7, 99, 3, 250, 17]];
+    let want = cpu.generate_greedy(&prompts, 16, &[], true).unwrap();
+    let got = gpu.generate_greedy(&prompts, 16, &[], true).unwrap();
+    for (w, g) in want.iter().zip(&got) {
+        // First-step logits: bf16 expert activations put differences near 1e-2 of the scale.
+        let scale = w.step_logits[0].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&w.step_logits[0], &g.step_logits[0]) as f32;
+        eprintln!("first-step logits: max |gpu - cpu| = {diff:.3e} of scale {scale:.3e}");
+        assert!(diff <= 5e-2 * scale, "{diff} vs {scale}");
+        assert_eq!(w.tokens[0], g.tokens[0], "first greedy token");
+    }
+}
