@@ -275,7 +275,6 @@ impl State {
                 if released {
                     tracing::info!(worker = %id, "drained: released");
                     self.forget(&id);
-                    self.inflight.remove(&id);
                 }
                 let _ = reply.send(HeartbeatResponse {
                     known,
@@ -322,10 +321,7 @@ impl State {
             Command::Tick => {
                 for w in self.members.expire(self.config.heartbeat_timeout) {
                     tracing::warn!(worker = %w.id, role = ?w.role, "no heartbeat within {:?}: dropped", self.config.heartbeat_timeout);
-                    self.inflight.remove(&w.id);
-                    self.draining.remove(&w.id);
-                    self.load.forget(&w.id);
-                    self.store.remove_member(w.id);
+                    self.forget_removed(&w.id);
                 }
                 self.reconcile();
                 self.auto_rebalance();
@@ -342,14 +338,19 @@ impl State {
 
     /// Drops a member from the view and the registry; true when it was one.
     fn forget(&mut self, id: &str) -> bool {
+        let known = self.members.remove(id).is_some();
+        if known {
+            self.forget_removed(id);
+        }
+        known
+    }
+
+    /// Everything kept about a member already gone from the view.
+    fn forget_removed(&mut self, id: &str) {
         self.inflight.remove(id);
         self.draining.remove(id);
         self.load.forget(id);
-        let known = self.members.remove(id).is_some();
-        if known {
-            self.store.remove_member(id.to_owned());
-        }
-        known
+        self.store.remove_member(id.to_owned());
     }
 
     async fn lead(&mut self, fence: Option<Fence>) {
