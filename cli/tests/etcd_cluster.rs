@@ -15,9 +15,9 @@ use common::*;
 
 const PREFIX: &str = "/hunyuan-moe/test";
 
-/// What the cluster has recorded in etcd.
-async fn recorded(etcd: &Etcd) -> Snapshot {
-    let mut reg = EtcdRegistry::connect(EtcdOptions {
+/// A registry client of the test cluster's prefix.
+async fn registry(etcd: &Etcd) -> EtcdRegistry {
+    EtcdRegistry::connect(EtcdOptions {
         endpoints: vec![etcd.endpoint.clone()],
         prefix: PREFIX.into(),
         member_ttl: Duration::from_secs(30),
@@ -26,8 +26,12 @@ async fn recorded(etcd: &Etcd) -> Snapshot {
         tls: None,
     })
     .await
-    .unwrap();
-    reg.load().await.unwrap()
+    .unwrap()
+}
+
+/// What the cluster has recorded in etcd.
+async fn recorded(etcd: &Etcd) -> Snapshot {
+    registry(etcd).await.load().await.unwrap()
 }
 
 fn up_args(etcd: &Etcd, coordinators: usize) -> Vec<String> {
@@ -158,6 +162,14 @@ async fn etcd_restarts_and_data_loss_do_not_stop_serving() {
     })
     .await;
     assert!(s.members.iter().filter(|m| m.role == Role::Expert).count() == 3);
+    // The prefix is claimed for this cluster's model again: another model is refused.
+    let err = registry(&etcd)
+        .await
+        .claim("another-model")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("holds a cluster of model"), "{err}");
     let mut client = ClusterClient::new(&cluster.endpoint)
         .unwrap()
         .with_retry_window(Duration::from_secs(30));

@@ -355,6 +355,9 @@ impl State {
 
     async fn lead(&mut self, fence: Option<Fence>) {
         self.store.set_fence(fence).await;
+        if let Err(e) = self.store.claim(&self.config.model_id).await {
+            tracing::error!(error = %e, "claiming the cluster prefix again failed");
+        }
         let mut snapshot = None;
         for attempt in 1..=3 {
             match self.store.load().await {

@@ -21,6 +21,7 @@ enum Write {
 enum Op {
     Write(Write),
     Load(oneshot::Sender<Result<Snapshot>>),
+    Claim(String, oneshot::Sender<Result<()>>),
     Fence(Option<Fence>, oneshot::Sender<()>),
 }
 
@@ -55,6 +56,16 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Load(reply))
+            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?;
+        rx.await
+            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?
+    }
+
+    /// Claims the prefix for `model_id` (again: etcd may have lost the claim with its data).
+    pub async fn claim(&self, model_id: &str) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Claim(model_id.to_owned(), reply))
             .map_err(|_| crate::Error::Registry("the store task stopped".into()))?;
         rx.await
             .map_err(|_| crate::Error::Registry("the store task stopped".into()))?
@@ -112,6 +123,9 @@ async fn run(mut registry: Box<dyn Registry>, mut rx: mpsc::UnboundedReceiver<Op
                 Some(Op::Load(reply)) => {
                     drain(registry.as_mut(), &mut queue).await;
                     let _ = reply.send(registry.load().await);
+                }
+                Some(Op::Claim(model_id, reply)) => {
+                    let _ = reply.send(registry.claim(&model_id).await);
                 }
                 Some(Op::Fence(fence, reply)) => {
                     queue.clear();
