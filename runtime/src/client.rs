@@ -145,7 +145,7 @@ impl ClusterClient {
         let deadline = Instant::now() + self.retry_window;
         loop {
             match self.coordinators.call(&mut f).await {
-                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                Err(s) if failover::unreachable(&s) && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 r => return r,

@@ -5,6 +5,19 @@ use std::future::Future;
 
 use tonic::{Code, Status};
 
+/// The server could not be reached or is not the one to talk to: UNAVAILABLE (down, standby),
+/// or a transport failure surfaced under another code (a request sent on a connection that
+/// was closing comes back CANCELLED, "connection closed").
+pub fn unreachable(s: &Status) -> bool {
+    match s.code() {
+        Code::Unavailable => true,
+        Code::Cancelled | Code::Unknown => {
+            std::error::Error::source(s).is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some())
+        }
+        _ => false,
+    }
+}
+
 #[derive(Clone)]
 pub struct Failover<C> {
     targets: Vec<(String, C)>,
@@ -39,7 +52,7 @@ impl<C: Clone> Failover<C> {
         self.current = (self.current + 1) % self.targets.len();
     }
 
-    /// Calls `f` on the current server, then on each next one while they answer UNAVAILABLE;
+    /// Calls `f` on the current server, then on each next one while they are [`unreachable`];
     /// every server is tried once.
     pub async fn call<T, F>(&mut self, mut f: impl FnMut(C) -> F) -> Result<T, Status>
     where
@@ -49,7 +62,7 @@ impl<C: Clone> Failover<C> {
         for _ in 0..self.targets.len() {
             let (address, client) = self.current();
             match f(client).await {
-                Err(s) if s.code() == Code::Unavailable => {
+                Err(s) if unreachable(&s) => {
                     tracing::debug!(server = %address, status = %s, "unavailable; trying the next");
                     last = Some(s);
                     self.advance();
@@ -68,4 +81,19 @@ pub fn addresses(list: &str) -> Vec<String> {
         .filter(|a| !a.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_and_transport_failures_move_on_other_errors_do_not() {
+        assert!(unreachable(&Status::unavailable("standby")));
+        // A plain CANCELLED (the caller gave up) or an application error is not the server's
+        // absence.
+        assert!(!unreachable(&Status::cancelled("client went away")));
+        assert!(!unreachable(&Status::invalid_argument("bad prompt")));
+        assert!(!unreachable(&Status::resource_exhausted("queue full")));
+    }
 }
