@@ -88,10 +88,17 @@ pub struct LocalExperts {
     hidden: usize,
     /// `experts[layer][expert]`; `None` where not held. Shared so that a holder with more or
     /// fewer experts can be derived cheaply while the current one keeps serving.
-    experts: Vec<Vec<Option<Arc<SwiGlu>>>>,
-    /// Where the products run; on a GPU, `on_device` mirrors `experts`.
+    experts: Vec<Vec<Option<Arc<Held>>>>,
+    /// Where the products run (and so where the weights live).
     device: Device,
-    on_device: Vec<Vec<Option<Arc<DeviceSwiGlu>>>>,
+}
+
+/// One expert's weights where they are used: host memory for the CPU, GPU memory for a GPU
+/// (the host copy read from the checkpoint is dropped once uploaded).
+#[derive(Debug)]
+enum Held {
+    Host(SwiGlu),
+    Gpu(DeviceSwiGlu),
 }
 
 impl LocalExperts {
@@ -109,7 +116,6 @@ impl LocalExperts {
         let empty = LocalExperts {
             hidden: config.hidden_size,
             experts: (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect(),
-            on_device: (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect(),
             device,
         };
         empty.with(ckpt, config, &selection.pairs(config), &[])
@@ -129,11 +135,9 @@ impl LocalExperts {
         remove: &[(usize, usize)],
     ) -> Result<Self> {
         let mut experts = self.experts.clone();
-        let mut on_device = self.on_device.clone();
         for &(l, e) in remove {
             if let Some(slot) = experts.get_mut(l).and_then(|layer| layer.get_mut(e)) {
                 *slot = None;
-                on_device[l][e] = None;
             }
         }
         for &(l, e) in add {
@@ -146,17 +150,17 @@ impl LocalExperts {
             if experts[l][e].is_none() {
                 let inter = config.layers[l].expert_intermediate;
                 let mlp = SwiGlu::load(ckpt, |p| names::expert(l, e, p), config.hidden_size, inter)?;
-                if let Device::Cuda(gpu) = &self.device {
-                    on_device[l][e] = Some(Arc::new(gpu.upload(&mlp)?));
-                }
-                experts[l][e] = Some(Arc::new(mlp));
+                let held = match &self.device {
+                    Device::Cpu => Held::Host(mlp),
+                    Device::Cuda(gpu) => Held::Gpu(gpu.upload(&mlp)?),
+                };
+                experts[l][e] = Some(Arc::new(held));
             }
         }
         Ok(LocalExperts {
             hidden: self.hidden,
             experts,
             device: self.device.clone(),
-            on_device,
         })
     }
 
@@ -164,7 +168,7 @@ impl LocalExperts {
         self.get(layer, expert).is_some()
     }
 
-    fn get(&self, layer: usize, expert: usize) -> Option<&SwiGlu> {
+    fn get(&self, layer: usize, expert: usize) -> Option<&Held> {
         self.experts.get(layer)?.get(expert)?.as_deref()
     }
 
@@ -182,7 +186,15 @@ impl LocalExperts {
     }
 
     pub fn size_in_bytes(&self) -> usize {
-        self.experts.iter().flatten().flatten().map(|e| e.size_in_bytes()).sum()
+        self.experts
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|e| match e.as_ref() {
+                Held::Host(mlp) => mlp.size_in_bytes(),
+                Held::Gpu(mlp) => mlp.size_in_bytes(),
+            })
+            .sum()
     }
 }
 
@@ -233,15 +245,10 @@ impl ExpertCompute for LocalExperts {
                     let r = assignments[i].row as usize;
                     x.extend_from_slice(&rows[r * h..(r + 1) * h]);
                 }
-                let e = *expert as usize;
-                match &self.device {
-                    Device::Cpu => Ok(self.get(layer, e).expect("checked above").forward(&x, members.len())),
-                    Device::Cuda(gpu) => {
-                        let mlp = self.on_device[layer][e]
-                            .as_deref()
-                            .expect("uploaded with the host copy");
-                        gpu.forward(mlp, &x, members.len())
-                    }
+                match (self.get(layer, *expert as usize).expect("checked above"), &self.device) {
+                    (Held::Host(mlp), _) => Ok(mlp.forward(&x, members.len())),
+                    (Held::Gpu(mlp), Device::Cuda(gpu)) => gpu.forward(mlp, &x, members.len()),
+                    (Held::Gpu(_), Device::Cpu) => unreachable!("GPU weights are loaded for a GPU device only"),
                 }
             })
             .collect::<Result<_>>()?;
