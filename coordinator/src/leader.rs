@@ -101,10 +101,13 @@ impl Election {
         let mut campaigner = client.clone();
         let campaign = campaigner.campaign(name.clone(), self.candidate.clone(), lease);
         tracing::info!(candidate = %self.candidate, "campaigning for leadership");
-        // The lease must stay alive while the campaign waits on the current leader.
+        // One renewal loop for the whole term: the lease must stay alive while the campaign
+        // waits on the current leader, while the state is taken over, and while leading.
+        let holding = hold(client.clone(), lease, self.ttl, timeout);
+        tokio::pin!(holding);
         let won = tokio::select! {
             r = campaign => r.map_err(|e| format!("campaign: {e}"))?,
-            why = hold(client.clone(), lease, self.ttl, timeout) => return Err(why),
+            why = &mut holding => return Err(why),
             _ = shutdown.clone().wait() => {
                 let _ = client.lease_revoke(lease).await;
                 return Ok(());
@@ -116,10 +119,13 @@ impl Election {
             create_revision: key.rev(),
         };
         tracing::info!(candidate = %self.candidate, "elected leader");
-        state.lead(Some(fence)).await.map_err(|s| s.to_string())?;
+        tokio::select! {
+            r = state.lead(Some(fence)) => r.map_err(|s| s.to_string())?,
+            why = &mut holding => return Err(why),
+        }
         serving.send_replace(true);
         tokio::select! {
-            why = hold(client.clone(), lease, self.ttl, timeout) => Err(why),
+            why = &mut holding => Err(why),
             _ = shutdown.clone().wait() => {
                 serving.send_replace(false);
                 // Revoking deletes the election key: a standby wins without waiting a TTL.
