@@ -1129,6 +1129,36 @@ async fn a_rebalance_under_load_replicates_hot_experts_and_changes_no_token() {
         (shares - 1.0).abs() < 1e-9,
         "the expert workers' shares add up to the whole load: {shares}"
     );
+
+    // A worker joining afterwards: the new placement is fitted to the load too, so the
+    // replicas survive the membership change.
+    let mut joiner = std::process::Command::new(moectl())
+        .args(["expert-worker", "--watch-stdin", "--spare-slots", "8", "--coordinator"])
+        .arg(&cluster.endpoint)
+        .arg("--model")
+        .arg(tiny())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = client.status().await.unwrap();
+        let experts: Vec<_> = s.workers.iter().filter(|w| w.role == Role::Expert as i32).collect();
+        let held: usize = experts.iter().map(|w| w.expert_slots.len()).sum();
+        if s.placement_version > target && experts.len() == 3 && experts.iter().all(|w| !w.expert_slots.is_empty()) {
+            assert!(held > 128, "replicas kept after the join ({held} slots)");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the joiner never got experts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+    }
+    drop(joiner.stdin.take());
+    let _ = joiner.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

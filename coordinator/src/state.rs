@@ -512,22 +512,7 @@ impl State {
             )));
         }
         let before = self.imbalance(&load);
-        let experts = self.expert_workers();
-        let e = self.config.model.num_experts;
-        let share = e.div_ceil(experts.len().max(1));
-        let slots: Vec<WorkerSlots> = experts
-            .into_iter()
-            .map(|worker| {
-                let spare = self
-                    .members
-                    .get(&worker.id)
-                    .map_or(0, |w| w.status.spare_slots as usize);
-                WorkerSlots {
-                    worker,
-                    slots: (share + spare).min(e),
-                }
-            })
-            .collect();
+        let slots = self.worker_slots(self.expert_workers());
         let current = (!force).then_some(&active);
         let plan = planner::plan(self.last_version + 1, &load, &slots, current, BALANCED)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
@@ -564,6 +549,43 @@ impl State {
             imbalance_after: after,
             detail,
         })
+    }
+
+    /// Slots per layer each expert worker offers: an even share of the experts plus its spares.
+    fn worker_slots(&self, experts: Vec<ExpertWorkerRef>) -> Vec<WorkerSlots> {
+        let e = self.config.model.num_experts;
+        let share = e.div_ceil(experts.len().max(1));
+        experts
+            .into_iter()
+            .map(|worker| {
+                let spare = self
+                    .members
+                    .get(&worker.id)
+                    .map_or(0, |w| w.status.spare_slots as usize);
+                WorkerSlots {
+                    worker,
+                    slots: (share + spare).min(e),
+                }
+            })
+            .collect()
+    }
+
+    /// The placement after a membership change: fitted to the window's load when the workers
+    /// have spare slots for replicas and load was seen (replicas survive a join or a failure),
+    /// else even slices.
+    fn placement_for(&self, version: u64, experts: Vec<ExpertWorkerRef>) -> PlacementView {
+        let m = &self.config.model;
+        let load = self.load.matrix();
+        let slots = self.worker_slots(experts.clone());
+        let share = m.num_experts.div_ceil(experts.len().max(1));
+        let spares = slots.iter().any(|w| w.slots > share);
+        if spares && load.iter().flatten().any(|&x| x > 0.0) {
+            match planner::plan(version, &load, &slots, None, BALANCED) {
+                Ok(p) => return p,
+                Err(e) => tracing::warn!(error = %e, "load-aware placement not possible; even slices"),
+            }
+        }
+        PlacementView::even_slices(version, m.num_layers, m.num_experts, experts)
     }
 
     /// Rebalances by itself when the threshold is set and passed, at most once per interval.
@@ -611,8 +633,7 @@ impl State {
             experts.len() >= self.config.min_expert_workers.max(1) || (self.active.is_some() && !experts.is_empty());
         if changed && enough {
             self.last_version += 1;
-            let m = &self.config.model;
-            let p = PlacementView::even_slices(self.last_version, m.num_layers, m.num_experts, experts);
+            let p = self.placement_for(self.last_version, experts);
             tracing::info!(version = p.version, workers = p.workers.len(), "new target placement");
             self.target = Some(p);
         }
