@@ -1,0 +1,78 @@
+//! Bad command-line flags of this session's features are refused at start-up with a message
+//! that names the problem (and nothing is started).
+
+use std::process::Command;
+
+mod common;
+use common::*;
+
+/// Runs `moectl args...` and returns (succeeded, stderr).
+fn moectl_with(args: &[&str]) -> (bool, String) {
+    let out = Command::new(moectl()).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn refused(args: &[&str], says: &[&str]) {
+    let (ok, stderr) = moectl_with(args);
+    assert!(!ok, "{args:?} was accepted");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    for s in says {
+        assert!(stderr.contains(s), "{args:?}: `{s}` not in: {stderr}");
+    }
+}
+
+#[test]
+fn bad_flags_are_refused_by_name() {
+    let model = tiny();
+    let model = model.to_str().unwrap();
+    let coordinator = ["coordinator", "--listen", "127.0.0.1:0", "--model", model];
+    let with =
+        |extra: &[&'static str]| -> Vec<&str> { coordinator.iter().copied().chain(extra.iter().copied()).collect() };
+    refused(
+        &with(&["--rebalance-threshold", "0.5"]),
+        &["--rebalance-threshold", "above 1"],
+    );
+    refused(&with(&["--rebalance-threshold", "NaN"]), &["--rebalance-threshold"]);
+    refused(&with(&["--load-window-s", "0"]), &["--load-window-s"]);
+    refused(
+        &with(&["--etcd", "http://127.0.0.1:1", "--etcd-prefix", "cluster"]),
+        &["must start with `/`"],
+    );
+    refused(
+        &with(&["--etcd", "http://127.0.0.1:1", "--leader-ttl-s", "1"]),
+        &["--leader-ttl-s", "at least 2"],
+    );
+    refused(&with(&["--etcd-user", "root"]), &["--etcd-password-file"]);
+    refused(
+        &[
+            "attention-worker",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--slot-capacity",
+            "0",
+            "--model",
+            model,
+        ],
+        &["--slot-capacity"],
+    );
+    refused(
+        &["up", "--coordinators", "2", "--model", model],
+        &["--coordinators 2 needs --etcd"],
+    );
+    let out = tempfile::tempdir().unwrap();
+    refused(
+        &[
+            "gen-model",
+            "--preset",
+            "tiny",
+            "--skew=-1",
+            "--out",
+            out.path().to_str().unwrap(),
+        ],
+        &["router skew -1"],
+    );
+    refused(
+        &["rebalance", "--endpoint", "127.0.0.1:1", "--wait-s", "x"],
+        &["--wait-s"],
+    );
+}
