@@ -1,7 +1,7 @@
 //! The worker side of the control plane: register with the coordinator, heartbeat, register
 //! again when the coordinator forgot us, and read placements. Given several coordinators (one
 //! leader, standbys), calls go to the one that answered last and move on to the next when it
-//! is unreachable or a standby (both UNAVAILABLE): that is how workers follow a failover.
+//! is unreachable or a standby ([`failover::unreachable`]): that is how workers follow a failover.
 
 use std::time::{Duration, Instant};
 
@@ -11,10 +11,10 @@ use moe_proto::v1::{
     DrainRequest, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, RegisterRequest, ReportFailureRequest,
     Role, WorkerStatus,
 };
+use tonic::Status;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
 
-use crate::failover::Failover;
+use crate::failover::{self, Failover};
 use crate::placement::PlacementView;
 
 pub struct Membership {
@@ -55,7 +55,7 @@ impl Membership {
         loop {
             match m.register_once().await {
                 Ok(()) => return Ok(m),
-                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                Err(s) if failover::unreachable(&s) && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(s) => return Err(s),
