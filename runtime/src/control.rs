@@ -1,7 +1,7 @@
 //! The worker side of the control plane: register with the coordinator, heartbeat, register
 //! again when the coordinator forgot us, and read placements. Given several coordinators (one
 //! leader, standbys), calls go to the one that answered last and move on to the next when it
-//! is unreachable or a standby ([`failover::unreachable`]): that is how workers follow a failover.
+//! is unreachable or a standby ([`failover::unreachable()`]): that is how workers follow a failover.
 
 use std::time::{Duration, Instant};
 

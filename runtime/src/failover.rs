@@ -52,7 +52,7 @@ impl<C: Clone> Failover<C> {
         self.current = (self.current + 1) % self.targets.len();
     }
 
-    /// Calls `f` on the current server, then on each next one while they are [`unreachable`];
+    /// Calls `f` on the current server, then on each next one while they are [`unreachable()`];
     /// every server is tried once.
     pub async fn call<T, F>(&mut self, mut f: impl FnMut(C) -> F) -> Result<T, Status>
     where
