@@ -555,20 +555,7 @@ async fn an_expert_worker_joining_under_load_changes_nothing_but_the_placement()
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     let before = client.status().await.unwrap().placement_version;
     let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
-    let mut joiner = std::process::Command::new(moectl())
-        .args([
-            "expert-worker",
-            "--watch-stdin",
-            "--coordinator",
-            &cluster.endpoint,
-            "--model",
-        ])
-        .arg(tiny())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let joiner = start_expert_worker(&cluster.endpoint, &[]);
     assert_streams_match(streams, &prompts).await;
     // The switch happens (bounded wait): three workers share the experts 22/21/21.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -595,8 +582,7 @@ async fn an_expert_worker_joining_under_load_changes_nothing_but_the_placement()
     for (prompt, want) in &prompts {
         assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
     }
-    drop(joiner.stdin.take());
-    let _ = joiner.wait();
+    drop(joiner);
 }
 
 fn worker_id_at(status: &moe_proto::v1::ClusterStatusResponse, address: &str) -> String {
@@ -1132,16 +1118,7 @@ async fn a_rebalance_under_load_replicates_hot_experts_and_changes_no_token() {
 
     // A worker joining afterwards: the new placement is fitted to the load too, so the
     // replicas survive the membership change.
-    let mut joiner = std::process::Command::new(moectl())
-        .args(["expert-worker", "--watch-stdin", "--spare-slots", "8", "--coordinator"])
-        .arg(&cluster.endpoint)
-        .arg("--model")
-        .arg(tiny())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let joiner = start_expert_worker(&cluster.endpoint, &["--spare-slots", "8"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = client.status().await.unwrap();
@@ -1157,8 +1134,7 @@ async fn a_rebalance_under_load_replicates_hot_experts_and_changes_no_token() {
     for (prompt, want) in &prompts {
         assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
     }
-    drop(joiner.stdin.take());
-    let _ = joiner.wait();
+    drop(joiner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,20 +140,7 @@ async fn etcd_restarts_and_data_loss_do_not_stop_serving() {
     tokio::time::sleep(Duration::from_millis(500)).await; // down for a while, not just a blip
     etcd.restart();
     assert_streams_match(streams, &prompts).await;
-    let mut joiner = std::process::Command::new(moectl())
-        .args([
-            "expert-worker",
-            "--watch-stdin",
-            "--coordinator",
-            &cluster.endpoint,
-            "--model",
-        ])
-        .arg(tiny())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let joiner = start_expert_worker(&cluster.endpoint, &[]);
     wait_recorded(&etcd, "the joiner recorded after the restart", |s| s.members.len() == 4).await;
 
     etcd.restart_empty();
@@ -176,8 +163,7 @@ async fn etcd_restarts_and_data_loss_do_not_stop_serving() {
     for (prompt, want) in &prompts {
         assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
     }
-    drop(joiner.stdin.take());
-    let _ = joiner.wait();
+    drop(joiner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,20 +201,7 @@ async fn bench_fails_nothing_while_an_expert_worker_dies_and_another_joins() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cluster.kill("expert-worker", 0);
-    let mut joiner = std::process::Command::new(moectl())
-        .args([
-            "expert-worker",
-            "--watch-stdin",
-            "--coordinator",
-            &cluster.endpoint,
-            "--model",
-        ])
-        .arg(tiny())
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let joiner = start_expert_worker(&cluster.endpoint, &[]);
     assert!(
         client.status().await.unwrap().running_requests > 0,
         "bench finished before the disruption; the test proved nothing"
@@ -242,8 +215,7 @@ async fn bench_fails_nothing_while_an_expert_worker_dies_and_another_joins() {
         s.members.iter().filter(|m| m.role == Role::Expert).count() == 3
     })
     .await;
-    drop(joiner.stdin.take());
-    let _ = joiner.wait();
+    drop(joiner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,3 +139,31 @@ pub async fn assert_streams_match(streams: Tracked, prompts: &[(Vec<u32>, Vec<u3
         assert_eq!(&got, want, "prompt {prompt:?}");
     }
 }
+
+/// An expert worker started by a test beside a cluster (`--watch-stdin`): it stops when this is
+/// dropped, which closes its stdin.
+pub struct Joiner {
+    child: std::process::Child,
+}
+
+/// Starts `moectl expert-worker` on the tiny model against `endpoint`, with `extra` flags.
+pub fn start_expert_worker(endpoint: &str, extra: &[&str]) -> Joiner {
+    let child = std::process::Command::new(moectl())
+        .args(["expert-worker", "--watch-stdin", "--coordinator", endpoint])
+        .args(extra)
+        .arg("--model")
+        .arg(tiny())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Joiner { child }
+}
+
+impl Drop for Joiner {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
