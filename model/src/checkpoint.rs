@@ -175,7 +175,7 @@ impl Checkpoint {
     }
 
     /// Raw bytes and dtype of a tensor after checking its shape.
-    fn bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8], &Path)> {
+    pub(crate) fn bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8], &Path)> {
         let shard = self.shard_of(name)?;
         let info = shard.tensor_info(name);
         if info.shape != shape {

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::cuda::DeviceSwiGlu;
+use crate::cuda::{DeviceSwiGlu, ExpertGroup};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::axpy;
@@ -148,11 +148,11 @@ impl LocalExperts {
                 )));
             }
             if experts[l][e].is_none() {
-                let inter = config.layers[l].expert_intermediate;
-                let mlp = SwiGlu::load(ckpt, |p| names::expert(l, e, p), config.hidden_size, inter)?;
+                let (hidden, inter) = (config.hidden_size, config.layers[l].expert_intermediate);
+                let name = |p: &str| names::expert(l, e, p);
                 let held = match &self.device {
-                    Device::Cpu => Held::Host(mlp),
-                    Device::Cuda(gpu) => Held::Gpu(gpu.upload(&mlp)?),
+                    Device::Cpu => Held::Host(SwiGlu::load(ckpt, name, hidden, inter)?),
+                    Device::Cuda(gpu) => Held::Gpu(gpu.upload_expert(ckpt, name, hidden, inter)?),
                 };
                 experts[l][e] = Some(Arc::new(held));
             }
@@ -237,6 +237,32 @@ impl ExpertCompute for LocalExperts {
             groups.entry(a.expert).or_default().push(i);
         }
         let groups: Vec<(u32, Vec<usize>)> = groups.into_iter().collect();
+        match &self.device {
+            Device::Cpu => Ok(self.compute_on_host(layer, rows, num_rows, assignments, &groups)),
+            Device::Cuda(gpu) => {
+                let on_device: Vec<ExpertGroup<'_>> = groups
+                    .iter()
+                    .map(|(expert, members)| match self.get(layer, *expert as usize) {
+                        Some(Held::Gpu(weights)) => ExpertGroup { weights, members },
+                        _ => unreachable!("a GPU holder loads every expert onto the GPU"),
+                    })
+                    .collect();
+                gpu.experts_forward(rows, num_rows, h, assignments, &on_device)
+            }
+        }
+    }
+}
+
+impl LocalExperts {
+    fn compute_on_host(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        num_rows: usize,
+        assignments: &[ExpertAssignment],
+        groups: &[(u32, Vec<usize>)],
+    ) -> Vec<f32> {
+        let h = self.hidden;
         let outputs: Vec<Vec<f32>> = groups
             .par_iter()
             .map(|(expert, members)| {
@@ -245,13 +271,12 @@ impl ExpertCompute for LocalExperts {
                     let r = assignments[i].row as usize;
                     x.extend_from_slice(&rows[r * h..(r + 1) * h]);
                 }
-                match (self.get(layer, *expert as usize).expect("checked above"), &self.device) {
-                    (Held::Host(mlp), _) => Ok(mlp.forward(&x, members.len())),
-                    (Held::Gpu(mlp), Device::Cuda(gpu)) => gpu.forward(mlp, &x, members.len()),
-                    (Held::Gpu(_), Device::Cpu) => unreachable!("GPU weights are loaded for a GPU device only"),
+                match self.get(layer, *expert as usize) {
+                    Some(Held::Host(mlp)) => mlp.forward(&x, members.len()),
+                    _ => unreachable!("a CPU holder keeps every expert on the host"),
                 }
             })
-            .collect::<Result<_>>()?;
+            .collect();
 
         // Where each assignment's expert output sits, then combine in assignment order so the
         // summation order does not depend on how experts were grouped or scheduled.
@@ -270,6 +295,6 @@ impl ExpertCompute for LocalExperts {
                 &mut out[r * h..(r + 1) * h],
             );
         }
-        Ok(out)
+        out
     }
 }

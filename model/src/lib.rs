@@ -1,4 +1,4 @@
-//! Hunyuan mixture-of-experts model core on CPU.
+//! Hunyuan mixture-of-experts model core: CPU kernels always, CUDA ones with the `cuda` feature.
 //!
 //! The model is split the way the cluster splits it: [`model::AttentionModel`] is everything an
 //! attention worker holds (embeddings, attention, norms, router, shared expert, LM head), and
@@ -10,7 +10,7 @@ pub mod batch;
 pub mod capacity;
 pub mod checkpoint;
 pub mod config;
-mod cuda;
+pub mod cuda;
 pub mod device;
 pub mod engine;
 pub mod error;

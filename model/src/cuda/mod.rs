@@ -4,9 +4,15 @@
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
-pub use gpu::{CudaDevice, DeviceSwiGlu};
+pub use gpu::{CudaDevice, DeviceKvCache, DeviceSwiGlu, PagedRows};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
 pub use stub::{CudaDevice, DeviceSwiGlu};
+
+/// One expert of a dispatch on the GPU: its weights and the indices of the assignments it computes.
+pub struct ExpertGroup<'a> {
+    pub weights: &'a DeviceSwiGlu,
+    pub members: &'a [usize],
+}

@@ -1,7 +1,9 @@
 //! Builds without the `cuda` feature: the GPU types exist (so call sites do not branch on the
 //! feature) but cannot be constructed; opening a GPU says how to get one.
 
-use crate::mlp::SwiGlu;
+use super::ExpertGroup;
+use crate::checkpoint::Checkpoint;
+use crate::router::ExpertAssignment;
 use crate::{Error, Result};
 
 /// Never constructed in this build.
@@ -28,11 +30,24 @@ impl CudaDevice {
         match self.never {}
     }
 
-    pub fn upload(&self, _mlp: &SwiGlu) -> Result<DeviceSwiGlu> {
+    pub fn upload_expert(
+        &self,
+        _ckpt: &Checkpoint,
+        _name: impl Fn(&str) -> String,
+        _hidden: usize,
+        _inter: usize,
+    ) -> Result<DeviceSwiGlu> {
         match self.never {}
     }
 
-    pub fn forward(&self, _mlp: &DeviceSwiGlu, _x: &[f32], _rows: usize) -> Result<Vec<f32>> {
+    pub fn experts_forward(
+        &self,
+        _rows: &[f32],
+        _num_rows: usize,
+        _hidden: usize,
+        _assignments: &[ExpertAssignment],
+        _groups: &[ExpertGroup<'_>],
+    ) -> Result<Vec<f32>> {
         match self.never {}
     }
 }
