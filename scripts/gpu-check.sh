@@ -9,7 +9,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L; then
     echo "scripts/gpu-check.sh: no NVIDIA GPU visible here; nothing to check" >&2
     exit 1
 fi
-cargo test -p moe-tests --features cuda --test gpu -- --ignored --nocapture
+cargo test -p moe-tests --features cuda --test gpu --test gpu_kernels -- --ignored --nocapture
 cargo build --release -p moectl --features cuda
 moectl=target/release/moectl
 for device in cpu cuda:0; do

@@ -154,8 +154,9 @@ impl AttentionWeights {
 }
 
 /// Causal GQA attention of `q_rows` (positions `start_pos..`) over `keys`/`values`
-/// (`[ctx, kv_heads, head_dim]`, already normalised).
-fn attend(config: &ModelConfig, start_pos: usize, q_rows: &[f32], keys: &[f32], values: &[f32], out: &mut [f32]) {
+/// (`[ctx, kv_heads, head_dim]`, already normalised). Public as the reference the GPU kernel is
+/// tested against.
+pub fn attend(config: &ModelConfig, start_pos: usize, q_rows: &[f32], keys: &[f32], values: &[f32], out: &mut [f32]) {
     let (hd, heads, kv_heads) = (config.head_dim, config.num_heads, config.num_kv_heads);
     let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
     let group = heads / kv_heads;

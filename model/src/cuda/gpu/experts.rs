@@ -8,10 +8,10 @@ use cudarc::cublas::{GroupedGemm, GroupedGemmConfig};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{err, CudaDevice};
-use crate::cuda::ExpertGroup;
+use super::{CudaDevice, err};
 use crate::checkpoint::Checkpoint;
 use crate::config::DType;
+use crate::cuda::ExpertGroup;
 use crate::router::ExpertAssignment;
 use crate::{Error, Result};
 
@@ -106,9 +106,7 @@ impl CudaDevice {
         let x_d = s.clone_htod(&x).map_err(err("uploading rows"))?;
         let rows_d = s.clone_htod(&out_rows).map_err(err("uploading rows"))?;
         let weights_d = s.clone_htod(&out_weights).map_err(err("uploading weights"))?;
-        let mut out = s
-            .alloc_zeros::<f32>(num_rows * hidden)
-            .map_err(err("allocating"))?;
+        let mut out = s.alloc_zeros::<f32>(num_rows * hidden).map_err(err("allocating"))?;
         if total == 0 {
             return s.clone_dtoh(&out).map_err(err("downloading outputs"));
         }

@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{err, CudaDevice};
+use super::{CudaDevice, err};
 use crate::router::Routing;
 use crate::{Error, Result};
 
@@ -55,7 +55,7 @@ impl CudaDevice {
     /// `kernels::rms_norm` on the device.
     pub fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
         let cols = w.len();
-        if cols == 0 || x.len() % cols != 0 {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
             return Err(Error::InvalidInput(format!(
                 "rms_norm: {} values are not rows of {cols}",
                 x.len()
@@ -85,7 +85,11 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<Vec<f32>> {
         check_len("inverse frequencies", inv_freq.len(), head_dim / 2)?;
-        if head_dim == 0 || head_dim % 2 != 0 || pos.is_empty() || x.len() % (pos.len() * head_dim) != 0 {
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || pos.is_empty()
+            || !x.len().is_multiple_of(pos.len() * head_dim)
+        {
             return Err(Error::InvalidInput(format!(
                 "rope: {} values are not {} rows of whole heads of {head_dim}",
                 x.len(),
@@ -117,7 +121,7 @@ impl CudaDevice {
 
     /// Softmax over all experts, top-k, optionally renormalised: `Router::route` on the device.
     pub fn route(&self, logits: &[f32], num_experts: usize, topk: usize, renormalize: bool) -> Result<Routing> {
-        if num_experts == 0 || topk == 0 || topk > num_experts || logits.len() % num_experts != 0 {
+        if num_experts == 0 || topk == 0 || topk > num_experts || !logits.len().is_multiple_of(num_experts) {
             return Err(Error::InvalidInput(format!(
                 "route: {} logits, {num_experts} experts, top {topk}",
                 logits.len()
@@ -208,7 +212,7 @@ impl CudaDevice {
     ) -> Result<Vec<f32>> {
         let n = rows.pos.len();
         let head_dim = cache.kv_dim / kv_heads.max(1);
-        if kv_heads == 0 || heads % kv_heads != 0 || head_dim * kv_heads != cache.kv_dim || head_dim > 1024 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim * kv_heads != cache.kv_dim || head_dim > 1024 {
             return Err(Error::InvalidInput(format!(
                 "attention: {heads} heads over {kv_heads} KV heads with a cache row of {}",
                 cache.kv_dim
@@ -229,7 +233,7 @@ impl CudaDevice {
                     return Err(Error::InvalidInput(format!(
                         "attention row {r}: the block table does not cover position {}",
                         rows.pos[r]
-                    )))
+                    )));
                 }
             }
         }
