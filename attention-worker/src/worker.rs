@@ -71,6 +71,7 @@ pub enum CapacityPolicy {
 
 pub async fn run(args: Args) -> Result<()> {
     args.worker.install_tls()?;
+    let nccl = args.worker.nccl_agent()?;
     if args.slot_capacity == Some(0) {
         return Err(moe_model::Error::InvalidInput("--slot-capacity must be positive".into()).into());
     }
@@ -137,9 +138,13 @@ pub async fn run(args: Args) -> Result<()> {
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let spec = args
-        .worker
-        .spec("attention-worker", Role::Attention, model_id, Duration::from_secs(5));
+    let spec = args.worker.spec(
+        "attention-worker",
+        Role::Attention,
+        model_id,
+        Duration::from_secs(5),
+        nccl,
+    );
     let status = || {
         let s = &scheduler.stats;
         WorkerStatus {

@@ -39,3 +39,26 @@ fn an_unusable_gpu_stops_the_expert_worker_with_the_reason() {
         "{stderr}"
     );
 }
+
+#[test]
+fn joining_the_nccl_data_plane_without_a_gpu_and_nccl_stops_a_worker_with_the_reason() {
+    for role in ["expert-worker", "attention-worker"] {
+        let run = |device: &str| {
+            let out = Command::new(moectl())
+                .args([role, "--coordinator", "127.0.0.1:1", "--nccl-device", device, "--model"])
+                .arg(tiny())
+                .output()
+                .unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let (ok, stderr) = run("cuda:0");
+        assert!(!ok && !stderr.contains("panicked"), "{role}: {stderr}");
+        assert!(
+            stderr.contains("--features cuda") || stderr.contains("libcuda") || stderr.contains("NCCL"),
+            "{role}: {stderr}"
+        );
+        let (ok, stderr) = run("cpu");
+        assert!(!ok, "{role}");
+        assert!(stderr.contains("NCCL needs a GPU"), "{role}: {stderr}");
+    }
+}

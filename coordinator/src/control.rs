@@ -2,8 +2,9 @@
 
 use moe_proto::v1::control_server::Control;
 use moe_proto::v1::{
-    DrainRequest, DrainResponse, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement, RebalanceRequest,
-    RebalanceResponse, RegisterRequest, RegisterResponse, ReportFailureRequest, ReportFailureResponse, Role,
+    DrainRequest, DrainResponse, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, Placement,
+    PublishNcclIdRequest, PublishNcclIdResponse, RebalanceRequest, RebalanceResponse, RegisterRequest,
+    RegisterResponse, ReportFailureRequest, ReportFailureResponse, Role,
 };
 use tonic::{Request, Response, Status};
 
@@ -24,7 +25,7 @@ impl Control for ControlService {
         moe_runtime::convert::check_version(req.protocol_version)?;
         let role =
             Role::try_from(req.role).map_err(|_| Status::invalid_argument(format!("unknown role {}", req.role)))?;
-        let worker_id = self.state.register(role, req.address, req.model_id).await?;
+        let worker_id = self.state.register(role, req.address, req.model_id, req.nccl).await?;
         let placement = self.state.placement(false).await?;
         Ok(Response::new(RegisterResponse { worker_id, placement }))
     }
@@ -57,5 +58,17 @@ impl Control for ControlService {
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
         let detail = self.state.drain(request.into_inner().worker_id).await?;
         Ok(Response::new(DrainResponse { detail }))
+    }
+
+    async fn publish_nccl_id(
+        &self,
+        request: Request<PublishNcclIdRequest>,
+    ) -> Result<Response<PublishNcclIdResponse>, Status> {
+        let req = request.into_inner();
+        self.state
+            .publish_nccl_id(req.worker_id, req.epoch, req.unique_id)
+            .await?
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(PublishNcclIdResponse {}))
     }
 }

@@ -11,6 +11,7 @@ mod leader;
 mod load;
 mod members;
 mod metrics;
+mod nccl;
 pub mod planner;
 pub mod registry;
 mod server;

@@ -16,6 +16,7 @@ pub struct Live {
     pub address: String,
     pub model_id: String,
     pub seq: u64,
+    pub nccl: bool,
     pub last_seen: Instant,
     pub status: WorkerStatus,
 }
@@ -28,6 +29,7 @@ impl Live {
             address: self.address.clone(),
             model_id: self.model_id.clone(),
             seq: self.seq,
+            nccl: self.nccl,
         }
     }
 }
@@ -49,7 +51,7 @@ fn role_prefix(role: Role) -> &'static str {
 
 impl Members {
     /// Adds a new member and returns its record.
-    pub fn add(&mut self, role: Role, address: String, model_id: String) -> Member {
+    pub fn add(&mut self, role: Role, address: String, model_id: String, nccl: bool) -> Member {
         self.next_seq += 1;
         let seq = self.next_seq;
         let live = Live {
@@ -58,6 +60,7 @@ impl Members {
             address,
             model_id,
             seq,
+            nccl,
             last_seen: Instant::now(),
             status: WorkerStatus::default(),
         };
@@ -81,6 +84,7 @@ impl Members {
                 address: m.address,
                 model_id: m.model_id,
                 seq: m.seq,
+                nccl: m.nccl,
                 last_seen: Instant::now(),
                 status: WorkerStatus::default(),
             },
@@ -141,10 +145,11 @@ mod tests {
             address: "10.0.0.1:1".into(),
             model_id: "x".into(),
             seq: 7,
+            nccl: false,
         };
         assert!(m.adopt(adopted.clone()));
         assert!(!m.adopt(adopted), "adopting twice adds nothing");
-        let new = m.add(Role::Attention, "10.0.0.2:1".into(), "x".into());
+        let new = m.add(Role::Attention, "10.0.0.2:1".into(), "x".into(), false);
         assert_eq!(new.id, "attn-8");
         assert!(m.heartbeat("expert-7", "10.0.0.1:1", WorkerStatus::default()));
         // Same id, another address: not the member this id names.
@@ -157,7 +162,7 @@ mod tests {
     #[test]
     fn members_not_heard_from_expire() {
         let mut m = Members::default();
-        m.add(Role::Expert, "a:1".into(), "x".into());
+        m.add(Role::Expert, "a:1".into(), "x".into(), false);
         assert!(m.expire(Duration::from_secs(60)).is_empty());
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(m.expire(Duration::from_millis(1)).len(), 1);

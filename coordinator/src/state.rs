@@ -18,6 +18,7 @@ use tonic::Status;
 
 use crate::load::LoadWindow;
 use crate::members::Members;
+use crate::nccl::NcclPlane;
 use crate::planner::{self, WorkerSlots};
 use crate::registry::Fence;
 use crate::store::Store;
@@ -79,6 +80,7 @@ enum Command {
         role: Role,
         address: String,
         model_id: String,
+        nccl: bool,
         reply: oneshot::Sender<Result<String, Status>>,
     },
     Heartbeat {
@@ -117,6 +119,12 @@ enum Command {
         fence: Option<Fence>,
         reply: oneshot::Sender<()>,
     },
+    PublishNcclId {
+        worker: String,
+        epoch: u64,
+        unique_id: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Tick,
 }
 
@@ -137,14 +145,31 @@ impl StateHandle {
         rx.await.map_err(|_| stopped())
     }
 
-    pub async fn register(&self, role: Role, address: String, model_id: String) -> Result<String, Status> {
+    pub async fn register(&self, role: Role, address: String, model_id: String, nccl: bool) -> Result<String, Status> {
         self.ask(|reply| Command::Register {
             role,
             address,
             model_id,
+            nccl,
             reply,
         })
         .await?
+    }
+
+    /// Rank 0's NCCL unique id for `epoch`; `Err` says why it was refused.
+    pub async fn publish_nccl_id(
+        &self,
+        worker: String,
+        epoch: u64,
+        unique_id: Vec<u8>,
+    ) -> Result<Result<(), String>, Status> {
+        self.ask(|reply| Command::PublishNcclId {
+            worker,
+            epoch,
+            unique_id,
+            reply,
+        })
+        .await
     }
 
     pub async fn heartbeat(&self, id: String, status: WorkerStatus) -> Result<HeartbeatResponse, Status> {
@@ -211,6 +236,7 @@ struct State {
     load: LoadWindow,
     /// When the placement was last rebalanced (or an automatic attempt made).
     last_rebalance: Option<Instant>,
+    nccl: NcclPlane,
 }
 
 /// Starts the state task, recording membership and placements through `store`. It serves once
@@ -230,6 +256,7 @@ pub fn spawn(config: StateConfig, store: Store) -> StateHandle {
         last_version: 0,
         inflight: HashMap::new(),
         draining: Default::default(),
+        nccl: NcclPlane::default(),
     };
     let ticker = tx.clone();
     tokio::spawn(async move {
@@ -256,15 +283,17 @@ impl State {
                 role,
                 address,
                 model_id,
+                nccl,
                 reply,
             } => {
-                let result = self.register(role, address, model_id);
+                let result = self.register(role, address, model_id, nccl);
                 let _ = reply.send(result);
             }
             Command::Heartbeat { id, mut status, reply } => {
                 let address = status.address.clone();
                 // Load counters feed the window; the stored status stays small.
                 let tokens = std::mem::take(&mut status.expert_tokens);
+                self.nccl.report(&id, status.nccl_ready_epoch);
                 let known = self.members.heartbeat(&id, &address, status);
                 if known && let Err(why) = self.load.observe(&id, &tokens) {
                     tracing::warn!(worker = %id, %why, "load report ignored");
@@ -281,6 +310,7 @@ impl State {
                     placement_version: active,
                     target_placement_version: self.target.as_ref().map_or(active, |p| p.version),
                     released,
+                    nccl: self.nccl.view(&id),
                 });
             }
             Command::Drain { worker, reply } => {
@@ -325,6 +355,18 @@ impl State {
                 }
                 self.reconcile();
                 self.auto_rebalance();
+            }
+            Command::PublishNcclId {
+                worker,
+                epoch,
+                unique_id,
+                reply,
+            } => {
+                let result = self.nccl.publish(&worker, epoch, unique_id);
+                if let Err(why) = &result {
+                    tracing::warn!(%worker, epoch, %why, "NCCL unique id refused");
+                }
+                let _ = reply.send(result);
             }
             Command::Rebalance { force, reply } => {
                 let _ = reply.send(self.rebalance(force));
@@ -411,7 +453,7 @@ impl State {
         }
     }
 
-    fn register(&mut self, role: Role, address: String, model_id: String) -> Result<String, Status> {
+    fn register(&mut self, role: Role, address: String, model_id: String, nccl: bool) -> Result<String, Status> {
         if role == Role::Unspecified {
             return Err(Status::invalid_argument("role must be attention or expert"));
         }
@@ -426,10 +468,10 @@ impl State {
                 "address `{address}` is not host:port"
             )));
         }
-        let member = self.members.add(role, address.clone(), model_id);
+        let member = self.members.add(role, address.clone(), model_id, nccl);
         let id = member.id.clone();
         self.store.put_member(member);
-        tracing::info!(worker = %id, ?role, %address, "worker registered");
+        tracing::info!(worker = %id, ?role, %address, nccl, "worker registered");
         self.reconcile();
         Ok(id)
     }
@@ -624,6 +666,12 @@ impl State {
     /// Moves the placement towards the live expert workers: a new target when they changed,
     /// activation once every worker of the target has loaded it.
     fn reconcile(&mut self) {
+        self.nccl.set_members(
+            self.members
+                .iter()
+                .filter(|w| w.nccl && !self.draining.contains(&w.id))
+                .map(|w| (w.id.as_str(), w.role)),
+        );
         let experts = self.expert_workers();
         let latest = self.target.as_ref().or(self.active.as_ref());
         // The same workers in another order (a new leader adopting them) need no new placement.

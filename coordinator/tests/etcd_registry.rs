@@ -26,6 +26,7 @@ fn member(seq: u64) -> Member {
         address: format!("127.0.0.1:{}", 4000 + seq),
         model_id: "model-a".into(),
         seq,
+        nccl: false,
     }
 }
 

@@ -34,6 +34,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<()> {
     args.worker.install_tls()?;
+    let nccl = args.worker.nccl_agent()?;
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
     let model_id = moe_model::identity::model_identity(&args.worker.model, &ckpt)?;
@@ -50,7 +51,7 @@ pub async fn run(args: Args) -> Result<()> {
     // Dispatch streams are long-lived; give in-flight messages a moment after shutdown.
     let spec = args
         .worker
-        .spec("expert-worker", Role::Expert, model_id, Duration::from_secs(2));
+        .spec("expert-worker", Role::Expert, model_id, Duration::from_secs(2), nccl);
     let status = || WorkerStatus {
         expert_slots: state.held_slots(),
         rows_served: state.rows_served.load(Ordering::Relaxed),

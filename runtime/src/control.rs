@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::v1::control_client::ControlClient;
 use moe_proto::v1::{
-    DrainRequest, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, RegisterRequest, ReportFailureRequest,
-    Role, WorkerStatus,
+    DrainRequest, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, PublishNcclIdRequest, RegisterRequest,
+    ReportFailureRequest, Role, WorkerStatus,
 };
 use tonic::Status;
 use tonic::transport::Channel;
@@ -22,6 +22,7 @@ pub struct Membership {
     role: Role,
     address: String,
     model_id: String,
+    nccl: bool,
     worker_id: String,
 }
 
@@ -33,6 +34,7 @@ impl Membership {
         role: Role,
         address: String,
         model_id: String,
+        nccl: bool,
         wait: Duration,
     ) -> Result<Self, Status> {
         let mut targets = Vec::new();
@@ -49,6 +51,7 @@ impl Membership {
             role,
             address,
             model_id,
+            nccl,
             worker_id: String::new(),
         };
         let deadline = Instant::now() + wait;
@@ -69,6 +72,7 @@ impl Membership {
             role: self.role as i32,
             address: self.address.clone(),
             model_id: self.model_id.clone(),
+            nccl: self.nccl,
         };
         let resp = self
             .coordinators
@@ -133,6 +137,22 @@ impl Membership {
             })
             .await?;
         Ok(resp.removed)
+    }
+
+    /// As rank 0 of NCCL group `epoch`, hands the communicator's unique id to the coordinator.
+    pub async fn publish_nccl_id(&mut self, epoch: u64, unique_id: Vec<u8>) -> Result<(), Status> {
+        let request = PublishNcclIdRequest {
+            worker_id: self.worker_id.clone(),
+            epoch,
+            unique_id,
+        };
+        self.coordinators
+            .call(|mut c| {
+                let r = request.clone();
+                async move { c.publish_nccl_id(r).await }
+            })
+            .await?;
+        Ok(())
     }
 
     /// Asks the coordinator to drain this worker.

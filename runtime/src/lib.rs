@@ -5,6 +5,7 @@ pub mod client;
 pub mod control;
 pub mod convert;
 pub mod failover;
+pub mod nccl;
 pub mod net;
 pub mod placement;
 pub mod resume;

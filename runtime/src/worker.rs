@@ -10,6 +10,7 @@ use tonic::Status;
 use tonic::service::Routes;
 
 use crate::control::Membership;
+use crate::nccl::NcclAgent;
 use crate::net;
 use crate::shutdown::Shutdown;
 
@@ -83,6 +84,8 @@ pub enum WorkerError {
     Coordinator(#[from] Status),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("NCCL: {0}")]
+    Nccl(String),
 }
 
 /// Flags every worker process takes.
@@ -106,6 +109,10 @@ pub struct WorkerArgs {
     /// Exit when stdin closes (set by `moectl up`, so no worker outlives its cluster).
     #[arg(long)]
     pub watch_stdin: bool,
+    /// Join the NCCL data plane on this GPU (`cuda:N`; needs a `cuda` build and NCCL). The
+    /// communicator is set up through the coordinator; gRPC stays the fallback.
+    #[arg(long)]
+    pub nccl_device: Option<String>,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
@@ -119,7 +126,23 @@ impl WorkerArgs {
         Ok(())
     }
 
-    pub fn spec(&self, name: &'static str, role: moe_proto::v1::Role, model_id: String, grace: Duration) -> WorkerSpec {
+    /// The NCCL agent of `--nccl-device`, opened now so that a missing GPU or NCCL stops the
+    /// worker at start-up with the reason.
+    pub fn nccl_agent(&self) -> Result<Option<NcclAgent>, WorkerError> {
+        self.nccl_device
+            .as_deref()
+            .map(|spec| NcclAgent::open(spec).map_err(|e| WorkerError::Nccl(e.to_string())))
+            .transpose()
+    }
+
+    pub fn spec(
+        &self,
+        name: &'static str,
+        role: moe_proto::v1::Role,
+        model_id: String,
+        grace: Duration,
+        nccl: Option<NcclAgent>,
+    ) -> WorkerSpec {
         WorkerSpec {
             name,
             role,
@@ -127,6 +150,7 @@ impl WorkerArgs {
             advertise: self.advertise.clone(),
             coordinator: self.coordinator.clone(),
             model_id,
+            nccl,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             grace,
         }
@@ -134,7 +158,7 @@ impl WorkerArgs {
 }
 
 /// How a worker process joins the cluster.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerSpec {
     /// Name printed in the `LISTENING` line.
     pub name: &'static str,
@@ -144,6 +168,8 @@ pub struct WorkerSpec {
     pub advertise: Option<String>,
     pub coordinator: Vec<String>,
     pub model_id: String,
+    /// Registers as a member of the NCCL data plane and keeps its communicator.
+    pub nccl: Option<NcclAgent>,
     pub heartbeat: Duration,
     /// Time given to in-flight streams after shutdown.
     pub grace: Duration,
@@ -163,6 +189,19 @@ pub async fn run_worker(
     mut status: impl FnMut() -> WorkerStatus,
     mut on_answer: impl AsyncFnMut(&mut Membership, HeartbeatResponse),
 ) -> Result<(), WorkerError> {
+    // The NCCL data plane's set-up rides on the heartbeats of every worker kind.
+    let nccl = spec.nccl.clone();
+    let mut status = move || WorkerStatus {
+        nccl_ready_epoch: nccl.as_ref().map_or(0, NcclAgent::ready_epoch),
+        ..status()
+    };
+    let nccl = spec.nccl.clone();
+    let mut on_answer = async move |m: &mut Membership, answer: HeartbeatResponse| {
+        if let Some(agent) = &nccl {
+            agent.on_heartbeat(m, answer.nccl.clone()).await;
+        }
+        on_answer(m, answer).await
+    };
     // The server stops on shutdown, or when this worker leaves after a drain.
     let (leave, left) = tokio::sync::oneshot::channel::<()>();
     let stop = {
@@ -186,6 +225,7 @@ pub async fn run_worker(
         spec.role,
         address,
         spec.model_id,
+        spec.nccl.is_some(),
         Duration::from_secs(30),
     )
     .await?;

@@ -29,6 +29,9 @@ pub struct Member {
     pub model_id: String,
     /// Registration order across leaders: placements list workers in this order.
     pub seq: u64,
+    /// Joins the NCCL data plane (absent in records written before it existed).
+    #[serde(default)]
+    pub nccl: bool,
 }
 
 /// What a previous leader recorded.
@@ -90,6 +93,7 @@ mod tests {
             address: "127.0.0.1:5".into(),
             model_id: "abc".into(),
             seq: 3,
+            nccl: true,
         };
         let json = serde_json::to_string(&m).unwrap();
         assert!(json.contains("\"ROLE_EXPERT\""), "{json}");

@@ -4,12 +4,12 @@
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
-pub use gpu::{CudaDevice, DeviceKvCache, DeviceSwiGlu, PagedRows};
+pub use gpu::{CudaDevice, DeviceKvCache, DeviceSwiGlu, NcclComm, PagedRows};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
-pub use stub::{CudaDevice, DeviceSwiGlu};
+pub use stub::{CudaDevice, DeviceSwiGlu, NcclComm};
 
 /// One expert of a dispatch on the GPU: its weights and the indices of the assignments it computes.
 pub struct ExpertGroup<'a> {

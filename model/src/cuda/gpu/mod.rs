@@ -8,6 +8,7 @@
 //! with the reason and run by `scripts/gpu-check.sh`.
 
 mod experts;
+mod nccl;
 mod ops;
 mod source;
 
@@ -19,6 +20,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 pub use experts::DeviceSwiGlu;
+pub use nccl::NcclComm;
 pub use ops::{DeviceKvCache, PagedRows};
 
 use crate::{Error, Result};

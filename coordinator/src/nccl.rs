@@ -1,0 +1,207 @@
+//! The NCCL data plane's control: which workers form the communicator, in which ranks, under
+//! which epoch, and its unique id. NCCL needs every rank to call `ncclCommInitRank` with the
+//! same id; the id comes from rank 0 (`ncclGetUniqueId` needs NCCL, which the coordinator does
+//! not have), travels over gRPC (`Control.PublishNcclId`) and reaches the other members in
+//! their heartbeat responses. Any change of the capable members makes a new epoch: the old
+//! communicator is dropped everywhere and a new one is built, so the cluster scales without
+//! restarts; until every member reports the new epoch ready, dispatches go over gRPC.
+
+use moe_proto::v1::{NcclGroup, NcclPeer, Role};
+
+/// Size of `ncclUniqueId`.
+pub const UNIQUE_ID_BYTES: usize = 128;
+
+#[derive(Debug, Default)]
+pub struct NcclPlane {
+    epoch: u64,
+    /// Worker ids in rank order.
+    ranks: Vec<String>,
+    unique_id: Option<Vec<u8>>,
+    /// Per rank, the newest epoch it reported ready.
+    ready: Vec<u64>,
+}
+
+impl NcclPlane {
+    /// Sets the group to the NCCL-capable workers, `(id, role)` in registration order. A group
+    /// needs an attention worker and an expert worker; a change of members starts a new epoch.
+    pub fn set_members<'a>(&mut self, capable: impl IntoIterator<Item = (&'a str, Role)>) {
+        let capable: Vec<(&str, Role)> = capable.into_iter().collect();
+        let has = |role| capable.iter().any(|&(_, r)| r == role);
+        let ranks: Vec<String> = if has(Role::Attention) && has(Role::Expert) {
+            let of = |role| {
+                capable
+                    .iter()
+                    .filter(move |&&(_, r)| r == role)
+                    .map(|&(id, _)| id.to_owned())
+            };
+            of(Role::Attention).chain(of(Role::Expert)).collect()
+        } else {
+            Vec::new()
+        };
+        if ranks != self.ranks {
+            self.epoch += 1;
+            self.ready = vec![0; ranks.len()];
+            self.ranks = ranks;
+            self.unique_id = None;
+            if !self.ranks.is_empty() {
+                tracing::info!(epoch = self.epoch, world = self.ranks.len(), "new NCCL group");
+            }
+        }
+    }
+
+    fn rank_of(&self, worker: &str) -> Option<usize> {
+        self.ranks.iter().position(|id| id == worker)
+    }
+
+    /// Rank 0 publishes the unique id of `epoch`. Refused, with the reason, from another rank,
+    /// for another epoch, with a malformed id, or when a different id is already published.
+    pub fn publish(&mut self, worker: &str, epoch: u64, unique_id: Vec<u8>) -> Result<(), String> {
+        if epoch != self.epoch || self.ranks.is_empty() {
+            return Err(format!(
+                "NCCL group epoch {epoch} is not the current one ({})",
+                self.epoch
+            ));
+        }
+        if self.rank_of(worker) != Some(0) {
+            return Err(format!("{worker} is not rank 0 of NCCL group epoch {epoch}"));
+        }
+        if unique_id.len() != UNIQUE_ID_BYTES {
+            return Err(format!(
+                "an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {}",
+                unique_id.len()
+            ));
+        }
+        match &self.unique_id {
+            Some(id) if *id != unique_id => Err(format!("NCCL group epoch {epoch} already has a different unique id")),
+            _ => {
+                self.unique_id = Some(unique_id);
+                Ok(())
+            }
+        }
+    }
+
+    /// A member's heartbeat: the epoch whose communicator it has created.
+    pub fn report(&mut self, worker: &str, ready_epoch: u64) {
+        if let Some(r) = self.rank_of(worker) {
+            self.ready[r] = ready_epoch;
+        }
+    }
+
+    /// Every member has the current epoch's communicator.
+    pub fn ready(&self) -> bool {
+        !self.ranks.is_empty() && self.ready.iter().all(|&e| e == self.epoch)
+    }
+
+    /// What `worker` is told in its heartbeat response; `None` outside the group.
+    pub fn view(&self, worker: &str) -> Option<NcclGroup> {
+        let rank = self.rank_of(worker)?;
+        Some(NcclGroup {
+            epoch: self.epoch,
+            rank: rank as u32,
+            world_size: self.ranks.len() as u32,
+            unique_id: self.unique_id.clone().unwrap_or_default(),
+            peers: self
+                .ranks
+                .iter()
+                .enumerate()
+                .map(|(rank, id)| NcclPeer {
+                    worker_id: id.clone(),
+                    rank: rank as u32,
+                })
+                .collect(),
+            ready: self.ready(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(plane: &mut NcclPlane, members: &[(&str, Role)]) {
+        plane.set_members(members.iter().copied());
+    }
+
+    #[test]
+    fn ranks_put_attention_workers_first_and_need_both_roles() {
+        let mut plane = NcclPlane::default();
+        group(&mut plane, &[("expert-1", Role::Expert)]);
+        assert!(plane.view("expert-1").is_none(), "no group without an attention worker");
+        group(
+            &mut plane,
+            &[
+                ("expert-1", Role::Expert),
+                ("attention-1", Role::Attention),
+                ("expert-2", Role::Expert),
+            ],
+        );
+        let view = plane.view("expert-2").unwrap();
+        assert_eq!((view.rank, view.world_size), (2, 3));
+        let order: Vec<_> = view.peers.iter().map(|p| p.worker_id.as_str()).collect();
+        assert_eq!(order, ["attention-1", "expert-1", "expert-2"]);
+        assert!(view.unique_id.is_empty() && !view.ready);
+    }
+
+    #[test]
+    fn only_rank_0_publishes_a_well_formed_id_for_the_current_epoch() {
+        let mut plane = NcclPlane::default();
+        group(
+            &mut plane,
+            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
+        );
+        let epoch = plane.view("expert-1").unwrap().epoch;
+        let id = vec![7u8; UNIQUE_ID_BYTES];
+        let err = plane.publish("expert-1", epoch, id.clone()).unwrap_err();
+        assert!(err.contains("not rank 0"), "{err}");
+        let err = plane.publish("attention-1", epoch + 1, id.clone()).unwrap_err();
+        assert!(err.contains("not the current"), "{err}");
+        let err = plane.publish("attention-1", epoch, vec![1; 12]).unwrap_err();
+        assert!(err.contains("128 bytes, got 12"), "{err}");
+        plane.publish("attention-1", epoch, id.clone()).unwrap();
+        plane
+            .publish("attention-1", epoch, id.clone())
+            .expect("publishing again is harmless");
+        let err = plane
+            .publish("attention-1", epoch, vec![8; UNIQUE_ID_BYTES])
+            .unwrap_err();
+        assert!(err.contains("different unique id"), "{err}");
+        assert_eq!(plane.view("expert-1").unwrap().unique_id, id);
+    }
+
+    #[test]
+    fn the_group_is_ready_once_every_member_reports_the_epoch_and_a_change_starts_over() {
+        let mut plane = NcclPlane::default();
+        let two = [("attention-1", Role::Attention), ("expert-1", Role::Expert)];
+        group(&mut plane, &two);
+        let epoch = plane.view("attention-1").unwrap().epoch;
+        plane.publish("attention-1", epoch, vec![1; UNIQUE_ID_BYTES]).unwrap();
+        plane.report("attention-1", epoch);
+        assert!(!plane.ready());
+        plane.report("expert-1", epoch);
+        assert!(plane.ready() && plane.view("expert-1").unwrap().ready);
+
+        group(&mut plane, &two);
+        assert_eq!(
+            plane.view("attention-1").unwrap().epoch,
+            epoch,
+            "same members, same epoch"
+        );
+
+        // A joining expert worker: new epoch, no id, nobody ready.
+        group(&mut plane, &[two[0], two[1], ("expert-2", Role::Expert)]);
+        let view = plane.view("expert-2").unwrap();
+        assert_eq!(view.epoch, epoch + 1);
+        assert!(view.unique_id.is_empty() && !view.ready);
+        plane.report("attention-1", epoch);
+        assert!(!plane.ready(), "a report of the old epoch does not count");
+        let err = plane
+            .publish("attention-1", epoch, vec![1; UNIQUE_ID_BYTES])
+            .unwrap_err();
+        assert!(err.contains("not the current"), "{err}");
+
+        // The last attention worker leaves: no group at all.
+        group(&mut plane, &[two[1], ("expert-2", Role::Expert)]);
+        assert!(plane.view("expert-1").is_none());
+        assert!(!plane.ready());
+    }
+}
