@@ -16,3 +16,5 @@ for device in cpu cuda:0; do
     echo "== bench, experts on $device"
     "$moectl" bench --device "$device" --requests 16 --concurrency 8
 done
+echo "== GPU limits and the grouped expert GEMM (A13B expert shape)"
+"$moectl" gpu-bench --device cuda:0

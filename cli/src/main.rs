@@ -6,6 +6,7 @@ mod check_golden;
 mod default_model;
 mod gen_model;
 mod generate;
+mod gpu_bench;
 mod machine;
 mod remote;
 mod up;
@@ -49,6 +50,8 @@ enum Command {
     },
     /// Drive a cluster or the in-process engine with a load; print throughput and latency as JSON.
     Bench(bench::Args),
+    /// Measure a GPU (bf16 matmul rate, memory bandwidth) and the grouped expert GEMM; JSON.
+    GpuBench(gpu_bench::Args),
     /// Take a worker out of service without losing work, then let it leave.
     Drain {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
             Command::Status { endpoint, json } => ok(remote::status(&endpoint, json).await),
             Command::CheckGolden(args) => check_golden::run(args).await,
             Command::Bench(args) => ok(bench::run(args).await),
+            Command::GpuBench(args) => ok(gpu_bench::run(args)),
             Command::Drain {
                 endpoint,
                 worker,

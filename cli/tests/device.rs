@@ -62,3 +62,22 @@ fn joining_the_nccl_data_plane_without_a_gpu_and_nccl_stops_a_worker_with_the_re
         assert!(stderr.contains("NCCL needs a GPU"), "{role}: {stderr}");
     }
 }
+
+#[test]
+fn gpu_bench_without_a_usable_gpu_says_why() {
+    let run = |device: &str| {
+        let out = Command::new(moectl())
+            .args(["gpu-bench", "--device", device])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, stderr) = run("cuda:0");
+    assert!(!ok && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("--features cuda") || stderr.contains("libcuda"),
+        "{stderr}"
+    );
+    let (ok, stderr) = run("cpu");
+    assert!(!ok && stderr.contains("use --device cuda:N"), "{stderr}");
+}

@@ -61,6 +61,27 @@ impl CudaDevice {
     }
 }
 
+impl CudaDevice {
+    pub fn measure_bf16_matmul_tflops(&self, _n: usize, _iters: usize) -> Result<f64> {
+        match self.never {}
+    }
+
+    pub fn measure_memory_gbps(&self, _bytes: usize, _iters: usize) -> Result<f64> {
+        match self.never {}
+    }
+
+    pub fn measure_grouped_experts(
+        &self,
+        _experts: usize,
+        _rows: usize,
+        _hidden: usize,
+        _inter: usize,
+        _iters: usize,
+    ) -> Result<(f64, f64)> {
+        match self.never {}
+    }
+}
+
 impl DeviceSwiGlu {
     pub fn size_in_bytes(&self) -> usize {
         match self.never {}

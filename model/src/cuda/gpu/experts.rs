@@ -31,6 +31,20 @@ impl DeviceSwiGlu {
         self.gate.len() + self.up.len() + self.down.len()
     }
 
+    /// Zeroed weights of one expert (for measurements: a product's speed does not depend on
+    /// the values).
+    pub(super) fn zeroed(gpu: &CudaDevice, hidden: usize, inter: usize) -> Result<DeviceSwiGlu> {
+        let s = gpu.stream();
+        let alloc = || s.alloc_zeros::<u8>(2 * hidden * inter).map_err(err("allocating"));
+        Ok(DeviceSwiGlu {
+            gate: alloc()?,
+            up: alloc()?,
+            down: alloc()?,
+            hidden,
+            inter,
+        })
+    }
+
     fn view(m: &CudaSlice<u8>) -> CudaView<'_, bf16> {
         // SAFETY: uploads below write bf16 bytes only, an even count.
         unsafe { m.transmute::<bf16>(m.len() / 2) }.expect("an even byte count")
@@ -117,89 +131,8 @@ impl CudaDevice {
             offsets.push(at);
             at += g.members.len();
         }
-        let x_views: Vec<CudaView<'_, bf16>> = groups
-            .iter()
-            .zip(&offsets)
-            .map(|(g, &o)| x_d.slice(o * hidden..(o + g.members.len()) * hidden))
-            .collect();
-        let mut gate_up: Vec<CudaSlice<bf16>> = groups
-            .iter()
-            .map(|g| s.alloc_zeros::<bf16>(2 * g.members.len() * g.weights.inter))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(err("allocating"))?;
-        let mut act: Vec<CudaSlice<bf16>> = groups
-            .iter()
-            .map(|g| s.alloc_zeros::<bf16>(g.members.len() * g.weights.inter))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(err("allocating"))?;
-        let mut y: Vec<CudaSlice<bf16>> = groups
-            .iter()
-            .map(|g| s.alloc_zeros::<bf16>(g.members.len() * hidden))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(err("allocating"))?;
-
-        // Row-major Y[n_rows, n] = X[n_rows, k] W^T for W[n, k] is, column-major,
-        // Y^T[n, n_rows] = op(W)[n, k] X^T[k, n_rows] with op = transpose of W's [k, n] view.
-        // Per expert: one group of two problems (gate and up, same shape), then one of one (down).
-        let config = |shapes: &[(usize, usize, usize, usize)]| GroupedGemmConfig::<bf16> {
-            transas: vec![cublasOperation_t::CUBLAS_OP_T; shapes.len()],
-            transbs: vec![cublasOperation_t::CUBLAS_OP_N; shapes.len()],
-            ms: shapes.iter().map(|s| s.0).collect(),
-            ns: shapes.iter().map(|s| s.1).collect(),
-            ks: shapes.iter().map(|s| s.2).collect(),
-            alphas: vec![1.0; shapes.len()],
-            betas: vec![0.0; shapes.len()],
-            ldas: shapes.iter().map(|s| s.2).collect(),
-            ldbs: shapes.iter().map(|s| s.2).collect(),
-            ldcs: shapes.iter().map(|s| s.0).collect(),
-            problem_sizes: shapes.iter().map(|s| s.3).collect(),
-        };
-        let blas = self.blas();
-        {
-            let shapes: Vec<_> = groups
-                .iter()
-                .map(|g| (g.weights.inter, g.members.len(), hidden, 2))
-                .collect();
-            let a: Vec<CudaView<'_, bf16>> = groups
-                .iter()
-                .flat_map(|g| [DeviceSwiGlu::view(&g.weights.gate), DeviceSwiGlu::view(&g.weights.up)])
-                .collect();
-            let b: Vec<&CudaView<'_, bf16>> = x_views.iter().flat_map(|v| [v, v]).collect();
-            let mut c: Vec<_> = gate_up
-                .iter_mut()
-                .zip(groups)
-                .flat_map(|(buf, g)| {
-                    let (gate, up) = buf.split_at_mut(g.members.len() * g.weights.inter);
-                    [gate, up]
-                })
-                .collect();
-            let a: Vec<&CudaView<'_, bf16>> = a.iter().collect();
-            let mut c: Vec<_> = c.iter_mut().collect();
-            // SAFETY: every problem's shapes match its buffers, allocated above from the same sizes.
-            unsafe { blas.grouped_gemm(config(&shapes), &a, &b, &mut c) }.map_err(err("gate/up grouped GEMM"))?;
-        }
-        for ((buf, act), g) in gate_up.iter().zip(act.iter_mut()).zip(groups) {
-            let n = g.members.len() * g.weights.inter;
-            let (gate, up) = buf.split_at(n);
-            let n = n as u32;
-            let mut launch = s.launch_builder(self.kernel("swiglu"));
-            launch.arg(&gate).arg(&up).arg(act).arg(&n);
-            // SAFETY: reads n values of gate and up, writes n of act.
-            unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map_err(err("swiglu kernel"))?;
-        }
-        {
-            let shapes: Vec<_> = groups
-                .iter()
-                .map(|g| (hidden, g.members.len(), g.weights.inter, 1))
-                .collect();
-            let a: Vec<CudaView<'_, bf16>> = groups.iter().map(|g| DeviceSwiGlu::view(&g.weights.down)).collect();
-            let a: Vec<&CudaView<'_, bf16>> = a.iter().collect();
-            let b: Vec<&CudaSlice<bf16>> = act.iter().collect();
-            let mut c: Vec<&mut CudaSlice<bf16>> = y.iter_mut().collect();
-            // SAFETY: as above.
-            unsafe { blas.grouped_gemm(config(&shapes), &a, &b, &mut c) }.map_err(err("down grouped GEMM"))?;
-        }
-        drop(blas);
+        let problems: Vec<(&DeviceSwiGlu, usize)> = groups.iter().map(|g| (g.weights, g.members.len())).collect();
+        let y = self.grouped_swiglu(&x_d, hidden, &problems)?;
         let (h, threads) = (hidden as u32, 256u32);
         for ((y, g), &o) in y.iter().zip(groups).zip(&offsets) {
             let n = g.members.len() as u32;
@@ -222,5 +155,100 @@ impl CudaDevice {
             unsafe { launch.launch(cfg) }.map_err(err("combine kernel"))?;
         }
         s.clone_dtoh(&out).map_err(err("downloading outputs"))
+    }
+
+    /// `y_g = down(silu(gate(x_g)) * up(x_g))` for each `(expert, rows)` of `groups`, whose
+    /// rows lie one after the other in `x` (`[sum rows, hidden]` bf16): one grouped GEMM for
+    /// every gate and up product, the SwiGLU kernels, one grouped GEMM for the down products.
+    pub(super) fn grouped_swiglu(
+        &self,
+        x_d: &CudaSlice<bf16>,
+        hidden: usize,
+        groups: &[(&DeviceSwiGlu, usize)],
+    ) -> Result<Vec<CudaSlice<bf16>>> {
+        let s = self.stream();
+        let mut offsets = Vec::with_capacity(groups.len());
+        let mut at = 0;
+        for &(_, rows) in groups {
+            offsets.push(at);
+            at += rows;
+        }
+        let x_views: Vec<CudaView<'_, bf16>> = groups
+            .iter()
+            .zip(&offsets)
+            .map(|(g, &o)| x_d.slice(o * hidden..(o + g.1) * hidden))
+            .collect();
+        let mut gate_up: Vec<CudaSlice<bf16>> = groups
+            .iter()
+            .map(|g| s.alloc_zeros::<bf16>(2 * g.1 * g.0.inter))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err("allocating"))?;
+        let mut act: Vec<CudaSlice<bf16>> = groups
+            .iter()
+            .map(|g| s.alloc_zeros::<bf16>(g.1 * g.0.inter))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err("allocating"))?;
+        let mut y: Vec<CudaSlice<bf16>> = groups
+            .iter()
+            .map(|g| s.alloc_zeros::<bf16>(g.1 * hidden))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err("allocating"))?;
+
+        // Row-major Y[n_rows, n] = X[n_rows, k] W^T for W[n, k] is, column-major,
+        // Y^T[n, n_rows] = op(W)[n, k] X^T[k, n_rows] with op = transpose of W's [k, n] view.
+        // Per expert: one group of two problems (gate and up, same shape), then one of one (down).
+        let config = |shapes: &[(usize, usize, usize, usize)]| GroupedGemmConfig::<bf16> {
+            transas: vec![cublasOperation_t::CUBLAS_OP_T; shapes.len()],
+            transbs: vec![cublasOperation_t::CUBLAS_OP_N; shapes.len()],
+            ms: shapes.iter().map(|s| s.0).collect(),
+            ns: shapes.iter().map(|s| s.1).collect(),
+            ks: shapes.iter().map(|s| s.2).collect(),
+            alphas: vec![1.0; shapes.len()],
+            betas: vec![0.0; shapes.len()],
+            ldas: shapes.iter().map(|s| s.2).collect(),
+            ldbs: shapes.iter().map(|s| s.2).collect(),
+            ldcs: shapes.iter().map(|s| s.0).collect(),
+            problem_sizes: shapes.iter().map(|s| s.3).collect(),
+        };
+        let blas = self.blas();
+        {
+            let shapes: Vec<_> = groups.iter().map(|g| (g.0.inter, g.1, hidden, 2)).collect();
+            let a: Vec<CudaView<'_, bf16>> = groups
+                .iter()
+                .flat_map(|g| [DeviceSwiGlu::view(&g.0.gate), DeviceSwiGlu::view(&g.0.up)])
+                .collect();
+            let b: Vec<&CudaView<'_, bf16>> = x_views.iter().flat_map(|v| [v, v]).collect();
+            let mut c: Vec<_> = gate_up
+                .iter_mut()
+                .zip(groups)
+                .flat_map(|(buf, g)| {
+                    let (gate, up) = buf.split_at_mut(g.1 * g.0.inter);
+                    [gate, up]
+                })
+                .collect();
+            let a: Vec<&CudaView<'_, bf16>> = a.iter().collect();
+            let mut c: Vec<_> = c.iter_mut().collect();
+            // SAFETY: every problem's shapes match its buffers, allocated above from the same sizes.
+            unsafe { blas.grouped_gemm(config(&shapes), &a, &b, &mut c) }.map_err(err("gate/up grouped GEMM"))?;
+        }
+        for ((buf, act), g) in gate_up.iter().zip(act.iter_mut()).zip(groups) {
+            let n = g.1 * g.0.inter;
+            let (gate, up) = buf.split_at(n);
+            let n = n as u32;
+            let mut launch = s.launch_builder(self.kernel("swiglu"));
+            launch.arg(&gate).arg(&up).arg(act).arg(&n);
+            // SAFETY: reads n values of gate and up, writes n of act.
+            unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map_err(err("swiglu kernel"))?;
+        }
+        {
+            let shapes: Vec<_> = groups.iter().map(|g| (hidden, g.1, g.0.inter, 1)).collect();
+            let a: Vec<CudaView<'_, bf16>> = groups.iter().map(|g| DeviceSwiGlu::view(&g.0.down)).collect();
+            let a: Vec<&CudaView<'_, bf16>> = a.iter().collect();
+            let b: Vec<&CudaSlice<bf16>> = act.iter().collect();
+            let mut c: Vec<&mut CudaSlice<bf16>> = y.iter_mut().collect();
+            // SAFETY: as above.
+            unsafe { blas.grouped_gemm(config(&shapes), &a, &b, &mut c) }.map_err(err("down grouped GEMM"))?;
+        }
+        Ok(y)
     }
 }

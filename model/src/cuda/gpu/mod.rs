@@ -8,6 +8,7 @@
 //! with the reason and run by `scripts/gpu-check.sh`.
 
 mod experts;
+mod measure;
 mod nccl;
 mod ops;
 mod source;
