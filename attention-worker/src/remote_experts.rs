@@ -96,6 +96,9 @@ pub struct DispatchStats {
     pub mean_assignments_milli: AtomicU64,
     /// Dispatch messages sent as later micro-batches because a slot was full.
     pub overflow_dispatches: AtomicU64,
+    /// Layer dispatches answered, and their round trips (send to every answer held), summed.
+    pub layer_dispatches: AtomicU64,
+    pub layer_dispatch_micros: AtomicU64,
 }
 
 impl DispatchStats {
@@ -144,6 +147,8 @@ impl RemoteExperts {
                 busiest_assignments: AtomicU64::new(0),
                 mean_assignments_milli: AtomicU64::new(0),
                 overflow_dispatches: AtomicU64::new(0),
+                layer_dispatches: AtomicU64::new(0),
+                layer_dispatch_micros: AtomicU64::new(0),
                 expert_tokens: (0..num_layers * num_experts).map(|_| AtomicU64::new(0)).collect(),
             }),
         }
@@ -320,6 +325,7 @@ impl ExpertCompute for RemoteExperts {
         self.stats
             .mean_assignments_milli
             .fetch_add((assignments.len() * 1000 / workers) as u64, Ordering::Relaxed);
+        let sent = std::time::Instant::now();
         let mut inflight = Vec::with_capacity(batches.len());
         for b in batches {
             if b.round > 0 {
@@ -396,6 +402,10 @@ impl ExpertCompute for RemoteExperts {
                     }
                 }
             }
+            stats.layer_dispatches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .layer_dispatch_micros
+                .fetch_add(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
             Ok(out)
         }))
     }

@@ -161,6 +161,8 @@ pub async fn run(args: Args) -> Result<()> {
             busiest_assignments: remote.stats.busiest_assignments.load(Ordering::Relaxed),
             mean_assignments_milli: remote.stats.mean_assignments_milli.load(Ordering::Relaxed),
             overflow_dispatches: remote.stats.overflow_dispatches.load(Ordering::Relaxed),
+            layer_dispatches: remote.stats.layer_dispatches.load(Ordering::Relaxed),
+            layer_dispatch_micros: remote.stats.layer_dispatch_micros.load(Ordering::Relaxed),
             ..Default::default()
         }
     };

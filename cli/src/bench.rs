@@ -130,6 +130,11 @@ struct Counters {
     tokens: u64,
     busiest_assignments: u64,
     mean_assignments_milli: u64,
+    layer_dispatches: u64,
+    layer_dispatch_micros: u64,
+    /// Expert workers' dispatch messages served and time computing them.
+    expert_dispatches: u64,
+    expert_busy_micros: u64,
     /// The coordinator's expected imbalance of the active placement over its load window.
     expected_imbalance: f64,
     placement_version: u64,
@@ -155,6 +160,12 @@ async fn counters(target: &Target) -> Counters {
         out.tokens += w.tokens_processed;
         out.busiest_assignments += w.busiest_assignments;
         out.mean_assignments_milli += w.mean_assignments_milli;
+        out.layer_dispatches += w.layer_dispatches;
+        out.layer_dispatch_micros += w.layer_dispatch_micros;
+    }
+    for w in s.workers.iter().filter(|w| w.role == Role::Expert as i32) {
+        out.expert_dispatches += w.dispatches_served;
+        out.expert_busy_micros += w.busy_micros;
     }
     out
 }
@@ -216,6 +227,18 @@ impl Phase {
         let busiest = self.after.busiest_assignments - self.before.busiest_assignments;
         let mean = (self.after.mean_assignments_milli - self.before.mean_assignments_milli) as f64 / 1000.0;
         (mean > 0.0).then(|| busiest as f64 / mean)
+    }
+
+    /// Per layer dispatch, as the attention workers see it: send to every answer held (ms),
+    /// beside the expert workers' mean time per dispatch message (queueing included).
+    fn dispatch(&self) -> serde_json::Value {
+        let (a, b) = (&self.after, &self.before);
+        let mean_ms = |micros: u64, n: u64| (n > 0).then(|| micros as f64 / 1e3 / n as f64);
+        json!({
+            "layer_round_trip_ms": mean_ms(a.layer_dispatch_micros - b.layer_dispatch_micros, a.layer_dispatches - b.layer_dispatches),
+            "expert_ms_per_message": mean_ms(a.expert_busy_micros - b.expert_busy_micros, a.expert_dispatches - b.expert_dispatches),
+            "layer_dispatches": a.layer_dispatches - b.layer_dispatches,
+        })
     }
 
     fn balance(&self) -> serde_json::Value {
@@ -359,6 +382,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "ttft_ms": { "p50": percentile(&ttft, 0.5), "p99": percentile(&ttft, 0.99) },
         "itl_ms": { "p50": percentile(&itl, 0.5), "p99": percentile(&itl, 0.99) },
         "dispatch_bytes_per_token_per_layer": bytes_per_token_layer,
+        "dispatch": args.endpoint.as_ref().map(|_| phase.dispatch()),
         "step_imbalance": phase.step_imbalance(),
         "expected_imbalance": args.endpoint.as_ref().map(|_| phase.after.expected_imbalance),
         "balance": balance,

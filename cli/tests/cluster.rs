@@ -463,6 +463,13 @@ async fn bench_prints_json_for_the_engine_and_a_cluster() {
         per_layer > 2.0 * 64.0 * 4.0 && per_layer < 8.0 * 64.0 * 4.0 * 2.0,
         "{per_layer}"
     );
+    // Per layer dispatch round trips were counted and timed (values are not compared: speed is
+    // not asserted in tests).
+    let dispatch = &remote["dispatch"];
+    assert!(dispatch["layer_dispatches"].as_u64().unwrap() > 0, "{dispatch}");
+    assert!(dispatch["layer_round_trip_ms"].as_f64().unwrap() > 0.0, "{dispatch}");
+    assert!(dispatch["expert_ms_per_message"].as_f64().unwrap() > 0.0, "{dispatch}");
+    assert!(engine["dispatch"].is_null(), "no dispatches in process");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
