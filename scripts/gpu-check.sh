@@ -10,6 +10,11 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L; then
     exit 1
 fi
 cargo test -p moe-tests --features cuda --test gpu --test gpu_kernels -- --ignored --nocapture
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    cargo test -p moe-tests --features cuda --test gpu_nccl -- --ignored --nocapture
+else
+    echo "== skipped: the NCCL test needs two GPUs (NCCL refuses two ranks on one)"
+fi
 cargo build --release -p moectl --features cuda
 moectl=target/release/moectl
 for device in cpu cuda:0; do
