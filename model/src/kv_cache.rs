@@ -132,6 +132,12 @@ impl KvCache {
         }
     }
 
+    /// The block ids of `seq`, in position order (empty for an unknown sequence): what a
+    /// device-side cache with the same layout is addressed by.
+    pub fn block_table(&self, seq: SeqId) -> &[u32] {
+        self.seqs.get(&seq).map_or(&[], |s| s.blocks.as_slice())
+    }
+
     /// Returns the blocks of `seq` to the pool.
     pub fn release(&mut self, seq: SeqId) {
         if let Some(state) = self.seqs.remove(&seq) {

@@ -377,3 +377,27 @@ fn cla_cache_holds_one_entry_per_layer_group() {
     let fixture = moe_model::golden::Fixture::open(&dir).unwrap();
     assert!(fixture.check(&mut engine).unwrap().passed());
 }
+
+#[test]
+fn block_tables_follow_reservations_truncation_and_release() {
+    use moe_model::kv_cache::KvCache;
+    let (_, config) = tiny();
+    let kv = KvCacheConfig {
+        block_size: 4,
+        num_blocks: 8,
+    };
+    let mut cache = KvCache::new(&config, kv).unwrap();
+    assert!(cache.block_table(1).is_empty(), "unknown sequence");
+    cache.reserve(1, 6).unwrap();
+    cache.reserve(2, 3).unwrap();
+    cache.reserve(1, 9).unwrap();
+    let (one, two) = (cache.block_table(1).to_vec(), cache.block_table(2).to_vec());
+    assert_eq!((one.len(), two.len()), (3, 1), "ceil(9/4) and ceil(3/4) blocks");
+    assert!(one.iter().all(|b| !two.contains(b)), "no block shared: {one:?} {two:?}");
+    assert!(one.iter().chain(&two).all(|&b| (b as usize) < kv.num_blocks));
+    cache.truncate(1, 4);
+    assert_eq!(cache.block_table(1), &one[..1], "whole blocks past the length are freed");
+    cache.release(1);
+    assert!(cache.block_table(1).is_empty());
+    assert_eq!(cache.free_blocks(), kv.num_blocks - 1);
+}

@@ -169,3 +169,58 @@ gpu_test!(paged_attention_matches_the_cpu_over_scattered_blocks, |gpu| {
         .unwrap();
     assert_close("paged attention", &want, &got, 1e-2);
 });
+
+gpu_test!(linear_matches_the_cpu, |gpu| {
+    use moe_model::weights::Matrix;
+    let (rows, n, k) = (5, 48, 96);
+    let w = Matrix::from_f32(n, k, values(n * k, 40, 0.5));
+    let x = values(rows * k, 41, 2.0);
+    let mut want = vec![0.0; rows * n];
+    moe_model::kernels::linear(&x, rows, &w, &mut want);
+    let got = gpu.linear(&x, rows, &gpu.upload_matrix(&w).unwrap()).unwrap();
+    // f32 accumulation over 96 products, one bf16 rounding of the output.
+    assert_close("linear", &want, &got, 8e-3);
+});
+
+gpu_test!(an_attention_layer_matches_the_cpu_over_prefill_then_decode, |gpu| {
+    use moe_model::ModelConfig;
+    use moe_model::attention::AttentionWeights;
+    use moe_model::batch::BatchLayout;
+    use moe_model::checkpoint::Checkpoint;
+    use moe_model::cuda::DeviceAttention;
+    use moe_model::kv_cache::{KvCache, KvCacheConfig};
+    use moe_model::rope::Rope;
+    let dir = moe_tests::fixtures_dir().join("hunyuan-tiny");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let weights = AttentionWeights::load(&ckpt, &config, 0).unwrap();
+    let rope = Rope::new(&config);
+    let kv = KvCacheConfig {
+        block_size: 4,
+        num_blocks: 16,
+    };
+    // The CPU layer keeps its data in `cpu_cache`; the GPU layer its data on the device and
+    // its block tables in `tables`, which sees the same reservations.
+    let (mut cpu_cache, mut tables) = (KvCache::new(&config, kv).unwrap(), KvCache::new(&config, kv).unwrap());
+    let mut device_cache = gpu.kv_cache(kv.num_blocks, kv.block_size, config.kv_dim()).unwrap();
+    let layer = DeviceAttention::upload(&gpu, &weights).unwrap();
+    // A prefill of two sequences (5 and 3 tokens), then a decode step of both.
+    for (step, seqs) in [[(1u64, 5usize, 0usize), (2, 3, 0)], [(1, 1, 5), (2, 1, 3)]]
+        .iter()
+        .enumerate()
+    {
+        let mut batch = BatchLayout::new();
+        for &(id, len, start) in seqs {
+            batch.push(id, len, start);
+            cpu_cache.reserve(id, start + len).unwrap();
+            tables.reserve(id, start + len).unwrap();
+        }
+        let x = values(batch.num_rows() * config.hidden_size, 50 + step as u64, 1.0);
+        let want = weights.forward(&config, 0, &rope, &batch, &x, &mut cpu_cache);
+        let got = layer
+            .forward(&gpu, &config, &rope, &batch, &x, &tables, &mut device_cache)
+            .unwrap();
+        // bf16 between the five operations of the layer.
+        assert_close(&format!("attention layer, step {step}"), &want, &got, 3e-2);
+    }
+});

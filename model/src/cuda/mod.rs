@@ -4,7 +4,7 @@
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
-pub use gpu::{CudaDevice, DeviceKvCache, DeviceSwiGlu, NcclComm, PagedRows};
+pub use gpu::{CudaDevice, DeviceAttention, DeviceKvCache, DeviceMatrix, DeviceSwiGlu, NcclComm, PagedRows};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;

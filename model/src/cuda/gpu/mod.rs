@@ -7,6 +7,7 @@
 //! GPU (none was available while it was written). The tests that need one are `#[ignore]`d
 //! with the reason and run by `scripts/gpu-check.sh`.
 
+mod attention;
 mod experts;
 mod measure;
 mod nccl;
@@ -20,9 +21,10 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
+pub use attention::DeviceAttention;
 pub use experts::DeviceSwiGlu;
 pub use nccl::NcclComm;
-pub use ops::{DeviceKvCache, PagedRows};
+pub use ops::{DeviceKvCache, DeviceMatrix, PagedRows};
 
 use crate::{Error, Result};
 

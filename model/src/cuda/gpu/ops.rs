@@ -3,11 +3,14 @@
 //! on the way in), so each is directly comparable with its CPU function; the KV cache stays on
 //! the device.
 
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{CudaDevice, err};
 use crate::router::Routing;
+use crate::weights::Matrix;
 use crate::{Error, Result};
 
 fn narrow(x: &[f32]) -> Vec<bf16> {
@@ -31,6 +34,13 @@ fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
     Ok(())
 }
 
+/// A `[rows, cols]` weight on the device in bf16, row-major as the checkpoint stores it.
+pub struct DeviceMatrix {
+    data: CudaSlice<bf16>,
+    rows: usize,
+    cols: usize,
+}
+
 /// The paged KV cache of one slot on the device: `[num_blocks * block_size, kv_dim]` bf16 for K
 /// and for V. Block tables stay on the host (the attention worker's `KvCache` owns them) and
 /// travel with each call.
@@ -52,6 +62,49 @@ pub struct PagedRows<'a> {
 }
 
 impl CudaDevice {
+    /// Uploads a weight as bf16 (f32 and f16 weights are narrowed).
+    pub fn upload_matrix(&self, m: &Matrix) -> Result<DeviceMatrix> {
+        let mut wide = vec![0.0; m.rows * m.cols];
+        m.rows_to_f32(0, m.rows, &mut wide);
+        Ok(DeviceMatrix {
+            data: self
+                .stream()
+                .clone_htod(&narrow(&wide))
+                .map_err(err("uploading a weight"))?,
+            rows: m.rows,
+            cols: m.cols,
+        })
+    }
+
+    /// `y[rows, w.rows] = x[rows, w.cols] w^T` through cuBLAS (bf16 in and out, f32
+    /// accumulation): `kernels::linear` on the device.
+    pub fn linear(&self, x: &[f32], rows: usize, w: &DeviceMatrix) -> Result<Vec<f32>> {
+        check_len("linear input", x.len(), rows * w.cols)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let s = self.stream();
+        let x_d = s.clone_htod(&narrow(x)).map_err(err("uploading"))?;
+        let mut y = s.alloc_zeros::<bf16>(rows * w.rows).map_err(err("allocating"))?;
+        // Row-major Y = X W^T is, column-major, Y^T[n, rows] = W[n, k] X^T[k, rows] with W read
+        // through its transpose view.
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: w.rows as i32,
+            n: rows as i32,
+            k: w.cols as i32,
+            alpha: bf16::ONE,
+            lda: w.cols as i32,
+            ldb: w.cols as i32,
+            beta: bf16::ZERO,
+            ldc: w.rows as i32,
+        };
+        // SAFETY: x is [rows, cols], w [n, cols], y [rows, n], as allocated above.
+        unsafe { self.blas().gemm(cfg, &w.data, &x_d, &mut y) }.map_err(err("linear"))?;
+        self.download(&y)
+    }
+
     /// `kernels::rms_norm` on the device.
     pub fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
         let cols = w.len();
