@@ -396,7 +396,11 @@ fn block_tables_follow_reservations_truncation_and_release() {
     assert!(one.iter().all(|b| !two.contains(b)), "no block shared: {one:?} {two:?}");
     assert!(one.iter().chain(&two).all(|&b| (b as usize) < kv.num_blocks));
     cache.truncate(1, 4);
-    assert_eq!(cache.block_table(1), &one[..1], "whole blocks past the length are freed");
+    assert_eq!(
+        cache.block_table(1),
+        &one[..1],
+        "whole blocks past the length are freed"
+    );
     cache.release(1);
     assert!(cache.block_table(1).is_empty());
     assert_eq!(cache.free_blocks(), kv.num_blocks - 1);
