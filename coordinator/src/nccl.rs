@@ -22,6 +22,17 @@ pub struct NcclPlane {
 }
 
 impl NcclPlane {
+    /// A plane whose first group gets epoch `after + 1`. Workers keep their communicator
+    /// across a change of leader, so a new leader must not reuse an epoch an old one gave
+    /// out: the state starts from the wall clock in milliseconds, beyond any earlier leader's
+    /// epochs unless it made more groups than milliseconds have passed since it started.
+    pub fn starting_after(after: u64) -> Self {
+        NcclPlane {
+            epoch: after,
+            ..Default::default()
+        }
+    }
+
     /// Sets the group to the NCCL-capable workers, `(id, role)` in registration order. A group
     /// needs an attention worker and an expert worker; a change of members starts a new epoch.
     pub fn set_members<'a>(&mut self, capable: impl IntoIterator<Item = (&'a str, Role)>) {
@@ -120,6 +131,16 @@ mod tests {
 
     fn group(plane: &mut NcclPlane, members: &[(&str, Role)]) {
         plane.set_members(members.iter().copied());
+    }
+
+    #[test]
+    fn epochs_continue_after_the_starting_point() {
+        let mut plane = NcclPlane::starting_after(1_000);
+        group(
+            &mut plane,
+            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
+        );
+        assert_eq!(plane.view("expert-1").unwrap().epoch, 1_001);
     }
 
     #[test]

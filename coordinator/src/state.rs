@@ -256,7 +256,11 @@ pub fn spawn(config: StateConfig, store: Store) -> StateHandle {
         last_version: 0,
         inflight: HashMap::new(),
         draining: Default::default(),
-        nccl: NcclPlane::default(),
+        nccl: NcclPlane::starting_after(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        ),
     };
     let ticker = tx.clone();
     tokio::spawn(async move {
