@@ -6,20 +6,22 @@ use std::process::Command;
 mod common;
 use common::*;
 
-fn expert_worker_with(device: &str) -> (bool, String) {
-    let out = Command::new(moectl())
-        .args([
-            "expert-worker",
-            "--coordinator",
-            "127.0.0.1:1",
-            "--device",
-            device,
-            "--model",
-        ])
-        .arg(tiny())
-        .output()
-        .unwrap();
+/// Runs `moectl args...`; returns whether it succeeded and its stderr.
+fn moectl_run(args: &[&str], model: bool) -> (bool, String) {
+    let mut cmd = Command::new(moectl());
+    cmd.args(args);
+    if model {
+        cmd.arg("--model").arg(tiny());
+    }
+    let out = cmd.output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn expert_worker_with(device: &str) -> (bool, String) {
+    moectl_run(
+        &["expert-worker", "--coordinator", "127.0.0.1:1", "--device", device],
+        true,
+    )
 }
 
 #[test]
@@ -43,14 +45,7 @@ fn an_unusable_gpu_stops_the_expert_worker_with_the_reason() {
 #[test]
 fn joining_the_nccl_data_plane_without_a_gpu_and_nccl_stops_a_worker_with_the_reason() {
     for role in ["expert-worker", "attention-worker"] {
-        let run = |device: &str| {
-            let out = Command::new(moectl())
-                .args([role, "--coordinator", "127.0.0.1:1", "--nccl-device", device, "--model"])
-                .arg(tiny())
-                .output()
-                .unwrap();
-            (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-        };
+        let run = |device| moectl_run(&[role, "--coordinator", "127.0.0.1:1", "--nccl-device", device], true);
         let (ok, stderr) = run("cuda:0");
         assert!(!ok && !stderr.contains("panicked"), "{role}: {stderr}");
         assert!(
@@ -65,13 +60,7 @@ fn joining_the_nccl_data_plane_without_a_gpu_and_nccl_stops_a_worker_with_the_re
 
 #[test]
 fn gpu_bench_without_a_usable_gpu_says_why() {
-    let run = |device: &str| {
-        let out = Command::new(moectl())
-            .args(["gpu-bench", "--device", device])
-            .output()
-            .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-    };
+    let run = |device| moectl_run(&["gpu-bench", "--device", device], false);
     let (ok, stderr) = run("cuda:0");
     assert!(!ok && !stderr.contains("panicked"), "{stderr}");
     assert!(

@@ -14,14 +14,13 @@ use moe_tests::cluster::LocalCluster;
 mod common;
 use common::*;
 
-async fn join(endpoint: &str, role: Role, port: u16) -> Membership {
-    let model_id = moe_model::identity::model_identity(&tiny(), &Checkpoint::open(&tiny()).unwrap()).unwrap();
+async fn join(endpoint: &str, model_id: &str, role: Role, port: u16) -> Membership {
     let address = format!("127.0.0.1:{port}");
     Membership::register(
         &[endpoint.to_owned()],
         role,
         address,
-        model_id,
+        model_id.to_owned(),
         true,
         Duration::from_secs(10),
     )
@@ -47,13 +46,14 @@ async fn the_coordinator_forms_nccl_groups_relays_rank_0s_id_and_starts_over_on_
     // members heartbeat well within the coordinator's timeout (3 s), but for the one it lets expire.
     let cluster = LocalCluster::start(moectl(), &tiny(), 1, 1, &[]);
     let ep = cluster.endpoint.clone();
+    let model = moe_model::identity::model_identity(&tiny(), &Checkpoint::open(&tiny()).unwrap()).unwrap();
 
-    let mut attention = join(&ep, Role::Attention, 1).await;
+    let mut attention = join(&ep, &model, Role::Attention, 1).await;
     assert!(
         beat(&mut attention, 0).await.nccl.is_none(),
         "no group without an expert worker"
     );
-    let mut expert = join(&ep, Role::Expert, 2).await;
+    let mut expert = join(&ep, &model, Role::Expert, 2).await;
     let g = group(&mut expert).await;
     assert_eq!((g.rank, g.world_size), (1, 2));
     assert!(g.unique_id.is_empty() && !g.ready);
@@ -85,7 +85,7 @@ async fn the_coordinator_forms_nccl_groups_relays_rank_0s_id_and_starts_over_on_
     assert!(g.ready, "both members reported epoch {epoch}");
 
     // A second NCCL-capable expert worker joins: a new epoch, no id yet, nobody ready.
-    let mut second = join(&ep, Role::Expert, 3).await;
+    let mut second = join(&ep, &model, Role::Expert, 3).await;
     let g = group(&mut second).await;
     assert_eq!((g.epoch, g.rank, g.world_size), (epoch + 1, 2, 3));
     let g = beat(&mut attention, epoch).await.nccl.unwrap();

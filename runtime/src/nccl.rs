@@ -41,7 +41,7 @@ impl NcclAgent {
                 )));
             }
         };
-        NcclComm::unique_id()?;
+        NcclComm::available()?;
         Ok(NcclAgent {
             device,
             state: Arc::default(),

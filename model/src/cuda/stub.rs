@@ -89,6 +89,10 @@ impl DeviceSwiGlu {
 }
 
 impl NcclComm {
+    pub fn available() -> Result<()> {
+        Err(no_gpu_support())
+    }
+
     pub fn unique_id() -> Result<Vec<u8>> {
         Err(no_gpu_support())
     }

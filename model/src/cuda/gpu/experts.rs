@@ -8,12 +8,23 @@ use cudarc::cublas::{GroupedGemm, GroupedGemmConfig};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::ops::to_bf16;
 use super::{CudaDevice, err};
 use crate::checkpoint::Checkpoint;
 use crate::config::DType;
 use crate::cuda::ExpertGroup;
 use crate::router::ExpertAssignment;
 use crate::{Error, Result};
+
+/// Where each of consecutive runs of `lens` starts.
+fn starts(lens: impl Iterator<Item = usize>) -> Vec<usize> {
+    lens.scan(0, |at, len| {
+        let start = *at;
+        *at += len;
+        Some(start)
+    })
+    .collect()
+}
 
 /// One expert's weights on the GPU: the checkpoint's row-major bf16 bytes, as stored.
 #[derive(Debug)]
@@ -67,11 +78,9 @@ impl CudaDevice {
             match dtype {
                 DType::BF16 => s.clone_htod(bytes),
                 DType::F32 | DType::F16 => {
-                    let mut wide = vec![0.0; rows * cols];
-                    ckpt.matrix(&name(proj), rows, cols)?.rows_to_f32(0, rows, &mut wide);
-                    let narrowed: Vec<u8> = wide
+                    let narrowed: Vec<u8> = to_bf16(&ckpt.matrix(&name(proj), rows, cols)?)
                         .into_iter()
-                        .flat_map(|v| bf16::from_f32(v).to_bits().to_le_bytes())
+                        .flat_map(|v| v.to_bits().to_le_bytes())
                         .collect();
                     s.clone_htod(&narrowed)
                 }
@@ -125,12 +134,7 @@ impl CudaDevice {
             return s.clone_dtoh(&out).map_err(err("downloading outputs"));
         }
 
-        let mut offsets = Vec::with_capacity(groups.len());
-        let mut at = 0;
-        for g in groups {
-            offsets.push(at);
-            at += g.members.len();
-        }
+        let offsets = starts(groups.iter().map(|g| g.members.len()));
         let problems: Vec<(&DeviceSwiGlu, usize)> = groups.iter().map(|g| (g.weights, g.members.len())).collect();
         let y = self.grouped_swiglu(&x_d, hidden, &problems)?;
         let (h, threads) = (hidden as u32, 256u32);
@@ -167,12 +171,7 @@ impl CudaDevice {
         groups: &[(&DeviceSwiGlu, usize)],
     ) -> Result<Vec<CudaSlice<bf16>>> {
         let s = self.stream();
-        let mut offsets = Vec::with_capacity(groups.len());
-        let mut at = 0;
-        for &(_, rows) in groups {
-            offsets.push(at);
-            at += rows;
-        }
+        let offsets = starts(groups.iter().map(|&(_, rows)| rows));
         let x_views: Vec<CudaView<'_, bf16>> = groups
             .iter()
             .zip(&offsets)

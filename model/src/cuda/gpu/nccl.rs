@@ -38,6 +38,11 @@ fn nccl_present() -> Result<()> {
 }
 
 impl NcclComm {
+    /// Whether NCCL can be loaded: what a worker checks at start-up.
+    pub fn available() -> Result<()> {
+        nccl_present()
+    }
+
     /// A fresh `ncclUniqueId` (rank 0 makes it; it names the communicator to every rank).
     pub fn unique_id() -> Result<Vec<u8>> {
         nccl_present()?;

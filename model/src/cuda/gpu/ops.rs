@@ -10,11 +10,23 @@ use half::bf16;
 
 use super::{CudaDevice, err};
 use crate::router::Routing;
-use crate::weights::Matrix;
+use crate::weights::{Matrix, MatrixData};
 use crate::{Error, Result};
 
 fn narrow(x: &[f32]) -> Vec<bf16> {
     x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// A weight as bf16: bf16 bits as they are, f32 and f16 rounded.
+pub(super) fn to_bf16(m: &Matrix) -> Vec<bf16> {
+    match &m.data {
+        MatrixData::BF16(bits) => bits.iter().map(|&b| bf16::from_bits(b)).collect(),
+        MatrixData::F32(v) => narrow(v),
+        MatrixData::F16(bits) => bits
+            .iter()
+            .map(|&b| bf16::from_f32(half::f16::from_bits(b).to_f32()))
+            .collect(),
+    }
 }
 
 fn blocks(n: usize, threads: u32, shared_mem_bytes: u32) -> LaunchConfig {
@@ -64,12 +76,10 @@ pub struct PagedRows<'a> {
 impl CudaDevice {
     /// Uploads a weight as bf16 (f32 and f16 weights are narrowed).
     pub fn upload_matrix(&self, m: &Matrix) -> Result<DeviceMatrix> {
-        let mut wide = vec![0.0; m.rows * m.cols];
-        m.rows_to_f32(0, m.rows, &mut wide);
         Ok(DeviceMatrix {
             data: self
                 .stream()
-                .clone_htod(&narrow(&wide))
+                .clone_htod(&to_bf16(m))
                 .map_err(err("uploading a weight"))?,
             rows: m.rows,
             cols: m.cols,
