@@ -11,7 +11,7 @@ use std::time::Duration;
 use moe_model::Error;
 use moe_model::experts::{ExpertAssignment, ExpertCompute, Pending};
 use moe_proto::PROTOCOL_VERSION;
-use moe_proto::tensor::{decode_matrix, encode_f32};
+use moe_proto::tensor::{WireDtype, decode_matrix};
 use moe_proto::v1::dispatch_response::Result as DispatchResult;
 use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::{DispatchRequest, DispatchResponse};
@@ -120,17 +120,20 @@ pub struct RemoteExperts {
     links: Mutex<HashMap<String, Link>>,
     next_id: AtomicU64,
     slot_capacity: Option<usize>,
+    wire: WireDtype,
     pub stats: Arc<DispatchStats>,
 }
 
 impl RemoteExperts {
-    /// `slot_capacity`: rows per expert slot per micro-batch (`None`: unlimited).
+    /// `slot_capacity`: rows per expert slot per micro-batch (`None`: unlimited); `wire`: the
+    /// dtype token rows travel in (expert workers answer in the same).
     pub fn new(
         handle: tokio::runtime::Handle,
         hidden: usize,
         num_layers: usize,
         num_experts: usize,
         slot_capacity: Option<usize>,
+        wire: WireDtype,
     ) -> Self {
         RemoteExperts {
             handle,
@@ -142,6 +145,7 @@ impl RemoteExperts {
             suspects: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             slot_capacity,
+            wire,
             stats: Arc::new(DispatchStats {
                 bytes: AtomicU64::new(0),
                 busiest_assignments: AtomicU64::new(0),
@@ -340,7 +344,7 @@ impl ExpertCompute for RemoteExperts {
                 placement_version: placement.version,
                 request_id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 layer: layer as u32,
-                rows: Some(encode_f32(&packed, &[b.rows.len(), h])),
+                rows: Some(self.wire.encode(&packed, &[b.rows.len(), h])),
                 assignment_rows: b.assignments.iter().map(|a| a.row).collect(),
                 assignment_experts: b.assignments.iter().map(|a| a.expert).collect(),
                 assignment_weights: b.assignments.iter().map(|a| a.weight).collect(),

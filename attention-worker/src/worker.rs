@@ -10,6 +10,7 @@ use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::{Engine, EngineOptions};
 use moe_model::kv_cache::KvCacheConfig;
 use moe_model::model::AttentionModel;
+use moe_proto::tensor::WireDtype;
 use moe_proto::v1::attention_server::AttentionServer;
 use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
@@ -53,6 +54,11 @@ pub struct Args {
     /// dropped; outputs equal an unlimited run's). Default: unlimited.
     #[arg(long)]
     pub slot_capacity: Option<usize>,
+    /// Element type of the token rows sent to expert workers and of their answers: `f32`
+    /// (default, exact) or `bf16` (half the bytes; each value rounded to bf16, so logits move
+    /// by bf16 rounding, which a GPU expert worker applies anyway).
+    #[arg(long, default_value_t = WireDtype::F32)]
+    pub wire_dtype: WireDtype,
     /// Seed of `recycle`'s random choices.
     #[arg(long, default_value_t = 0)]
     pub recycle_seed: u64,
@@ -93,6 +99,7 @@ pub async fn run(args: Args) -> Result<()> {
         config.num_layers,
         config.num_experts,
         args.slot_capacity,
+        args.wire_dtype,
     ));
     let engine = Engine::new(
         model,

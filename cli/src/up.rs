@@ -71,6 +71,10 @@ pub struct Args {
     /// unlimited).
     #[arg(long)]
     slot_capacity: Option<usize>,
+    /// Attention workers: element type of the rows sent to expert workers, f32 (exact) or
+    /// bf16 (half the bytes).
+    #[arg(long, default_value_t = moe_proto::tensor::WireDtype::F32)]
+    wire_dtype: moe_proto::tensor::WireDtype,
     /// Rebalance the expert placement by itself above this expected imbalance (0 = off).
     #[arg(long, default_value_t = 0.0)]
     rebalance_threshold: f64,
@@ -224,6 +228,8 @@ impl LocalCluster {
             attn_args.extend(["--slot-capacity".into(), c.to_string()]);
         }
         attn_args.extend([
+            "--wire-dtype".into(),
+            args.wire_dtype.to_string(),
             "--kv-blocks".into(),
             args.kv_blocks.to_string(),
             "--block-size".into(),

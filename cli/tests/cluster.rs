@@ -1218,3 +1218,66 @@ async fn a_slot_capacity_splits_steps_into_micro_batches_and_changes_no_token() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_on_the_wire_halves_the_row_bytes_and_moves_logits_by_rounding_only() {
+    // Proves: `--wire-dtype bf16` sends rows (and gets answers) as bf16: the dispatch traffic
+    // shrinks towards half of f32's (assignment metadata stays as it is), and logits move from
+    // the engine's only by bf16 rounding of the expert inputs and outputs, while f32 stays
+    // within float noise of the engine.
+    let (prompt, want) = prompts_with_gap(&tiny(), &[9], 6, 0.05).remove(0);
+    let mut engine = Engine::load(&tiny(), EngineOptions::default()).unwrap();
+    let want_logits = engine
+        .generate_greedy(std::slice::from_ref(&prompt), 6, &[], true)
+        .unwrap()
+        .remove(0)
+        .step_logits;
+    // bf16 keeps ~3 significant digits of each expert input and output: allow 2% of the
+    // logits' scale (the GPU tests' bound for bf16 activations is 5%); f32 is float noise.
+    let scale = want_logits.iter().flatten().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    let mut traffic = Vec::new();
+    for (dtype, tolerance) in [("f32", 1e-4), ("bf16", 2e-2 * scale)] {
+        let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--wire-dtype", dtype]);
+        let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+        let mut req = greedy(&prompt, 6);
+        req.return_token_logits = true;
+        let got = client.generate(&req).await.unwrap();
+        assert_eq!(got.tokens, want, "{dtype}");
+        let diff = got
+            .token_logits
+            .iter()
+            .zip(&want_logits)
+            .map(|(g, w)| max_abs_diff(w, g))
+            .fold(0.0f64, f64::max);
+        eprintln!("{dtype}: max |logit - engine| = {diff:.3e} of scale {scale:.3e}");
+        assert!(
+            diff < tolerance,
+            "{dtype}: logits differ by {diff} (tolerance {tolerance})"
+        );
+        // Counters arrive with heartbeats: wait (bounded) until they are in and settled.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = 0;
+        let bytes = loop {
+            let status = client.status().await.unwrap();
+            let bytes: u64 = status.workers.iter().map(|w| w.dispatch_bytes).sum();
+            if bytes > 0 && bytes == last {
+                break bytes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{dtype}: dispatch bytes never settled ({bytes})"
+            );
+            last = bytes;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        traffic.push((diff, bytes));
+    }
+    let ((f32_diff, f32_bytes), (bf16_diff, bf16_bytes)) = (traffic[0], traffic[1]);
+    assert!(
+        bf16_diff > f32_diff,
+        "bf16 rounding left no trace: {bf16_diff} vs {f32_diff}"
+    );
+    let ratio = bf16_bytes as f64 / f32_bytes as f64;
+    eprintln!("dispatch bytes: f32 {f32_bytes}, bf16 {bf16_bytes} ({ratio:.3})");
+    assert!((0.4..0.8).contains(&ratio), "bf16 / f32 dispatch bytes = {ratio}");
+}

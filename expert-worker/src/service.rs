@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use moe_model::experts::{ExpertAssignment, ExpertCompute};
-use moe_proto::tensor::{decode_matrix, encode_f32};
+use moe_proto::tensor::{WireDtype, decode_matrix};
 use moe_proto::v1::dispatch_response::Result as DispatchResult;
 use moe_proto::v1::expert_server::Expert;
 use moe_proto::v1::{DispatchError, DispatchRequest, DispatchResponse};
@@ -49,6 +49,8 @@ impl ExpertService {
             .ok_or((Code::InvalidArgument, "rows tensor missing".to_owned()))?;
         let (values, n) =
             decode_matrix(rows, config.hidden_size).map_err(|e| (Code::InvalidArgument, format!("rows: {e}")))?;
+        // Answer in the dtype the rows came in (decoding succeeded, so it is a known one).
+        let wire = WireDtype::of(rows).map_err(|e| (Code::InvalidArgument, format!("rows: {e}")))?;
         let k = req.assignment_rows.len();
         if req.assignment_experts.len() != k || req.assignment_weights.len() != k {
             return Err((
@@ -84,7 +86,7 @@ impl ExpertService {
                 (s.code(), s.message().to_owned())
             })?;
         state.count_dispatch(n, started.elapsed());
-        Ok(encode_f32(&out, &[n, config.hidden_size]))
+        Ok(wire.encode(&out, &[n, config.hidden_size]))
     }
 }
 

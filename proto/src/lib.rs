@@ -10,4 +10,4 @@ pub mod v1 {
 /// Version of the wire protocol this build speaks. Servers refuse any other.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-pub use tensor::{TensorError, decode_f32, decode_matrix, encode_bf16, encode_f32};
+pub use tensor::{TensorError, WireDtype, decode_f32, decode_matrix, encode_bf16, encode_f32};

@@ -20,6 +20,56 @@ pub enum TensorError {
     Shape { got: Vec<u32>, expected: String },
 }
 
+/// The element type activations travel in between attention and expert workers: `f32` is exact
+/// (the default); `bf16` halves the bytes and rounds each value to bf16 (what a GPU computes
+/// in anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl WireDtype {
+    /// Packs `data` with the given shape in this dtype.
+    pub fn encode(self, data: &[f32], shape: &[usize]) -> Tensor {
+        match self {
+            WireDtype::F32 => encode_f32(data, shape),
+            WireDtype::Bf16 => encode_bf16(data, shape),
+        }
+    }
+
+    /// The dtype a tensor travelled in, so an answer can go back the same way.
+    pub fn of(t: &Tensor) -> Result<Self, TensorError> {
+        match Dtype::try_from(t.dtype) {
+            Ok(Dtype::F32) => Ok(WireDtype::F32),
+            Ok(Dtype::Bf16) => Ok(WireDtype::Bf16),
+            _ => Err(TensorError::Dtype(t.dtype)),
+        }
+    }
+}
+
+impl std::str::FromStr for WireDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(WireDtype::F32),
+            "bf16" => Ok(WireDtype::Bf16),
+            other => Err(format!("wire dtype `{other}`: use f32 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for WireDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WireDtype::F32 => "f32",
+            WireDtype::Bf16 => "bf16",
+        })
+    }
+}
+
 /// Packs `data` as f32 with the given shape.
 pub fn encode_f32(data: &[f32], shape: &[usize]) -> Tensor {
     debug_assert_eq!(data.len(), shape.iter().product::<usize>());
@@ -122,6 +172,28 @@ mod tests {
         for (a, b) in data.iter().zip(&back) {
             assert!((a - b).abs() <= a.abs() * (1.0 / 256.0), "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn wire_dtype_encodes_and_is_read_back_from_the_tensor() {
+        let data = [1.0f32, -2.5, 3.0e-3, 7.0];
+        for dtype in [WireDtype::F32, WireDtype::Bf16] {
+            let t = dtype.encode(&data, &[2, 2]);
+            assert_eq!(WireDtype::of(&t), Ok(dtype));
+            let width = if dtype == WireDtype::F32 { 4 } else { 2 };
+            assert_eq!(t.data.len(), data.len() * width);
+            let (back, n) = decode_matrix(&t, 2).unwrap();
+            assert_eq!(n, 2);
+            for (a, b) in data.iter().zip(&back) {
+                assert!((a - b).abs() <= a.abs() / 256.0, "{dtype:?}: {a} vs {b}");
+            }
+        }
+        assert_eq!("bf16".parse::<WireDtype>(), Ok(WireDtype::Bf16));
+        assert_eq!(WireDtype::Bf16.to_string().parse::<WireDtype>(), Ok(WireDtype::Bf16));
+        assert!("fp8".parse::<WireDtype>().unwrap_err().contains("fp8"));
+        let mut t = encode_f32(&data, &[4]);
+        t.dtype = 7;
+        assert_eq!(WireDtype::of(&t), Err(TensorError::Dtype(7)));
     }
 
     #[test]
