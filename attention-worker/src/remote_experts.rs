@@ -4,18 +4,20 @@
 //! weighted sum per row per worker) are added up in worker order.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use moe_model::Error;
+use moe_model::cuda::NcclComm;
 use moe_model::experts::{ExpertAssignment, ExpertCompute, Pending};
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::tensor::{WireDtype, decode_matrix};
 use moe_proto::v1::dispatch_response::Result as DispatchResult;
 use moe_proto::v1::expert_client::ExpertClient;
-use moe_proto::v1::{DispatchRequest, DispatchResponse};
+use moe_proto::v1::{DispatchRequest, DispatchResponse, NcclGroup, NcclRows};
 use moe_runtime::PlacementView;
+use moe_runtime::nccl::{NcclAgent, STEP_TIMEOUT};
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -99,6 +101,8 @@ pub struct DispatchStats {
     /// Layer dispatches answered, and their round trips (send to every answer held), summed.
     pub layer_dispatches: AtomicU64,
     pub layer_dispatch_micros: AtomicU64,
+    /// Layer dispatches whose rows went over NCCL.
+    pub nccl_layer_dispatches: AtomicU64,
 }
 
 impl DispatchStats {
@@ -121,12 +125,18 @@ pub struct RemoteExperts {
     next_id: AtomicU64,
     slot_capacity: Option<usize>,
     wire: WireDtype,
+    /// This worker's place on the NCCL data plane (`--nccl-device`): layers go over it while
+    /// its group is ready and holds every expert worker of the step, else over gRPC.
+    nccl: Option<NcclAgent>,
+    /// A step over NCCL failed (its communicator is aborted): retry it at once, over gRPC.
+    nccl_failed: Arc<AtomicBool>,
     pub stats: Arc<DispatchStats>,
 }
 
 impl RemoteExperts {
     /// `slot_capacity`: rows per expert slot per micro-batch (`None`: unlimited); `wire`: the
-    /// dtype token rows travel in (expert workers answer in the same).
+    /// dtype token rows travel in over gRPC (expert workers answer in the same); `nccl`: the
+    /// data plane, when this worker is on one.
     pub fn new(
         handle: tokio::runtime::Handle,
         hidden: usize,
@@ -134,6 +144,7 @@ impl RemoteExperts {
         num_experts: usize,
         slot_capacity: Option<usize>,
         wire: WireDtype,
+        nccl: Option<NcclAgent>,
     ) -> Self {
         RemoteExperts {
             handle,
@@ -146,6 +157,8 @@ impl RemoteExperts {
             next_id: AtomicU64::new(1),
             slot_capacity,
             wire,
+            nccl,
+            nccl_failed: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(DispatchStats {
                 bytes: AtomicU64::new(0),
                 busiest_assignments: AtomicU64::new(0),
@@ -153,6 +166,7 @@ impl RemoteExperts {
                 overflow_dispatches: AtomicU64::new(0),
                 layer_dispatches: AtomicU64::new(0),
                 layer_dispatch_micros: AtomicU64::new(0),
+                nccl_layer_dispatches: AtomicU64::new(0),
                 expert_tokens: (0..num_layers * num_experts).map(|_| AtomicU64::new(0)).collect(),
             }),
         }
@@ -171,6 +185,18 @@ impl RemoteExperts {
     /// Failed expert workers seen since the last call, with the reason.
     pub fn take_suspects(&self) -> Vec<(String, String)> {
         std::mem::take(&mut *self.suspects.lock().expect("lock"))
+    }
+
+    /// The communicator, its epoch and the expert workers' ranks, when this layer can go over
+    /// NCCL: a ready group that holds every expert worker the layer is sent to.
+    fn nccl_plane(
+        &self,
+        placement: &PlacementView,
+        batches: &[WorkerBatch],
+    ) -> Option<(Arc<NcclComm>, u64, HashMap<String, usize>)> {
+        let (comm, group) = self.nccl.as_ref()?.ready()?;
+        let ranks = nccl_ranks(&group, batches.iter().map(|b| placement.workers[b.worker].id.as_str()))?;
+        Some((comm, group.epoch, ranks))
     }
 
     fn link(&self, address: &str) -> Link {
@@ -260,6 +286,12 @@ impl ExpertCompute for RemoteExperts {
     /// A worker unreachable, or answering for another placement: report it, then wait for the
     /// coordinator to publish a placement that routes around it.
     fn recover(&self, err: &Error, timeout: Duration) -> bool {
+        if self.nccl_failed.swap(false, Ordering::Relaxed) {
+            // The communicator is aborted, so the retry goes over gRPC; a worker that is
+            // really gone fails there too and is reported then.
+            tracing::warn!(error = %err, "a step over NCCL failed; retrying it over gRPC");
+            return true;
+        }
         let Error::Remote {
             worker,
             message,
@@ -330,7 +362,9 @@ impl ExpertCompute for RemoteExperts {
             .mean_assignments_milli
             .fetch_add((assignments.len() * 1000 / workers) as u64, Ordering::Relaxed);
         let sent = std::time::Instant::now();
+        let plane = self.nccl_plane(&placement, &batches);
         let mut inflight = Vec::with_capacity(batches.len());
+        let mut nccl_sends = Vec::new();
         for b in batches {
             if b.round > 0 {
                 self.stats.overflow_dispatches.fetch_add(1, Ordering::Relaxed);
@@ -339,21 +373,40 @@ impl ExpertCompute for RemoteExperts {
             for &r in &b.rows {
                 packed.extend_from_slice(&rows[r as usize * h..(r as usize + 1) * h]);
             }
-            let req = DispatchRequest {
+            let worker = placement.workers[b.worker].clone();
+            let mut req = DispatchRequest {
                 protocol_version: PROTOCOL_VERSION,
                 placement_version: placement.version,
                 request_id: self.next_id.fetch_add(1, Ordering::Relaxed),
                 layer: layer as u32,
-                rows: Some(self.wire.encode(&packed, &[b.rows.len(), h])),
+                rows: None,
+                nccl: None,
                 assignment_rows: b.assignments.iter().map(|a| a.row).collect(),
                 assignment_experts: b.assignments.iter().map(|a| a.expert).collect(),
                 assignment_weights: b.assignments.iter().map(|a| a.weight).collect(),
             };
+            match &plane {
+                Some((comm, epoch, ranks)) => {
+                    req.nccl = Some(NcclRows {
+                        epoch: *epoch,
+                        sender_rank: comm.rank() as u32,
+                        rows: b.rows.len() as u32,
+                    });
+                    // bf16 over NCCL, both ways.
+                    self.stats
+                        .bytes
+                        .fetch_add((2 * packed.len() * 2) as u64, Ordering::Relaxed);
+                    nccl_sends.push((ranks[&worker.id], packed));
+                }
+                None => req.rows = Some(self.wire.encode(&packed, &[b.rows.len(), h])),
+            }
             self.stats.bytes.fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
-            let worker = placement.workers[b.worker].clone();
             let (tx, rx) = oneshot::channel();
             let link = self.link(&worker.address);
             if link.tx.blocking_send((req, tx)).is_err() {
+                if let Some((comm, ..)) = &plane {
+                    comm.abort("a dispatch link stopped before its rows were sent");
+                }
                 return Err(Error::Remote {
                     worker: worker.id,
                     message: "dispatch link stopped".into(),
@@ -362,10 +415,32 @@ impl ExpertCompute for RemoteExperts {
             }
             inflight.push((worker.id, b.rows, rx));
         }
+        // Over NCCL the rows move once every header is on its way: the expert workers post
+        // their receives when a header arrives, and this group waits for their answers.
+        let exchange = plane.as_ref().map(|(comm, ..)| {
+            let comm = comm.clone();
+            let recvs: Vec<(usize, usize)> = nccl_sends.iter().map(|(rank, rows)| (*rank, rows.len())).collect();
+            self.handle.spawn_blocking(move || {
+                let sends: Vec<(usize, &[f32])> =
+                    nccl_sends.iter().map(|(rank, rows)| (*rank, rows.as_slice())).collect();
+                comm.exchange(&sends, &recvs, STEP_TIMEOUT)
+            })
+        });
+        let comm = plane.map(|(comm, ..)| comm);
         let stats = self.stats.clone();
+        let nccl_failed = self.nccl_failed.clone();
         let (handle, versions, sent_version) = (self.handle.clone(), self.version.subscribe(), placement.version);
         Ok(Pending::later(move || {
-            let mut out = vec![0.0f32; num_rows * h];
+            // Any failure of a step over NCCL aborts the communicator (the other side's
+            // operations end with it) and is retried at once over gRPC.
+            let give_up_nccl = |e: Error| {
+                if let Some(comm) = &comm {
+                    comm.abort(&e.to_string());
+                    nccl_failed.store(true, Ordering::Relaxed);
+                }
+                e
+            };
+            let mut answers = Vec::with_capacity(inflight.len());
             for (worker, rows, rx) in inflight {
                 // Transport failures can succeed elsewhere; a refusal only when it is about
                 // the placement (stale version, expert moved).
@@ -377,28 +452,64 @@ impl ExpertCompute for RemoteExperts {
                 // A worker that stopped answering without closing its connection (frozen, or
                 // partitioned) is waited for only until the coordinator re-places its experts.
                 let mut versions = versions.clone();
-                let resp = handle.block_on(async {
-                    tokio::select! {
-                        r = rx => r.map_err(|_| fail("dispatch link dropped the request".into(), true))?.map_err(|m| fail(m, true)),
-                        _ = versions.wait_for(|&v| v != sent_version) => {
-                            Err(fail("the placement changed while waiting for this worker".into(), true))
+                let resp = handle
+                    .block_on(async {
+                        tokio::select! {
+                            r = rx => r.map_err(|_| fail("dispatch link dropped the request".into(), true))?.map_err(|m| fail(m, true)),
+                            _ = versions.wait_for(|&v| v != sent_version) => {
+                                Err(fail("the placement changed while waiting for this worker".into(), true))
+                            }
                         }
-                    }
-                })?;
+                    })
+                    .map_err(give_up_nccl)?;
                 stats.bytes.fetch_add(resp.encoded_len() as u64, Ordering::Relaxed);
-                let tensor = match resp.result {
-                    Some(DispatchResult::Output(t)) => t,
+                let values = match resp.result {
+                    Some(DispatchResult::Output(_)) if comm.is_some() => {
+                        Err(fail("answered in the message; the rows went over NCCL".into(), false))
+                    }
+                    Some(DispatchResult::NcclRows(_)) if comm.is_none() => {
+                        Err(fail("answered over NCCL; the rows went in the message".into(), false))
+                    }
+                    Some(DispatchResult::Output(tensor)) => {
+                        let (values, n) = decode_matrix(&tensor, h).map_err(|e| fail(e.to_string(), false))?;
+                        if n != rows.len() {
+                            return Err(fail(format!("answered {n} rows for {} sent", rows.len()), false));
+                        }
+                        Ok(Some(values))
+                    }
+                    Some(DispatchResult::NcclRows(n)) if n as usize != rows.len() => Err(fail(
+                        format!("answered {n} rows over NCCL for {} sent", rows.len()),
+                        false,
+                    )),
+                    Some(DispatchResult::NcclRows(_)) => Ok(None),
                     Some(DispatchResult::Error(e)) => {
                         let code = tonic::Code::from(e.code);
-                        let retryable = code == tonic::Code::FailedPrecondition;
-                        return Err(fail(format!("refused ({code}): {}", e.message), retryable));
+                        let retryable = code == tonic::Code::FailedPrecondition || comm.is_some();
+                        Err(fail(format!("refused ({code}): {}", e.message), retryable))
                     }
-                    None => return Err(fail("empty answer".into(), false)),
-                };
-                let (values, n) = decode_matrix(&tensor, h).map_err(|e| fail(e.to_string(), false))?;
-                if n != rows.len() {
-                    return Err(fail(format!("answered {n} rows for {} sent", rows.len()), false));
+                    None => Err(fail("empty answer".into(), false)),
                 }
+                .map_err(give_up_nccl)?;
+                answers.push((rows, values));
+            }
+            let mut over_nccl = match exchange {
+                Some(exchange) => {
+                    let received = handle
+                        .block_on(exchange)
+                        .map_err(|e| Error::Device(format!("NCCL exchange task: {e}")))
+                        .and_then(|r| r)
+                        .map_err(give_up_nccl)?;
+                    stats.nccl_layer_dispatches.fetch_add(1, Ordering::Relaxed);
+                    received.into_iter()
+                }
+                None => Vec::new().into_iter(),
+            };
+            let mut out = vec![0.0f32; num_rows * h];
+            for (rows, values) in answers {
+                let values = match values {
+                    Some(v) => v,
+                    None => over_nccl.next().expect("one NCCL receive per answer"),
+                };
                 for (i, &r) in rows.iter().enumerate() {
                     let dst = &mut out[r as usize * h..(r as usize + 1) * h];
                     for (d, v) in dst.iter_mut().zip(&values[i * h..(i + 1) * h]) {
@@ -413,6 +524,16 @@ impl ExpertCompute for RemoteExperts {
             Ok(out)
         }))
     }
+}
+
+/// The NCCL rank of each expert worker a layer dispatch goes to, when the group holds them all.
+fn nccl_ranks<'a>(group: &NcclGroup, workers: impl IntoIterator<Item = &'a str>) -> Option<HashMap<String, usize>> {
+    let mut ranks = HashMap::new();
+    for id in workers {
+        let peer = group.peers.iter().find(|p| p.worker_id == id)?;
+        ranks.insert(id.to_owned(), peer.rank as usize);
+    }
+    Some(ranks)
 }
 
 #[cfg(test)]
@@ -502,5 +623,26 @@ mod tests {
                 .iter()
                 .all(|b| b.round == 0)
         );
+    }
+
+    #[test]
+    fn a_layer_goes_over_nccl_only_when_the_group_holds_every_worker_it_is_sent_to() {
+        let peer = |id: &str, rank| moe_proto::v1::NcclPeer {
+            worker_id: id.into(),
+            rank,
+        };
+        let group = NcclGroup {
+            epoch: 3,
+            rank: 0,
+            world_size: 3,
+            peers: vec![peer("a1", 0), peer("w0", 1), peer("w1", 2)],
+            ..Default::default()
+        };
+        let ranks = nccl_ranks(&group, ["w1", "w0", "w1"]).unwrap();
+        assert_eq!(ranks.len(), 2);
+        assert_eq!((ranks["w0"], ranks["w1"]), (1, 2));
+        // An expert worker outside the group (it joined after the group was formed, or has
+        // no GPU): the whole layer goes over gRPC.
+        assert!(nccl_ranks(&group, ["w0", "w2"]).is_none());
     }
 }

@@ -100,6 +100,7 @@ pub async fn run(args: Args) -> Result<()> {
         config.num_experts,
         args.slot_capacity,
         args.wire_dtype,
+        nccl.clone(),
     ));
     let engine = Engine::new(
         model,
@@ -170,6 +171,7 @@ pub async fn run(args: Args) -> Result<()> {
             overflow_dispatches: remote.stats.overflow_dispatches.load(Ordering::Relaxed),
             layer_dispatches: remote.stats.layer_dispatches.load(Ordering::Relaxed),
             layer_dispatch_micros: remote.stats.layer_dispatch_micros.load(Ordering::Relaxed),
+            nccl_layer_dispatches: remote.stats.nccl_layer_dispatches.load(Ordering::Relaxed),
             ..Default::default()
         }
     };

@@ -314,9 +314,15 @@ async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
         request_id: 0,
         layer: 0,
         rows: Some(encode_f32(&vec![0.25; 2 * 64], &[2, 64])),
+        nccl: None,
         assignment_rows: vec![0, 1],
         assignment_experts: vec![held as u32, held as u32],
         assignment_weights: vec![0.5, 1.0],
+    };
+    let nccl_header = moe_proto::v1::NcclRows {
+        epoch: 1,
+        sender_rank: 0,
+        rows: 2,
     };
     let with = |id: u64, f: &dyn Fn(&mut DispatchRequest)| {
         let mut r = good.clone();
@@ -366,6 +372,20 @@ async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
             Code::InvalidArgument,
             "bytes",
         ),
+        (with(10, &|r| r.nccl = Some(nccl_header)), Code::InvalidArgument, "both"),
+        (
+            with(11, &|r| {
+                r.rows = None;
+                r.nccl = Some(nccl_header);
+            }),
+            Code::FailedPrecondition,
+            "not on the NCCL data plane",
+        ),
+        (
+            with(12, &|r| r.rows = None),
+            Code::InvalidArgument,
+            "rows tensor missing",
+        ),
     ];
     for (req, code, msg) in cases {
         let id = req.request_id;
@@ -384,8 +404,19 @@ async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
             other => panic!("case {id} was not refused: {other:?}"),
         }
     }
-    // The same stream still serves a good message.
-    tx.send(with(10, &|_| ())).await.unwrap();
+    // The same stream still serves a good message, and answers bf16 rows in bf16.
+    tx.send(with(13, &|r| {
+        r.rows = Some(moe_proto::tensor::encode_bf16(&vec![0.25; 2 * 64], &[2, 64]))
+    }))
+    .await
+    .unwrap();
+    let resp = responses.next().await.unwrap().unwrap();
+    let Some(R::Output(t)) = resp.result else {
+        panic!("good bf16 message refused: {resp:?}")
+    };
+    assert_eq!(t.dtype, moe_proto::v1::Dtype::Bf16 as i32);
+    assert_eq!(t.data.len(), 2 * 64 * 2);
+    tx.send(with(14, &|_| ())).await.unwrap();
     let resp = responses.next().await.unwrap().unwrap();
     let Some(R::Output(t)) = resp.result else {
         panic!("good message refused: {resp:?}")

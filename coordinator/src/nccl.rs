@@ -6,10 +6,16 @@
 //! communicator is dropped everywhere and a new one is built, so the cluster scales without
 //! restarts; until every member reports the new epoch ready, dispatches go over gRPC.
 
+use std::time::{Duration, Instant};
+
 use moe_proto::v1::{NcclGroup, NcclPeer, Role};
 
 /// Size of `ncclUniqueId`.
 pub const UNIQUE_ID_BYTES: usize = 128;
+
+/// How long after its id was published a group may take to become ready before it starts
+/// over (a member's join failed or hung). Longer than a worker's own join timeout.
+pub const JOIN_DEADLINE: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Default)]
 pub struct NcclPlane {
@@ -17,6 +23,8 @@ pub struct NcclPlane {
     /// Worker ids in rank order.
     ranks: Vec<String>,
     unique_id: Option<Vec<u8>>,
+    /// When the current epoch's id was published.
+    published_at: Option<Instant>,
     /// Per rank, the newest epoch it reported ready.
     ready: Vec<u64>,
 }
@@ -50,13 +58,20 @@ impl NcclPlane {
             Vec::new()
         };
         if ranks != self.ranks {
-            self.epoch += 1;
-            self.ready = vec![0; ranks.len()];
             self.ranks = ranks;
-            self.unique_id = None;
-            if !self.ranks.is_empty() {
-                tracing::info!(epoch = self.epoch, world = self.ranks.len(), "new NCCL group");
-            }
+            self.new_epoch();
+        }
+    }
+
+    /// Starts the group over under a new epoch: every member drops its communicator, rank 0
+    /// makes a new id, everyone joins again.
+    fn new_epoch(&mut self) {
+        self.epoch += 1;
+        self.ready = vec![0; self.ranks.len()];
+        self.unique_id = None;
+        self.published_at = None;
+        if !self.ranks.is_empty() {
+            tracing::info!(epoch = self.epoch, world = self.ranks.len(), "new NCCL group");
         }
     }
 
@@ -84,17 +99,39 @@ impl NcclPlane {
         }
         match &self.unique_id {
             Some(id) if *id != unique_id => Err(format!("NCCL group epoch {epoch} already has a different unique id")),
-            _ => {
+            Some(_) => Ok(()),
+            None => {
                 self.unique_id = Some(unique_id);
+                self.published_at = Some(Instant::now());
                 Ok(())
             }
         }
     }
 
-    /// A member's heartbeat: the epoch whose communicator it has created.
-    pub fn report(&mut self, worker: &str, ready_epoch: u64) {
+    /// A member's heartbeat: the epoch whose communicator it has created. A member that held
+    /// the current epoch's communicator and no longer does (it aborted it: a peer failed or
+    /// timed out mid-exchange) leaves the others with a communicator missing a rank, so the
+    /// group starts over under a new epoch. So does a group not ready [`JOIN_DEADLINE`] after
+    /// its id was published (`now`): a member's join failed, and members try an epoch once.
+    pub fn report(&mut self, worker: &str, ready_epoch: u64, now: Instant) {
         if let Some(r) = self.rank_of(worker) {
+            let lost = self.ready[r] == self.epoch && ready_epoch != self.epoch;
             self.ready[r] = ready_epoch;
+            if lost {
+                tracing::warn!(%worker, epoch = self.epoch, "an NCCL member lost its communicator");
+                self.new_epoch();
+            }
+        }
+        if !self.ready()
+            && self
+                .published_at
+                .is_some_and(|t| now.saturating_duration_since(t) > JOIN_DEADLINE)
+        {
+            tracing::warn!(
+                epoch = self.epoch,
+                "NCCL group not ready {JOIN_DEADLINE:?} after its id: starting over"
+            );
+            self.new_epoch();
         }
     }
 
@@ -196,9 +233,9 @@ mod tests {
         group(&mut plane, &two);
         let epoch = plane.view("attention-1").unwrap().epoch;
         plane.publish("attention-1", epoch, vec![1; UNIQUE_ID_BYTES]).unwrap();
-        plane.report("attention-1", epoch);
+        plane.report("attention-1", epoch, Instant::now());
         assert!(!plane.ready());
-        plane.report("expert-1", epoch);
+        plane.report("expert-1", epoch, Instant::now());
         assert!(plane.ready() && plane.view("expert-1").unwrap().ready);
 
         group(&mut plane, &two);
@@ -213,7 +250,7 @@ mod tests {
         let view = plane.view("expert-2").unwrap();
         assert_eq!(view.epoch, epoch + 1);
         assert!(view.unique_id.is_empty() && !view.ready);
-        plane.report("attention-1", epoch);
+        plane.report("attention-1", epoch, Instant::now());
         assert!(!plane.ready(), "a report of the old epoch does not count");
         let err = plane
             .publish("attention-1", epoch, vec![1; UNIQUE_ID_BYTES])
@@ -224,5 +261,59 @@ mod tests {
         group(&mut plane, &[two[1], ("expert-2", Role::Expert)]);
         assert!(plane.view("expert-1").is_none());
         assert!(!plane.ready());
+    }
+
+    #[test]
+    fn a_member_that_aborts_its_communicator_starts_the_group_over() {
+        let mut plane = NcclPlane::default();
+        group(
+            &mut plane,
+            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
+        );
+        let epoch = plane.view("attention-1").unwrap().epoch;
+        // Members report 0 until they have joined: that is not a loss.
+        plane.report("expert-1", 0, Instant::now());
+        assert_eq!(plane.view("expert-1").unwrap().epoch, epoch);
+        plane.publish("attention-1", epoch, vec![1; UNIQUE_ID_BYTES]).unwrap();
+        plane.report("attention-1", epoch, Instant::now());
+        plane.report("expert-1", epoch, Instant::now());
+        assert!(plane.ready());
+        // The expert worker aborted its communicator (a peer timed out mid-exchange).
+        plane.report("expert-1", 0, Instant::now());
+        let view = plane.view("attention-1").unwrap();
+        assert_eq!(view.epoch, epoch + 1, "same members, new epoch");
+        assert!(view.unique_id.is_empty() && !view.ready && !plane.ready());
+        // The attention worker's report of the old epoch is stale, not another loss.
+        plane.report("attention-1", epoch, Instant::now());
+        assert_eq!(plane.view("attention-1").unwrap().epoch, epoch + 1);
+    }
+
+    #[test]
+    fn a_group_not_ready_long_after_its_id_starts_over() {
+        let mut plane = NcclPlane::default();
+        group(
+            &mut plane,
+            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
+        );
+        let epoch = plane.view("attention-1").unwrap().epoch;
+        let now = Instant::now();
+        plane.report("expert-1", 0, now + JOIN_DEADLINE * 2);
+        assert_eq!(
+            plane.view("expert-1").unwrap().epoch,
+            epoch,
+            "no id yet: nothing to time out"
+        );
+        plane.publish("attention-1", epoch, vec![1; UNIQUE_ID_BYTES]).unwrap();
+        plane.report("attention-1", epoch, now);
+        plane.report("expert-1", 0, now + JOIN_DEADLINE / 2);
+        assert_eq!(
+            plane.view("expert-1").unwrap().epoch,
+            epoch,
+            "still within the deadline"
+        );
+        plane.report("expert-1", 0, now + JOIN_DEADLINE * 2);
+        let view = plane.view("expert-1").unwrap();
+        assert_eq!(view.epoch, epoch + 1);
+        assert!(view.unique_id.is_empty());
     }
 }

@@ -85,7 +85,7 @@ enum Command {
     },
     Heartbeat {
         id: String,
-        status: WorkerStatus,
+        status: Box<WorkerStatus>,
         reply: oneshot::Sender<HeartbeatResponse>,
     },
     Placement {
@@ -173,7 +173,12 @@ impl StateHandle {
     }
 
     pub async fn heartbeat(&self, id: String, status: WorkerStatus) -> Result<HeartbeatResponse, Status> {
-        self.ask(|reply| Command::Heartbeat { id, status, reply }).await
+        self.ask(|reply| Command::Heartbeat {
+            id,
+            status: Box::new(status),
+            reply,
+        })
+        .await
     }
 
     pub async fn placement(&self, target: bool) -> Result<Option<Placement>, Status> {
@@ -297,8 +302,9 @@ impl State {
                 let address = status.address.clone();
                 // Load counters feed the window; the stored status stays small.
                 let tokens = std::mem::take(&mut status.expert_tokens);
-                self.nccl.report(&id, status.nccl_ready_epoch);
-                let known = self.members.heartbeat(&id, &address, status);
+                self.nccl
+                    .report(&id, status.nccl_ready_epoch, std::time::Instant::now());
+                let known = self.members.heartbeat(&id, &address, *status);
                 if known && let Err(why) = self.load.observe(&id, &tokens) {
                     tracing::warn!(worker = %id, %why, "load report ignored");
                 }

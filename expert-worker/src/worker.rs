@@ -45,9 +45,12 @@ pub async fn run(args: Args) -> Result<()> {
     let (trigger, shutdown) = shutdown::channel();
     let (drain_trigger, drain) = shutdown::channel();
     trigger.on_signals_draining(args.worker.watch_stdin, Some(drain_trigger));
-    let service = ExpertServer::new(ExpertService { state: state.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = ExpertServer::new(ExpertService {
+        state: state.clone(),
+        nccl: nccl.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Dispatch streams are long-lived; give in-flight messages a moment after shutdown.
     let spec = args
         .worker

@@ -1,18 +1,25 @@
 //! The NCCL communicator between two GPUs: rank 0 makes the unique id, both ranks join, then
-//! exchange buffers with grouped sends and receives. Needs two NVIDIA GPUs, NCCL
-//! (`libnccl.so`) and a build with the `cuda` feature
+//! exchange buffers the way the data plane does (the attention side sends and receives in one
+//! group; the expert side receives, then sends), and an exchange whose peer never comes is
+//! aborted at its deadline instead of hanging. Needs two NVIDIA GPUs, NCCL (`libnccl.so`) and
+//! a build with the `cuda` feature
 //! (`cargo test -p moe-tests --features cuda --test gpu_nccl -- --ignored`); elsewhere it is
 //! reported as ignored, never as passed. NCCL refuses two ranks on one GPU, so a one-GPU host
 //! cannot run it either.
 
 #[test]
 #[ignore = "needs two NVIDIA GPUs, NCCL and --features cuda"]
-fn two_ranks_join_through_a_unique_id_and_exchange_rows() {
+fn two_ranks_join_through_a_unique_id_exchange_rows_and_abort_on_a_missing_peer() {
     #[cfg(feature = "cuda")]
     {
+        use std::time::Duration;
+
         use moe_model::cuda::NcclComm;
         use moe_model::device::Device;
 
+        const LONG: Duration = Duration::from_secs(60);
+        // Small integers are exact in bf16, the dtype on the wire.
+        let values = |rank: usize| -> Vec<f32> { (0..1000).map(|i| ((rank * 7 + i) % 256) as f32).collect() };
         let id = NcclComm::unique_id().expect("NCCL present");
         let ranks: Vec<_> = (0..2usize)
             .map(|rank| {
@@ -21,28 +28,38 @@ fn two_ranks_join_through_a_unique_id_and_exchange_rows() {
                     let Ok(Device::Cuda(gpu)) = Device::open(&format!("cuda:{rank}")) else {
                         panic!("GPU {rank} is needed");
                     };
-                    let comm = NcclComm::join(&gpu, rank, 2, &id).expect("joining");
+                    let comm = NcclComm::join(&gpu, rank, 2, &id, LONG).expect("joining");
                     assert_eq!((comm.rank(), comm.world_size()), (rank, 2));
                     let peer = 1 - rank;
-                    let mine: Vec<f32> = (0..1000).map(|i| (rank * 10_000 + i) as f32).collect();
-                    // Rank 0 sends first then receives, rank 1 the other way round, as the
-                    // attention and expert workers of the data plane do.
-                    if rank == 0 {
-                        comm.send_all(&[(peer, &mine)]).unwrap();
-                        comm.recv_all(&[(peer, 1000)]).unwrap().remove(0)
+                    let mine = values(rank);
+                    let got = if rank == 0 {
+                        comm.exchange(&[(peer, &mine)], &[(peer, 1000)], LONG)
+                            .unwrap()
+                            .remove(0)
                     } else {
-                        let got = comm.recv_all(&[(peer, 1000)]).unwrap().remove(0);
-                        comm.send_all(&[(peer, &mine)]).unwrap();
+                        let got = comm.exchange(&[], &[(peer, 1000)], LONG).unwrap().remove(0);
+                        comm.exchange(&[(peer, &mine)], &[], LONG).unwrap();
                         got
+                    };
+                    if rank == 0 {
+                        // Rank 1 sends nothing more: the receive must end at its deadline.
+                        let err = comm
+                            .exchange(&[], &[(peer, 10)], Duration::from_millis(500))
+                            .expect_err("nobody sends")
+                            .to_string();
+                        assert!(err.contains("not done within"), "{err}");
+                        assert!(comm.aborted().is_some());
+                        let refused = comm.exchange(&[(peer, &mine)], &[], LONG).expect_err("aborted");
+                        assert!(refused.to_string().contains("aborted"), "{refused}");
                     }
+                    got
                 })
             })
             .collect();
         let got: Vec<Vec<f32>> = ranks.into_iter().map(|t| t.join().unwrap()).collect();
-        for (rank, values) in got.iter().enumerate() {
+        for (rank, received) in got.iter().enumerate() {
             let peer = 1 - rank;
-            let want: Vec<f32> = (0..1000).map(|i| (peer * 10_000 + i) as f32).collect();
-            assert_eq!(values, &want, "rank {rank} received rank {peer}'s buffer");
+            assert_eq!(received, &values(peer), "rank {rank} received rank {peer}'s buffer");
         }
     }
     #[cfg(not(feature = "cuda"))]

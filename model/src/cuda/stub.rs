@@ -97,7 +97,13 @@ impl NcclComm {
         Err(no_gpu_support())
     }
 
-    pub fn join(device: &CudaDevice, _rank: usize, _world_size: usize, _unique_id: &[u8]) -> Result<NcclComm> {
+    pub fn join(
+        device: &CudaDevice,
+        _rank: usize,
+        _world_size: usize,
+        _unique_id: &[u8],
+        _timeout: std::time::Duration,
+    ) -> Result<NcclComm> {
         match device.never {}
     }
 
@@ -109,11 +115,20 @@ impl NcclComm {
         match self.never {}
     }
 
-    pub fn send_all(&self, _sends: &[(usize, &[f32])]) -> Result<()> {
+    pub fn aborted(&self) -> Option<String> {
         match self.never {}
     }
 
-    pub fn recv_all(&self, _recvs: &[(usize, usize)]) -> Result<Vec<Vec<f32>>> {
+    pub fn abort(&self, _why: &str) {
+        match self.never {}
+    }
+
+    pub fn exchange(
+        &self,
+        _sends: &[(usize, &[f32])],
+        _recvs: &[(usize, usize)],
+        _timeout: std::time::Duration,
+    ) -> Result<Vec<Vec<f32>>> {
         match self.never {}
     }
 }
