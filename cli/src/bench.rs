@@ -132,6 +132,7 @@ struct Counters {
     mean_assignments_milli: u64,
     layer_dispatches: u64,
     layer_dispatch_micros: u64,
+    nccl_layer_dispatches: u64,
     /// Expert workers' dispatch messages served and time computing them.
     expert_dispatches: u64,
     expert_busy_micros: u64,
@@ -162,6 +163,7 @@ async fn counters(target: &Target) -> Counters {
         out.mean_assignments_milli += w.mean_assignments_milli;
         out.layer_dispatches += w.layer_dispatches;
         out.layer_dispatch_micros += w.layer_dispatch_micros;
+        out.nccl_layer_dispatches += w.nccl_layer_dispatches;
     }
     for w in s.workers.iter().filter(|w| w.role == Role::Expert as i32) {
         out.expert_dispatches += w.dispatches_served;
@@ -238,6 +240,7 @@ impl Phase {
             "layer_round_trip_ms": mean_ms(a.layer_dispatch_micros - b.layer_dispatch_micros, a.layer_dispatches - b.layer_dispatches),
             "expert_ms_per_message": mean_ms(a.expert_busy_micros - b.expert_busy_micros, a.expert_dispatches - b.expert_dispatches),
             "layer_dispatches": a.layer_dispatches - b.layer_dispatches,
+            "nccl_layer_dispatches": a.nccl_layer_dispatches - b.nccl_layer_dispatches,
         })
     }
 

@@ -82,6 +82,11 @@ pub struct Args {
     /// writes a CA and a node certificate. Clients then need `MOECTL_TLS_CA`.
     #[command(flatten)]
     tls: moe_runtime::tls::TlsArgs,
+    /// GPUs for the workers (e.g. `cuda:0,cuda:1`; needs a `cuda` build, NCCL and the GPUs):
+    /// given out round robin, expert workers first, then attention workers. Expert workers run
+    /// their products on theirs, and every worker joins the NCCL data plane on it.
+    #[arg(long, value_delimiter = ',')]
+    gpus: Vec<String>,
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
     #[arg(long, default_value_t = 1)]
     coordinators: usize,
@@ -217,10 +222,15 @@ impl LocalCluster {
             endpoint.clone(),
         ];
         common.extend(tls_args);
+        let mut gpus = args.gpus.iter().cycle();
         let mut expert_args = common.to_vec();
         expert_args.extend(["--spare-slots".into(), args.spare_slots.to_string()]);
         for _ in 0..args.expert_workers {
-            procs.push(spawn("expert-worker", &expert_args).await?);
+            let mut a = expert_args.clone();
+            if let Some(gpu) = gpus.next() {
+                a.extend(["--device".into(), gpu.clone(), "--nccl-device".into(), gpu.clone()]);
+            }
+            procs.push(spawn("expert-worker", &a).await?);
         }
         let mut attn_args = common.to_vec();
         attn_args.extend(["--capacity-policy".into(), args.capacity_policy.clone()]);
@@ -236,7 +246,11 @@ impl LocalCluster {
             args.block_size.to_string(),
         ]);
         for _ in 0..args.attention_workers {
-            procs.push(spawn("attention-worker", &attn_args).await?);
+            let mut a = attn_args.clone();
+            if let Some(gpu) = gpus.next() {
+                a.extend(["--nccl-device".into(), gpu.clone()]);
+            }
+            procs.push(spawn("attention-worker", &a).await?);
         }
         for p in &procs {
             println!(

@@ -70,3 +70,89 @@ fn gpu_bench_without_a_usable_gpu_says_why() {
     let (ok, stderr) = run("cpu");
     assert!(!ok && stderr.contains("use --device cuda:N"), "{stderr}");
 }
+
+#[test]
+fn a_cluster_on_gpus_that_are_not_usable_does_not_start_and_says_why() {
+    let (ok, stderr) = moectl_run(
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-timeout",
+            "60",
+            "--gpus",
+            "cuda:0",
+        ],
+        true,
+    );
+    assert!(!ok);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("--features cuda") || stderr.contains("libcuda") || stderr.contains("NCCL"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("expert-worker"),
+        "names the process that failed: {stderr}"
+    );
+}
+
+/// The NCCL data plane end to end: one attention worker and one expert worker on two GPUs
+/// (NCCL refuses two ranks on one GPU), the layers' rows and answers over NCCL once the group
+/// is ready, the engine's first tokens and logits within bf16 tolerance (the expert products
+/// run in bf16 on the GPU). `scripts/gpu-check.sh` runs it on hosts with two GPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs two NVIDIA GPUs, NCCL and moectl built with --features cuda"]
+async fn a_cluster_on_two_gpus_sends_its_layers_over_nccl_and_keeps_the_engines_tokens() {
+    use std::time::{Duration, Instant};
+
+    use moe_model::golden::max_abs_diff;
+    use moe_model::{Engine, EngineOptions};
+    use moe_runtime::client::ClusterClient;
+    use moe_tests::cluster::LocalCluster;
+
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 1, &["--gpus", "cuda:0,cuda:1"]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    // The group is ready when both workers hold the same epoch's communicator.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = client.status().await.unwrap();
+        let epochs: Vec<u64> = s.workers.iter().map(|w| w.nccl_ready_epoch).collect();
+        if epochs.len() == 2 && epochs[0] != 0 && epochs.iter().all(|&e| e == epochs[0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "NCCL group never ready: epochs {epochs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The coordinator tells the attention worker the group is ready in its next heartbeat.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut engine = Engine::load(&tiny(), EngineOptions::default()).unwrap();
+    for prompt in [vec![5u32, 100, 200, 300, 17, 9], (7..40).collect()] {
+        let want = engine
+            .generate_greedy(std::slice::from_ref(&prompt), 4, &[], true)
+            .unwrap()
+            .remove(0);
+        let mut req = greedy(&prompt, 4);
+        req.return_token_logits = true;
+        let got = client.generate(&req).await.unwrap();
+        let scale = want.step_logits[0].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&want.step_logits[0], &got.token_logits[0]) as f32;
+        eprintln!("first-step logits over NCCL: max |cluster - engine| = {diff:.3e} of scale {scale:.3e}");
+        assert!(diff <= 5e-2 * scale, "{diff} vs {scale}");
+        assert_eq!(got.tokens[0], want.tokens[0], "first greedy token");
+    }
+    // The counters arrive with heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = client.status().await.unwrap();
+        let (all, nccl): (u64, u64) = s.workers.iter().fold((0, 0), |(a, n), w| {
+            (a + w.layer_dispatches, n + w.nccl_layer_dispatches)
+        });
+        if all > 0 && nccl == all {
+            eprintln!("{nccl} of {all} layer dispatches went over NCCL");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{nccl} of {all} layer dispatches over NCCL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

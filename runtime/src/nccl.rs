@@ -93,6 +93,19 @@ impl NcclAgent {
         }
     }
 
+    /// The communicator of `epoch`, when this worker holds it (joined, not aborted): what a
+    /// receiver needs. Unlike [`ready`](Self::ready) this does not wait for the coordinator to
+    /// say everyone joined: a sender only uses the epoch once it has, and the receiver may
+    /// learn that a heartbeat later than the sender.
+    pub fn communicator(&self, epoch: u64) -> Option<Arc<NcclComm>> {
+        let mut st = self.lock();
+        Self::forget_aborted(&mut st);
+        st.comm
+            .as_ref()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, comm)| comm.clone())
+    }
+
     /// Acts on one heartbeat answer's group.
     pub async fn on_heartbeat(&self, membership: &mut Membership, group: Option<NcclGroup>) {
         let publish = {
