@@ -59,6 +59,10 @@ pub struct Args {
     /// by bf16 rounding, which a GPU expert worker applies anyway).
     #[arg(long, default_value_t = WireDtype::F32)]
     pub wire_dtype: WireDtype,
+    /// Where every layer's attention and the KV cache data run: `cpu`, or `cuda:N` in a build
+    /// with the `cuda` feature (experimental: not yet run on a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Seed of `recycle`'s random choices.
     #[arg(long, default_value_t = 0)]
     pub recycle_seed: u64,
@@ -78,6 +82,8 @@ pub enum CapacityPolicy {
 pub async fn run(args: Args) -> Result<()> {
     args.worker.install_tls()?;
     let nccl = args.worker.nccl_agent()?;
+    // A GPU that cannot be used stops the worker before any weight is read.
+    let device = moe_model::device::Device::open(&args.device)?;
     if args.slot_capacity == Some(0) {
         return Err(moe_model::Error::InvalidInput("--slot-capacity must be positive".into()).into());
     }
@@ -110,6 +116,7 @@ pub async fn run(args: Args) -> Result<()> {
                 block_size: args.block_size,
                 num_blocks: args.kv_blocks,
             },
+            attention_device: device,
             ..Default::default()
         },
     )?;

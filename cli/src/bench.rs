@@ -44,7 +44,8 @@ pub struct Args {
     /// Skip measuring memory bandwidth and matmul peak.
     #[arg(long)]
     no_machine: bool,
-    /// (In process only) Where the routed experts run: cpu, or cuda:N in a `cuda` build.
+    /// (In process only) Where the attention layers and the routed experts run: cpu, or
+    /// cuda:N in a `cuda` build.
     #[arg(long, default_value = "cpu", conflicts_with = "endpoint")]
     device: String,
     /// (Cluster only) Run the load, ask the coordinator to rebalance the expert placement for
@@ -309,8 +310,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Target::Cluster(c)
         }
         None => {
+            let device = moe_model::device::Device::open(&args.device)?;
             let options = EngineOptions {
-                expert_device: moe_model::device::Device::open(&args.device)?,
+                expert_device: device.clone(),
+                attention_device: device,
                 ..Default::default()
             };
             let engine = Engine::load(&dir, options).with_context(|| format!("loading {}", dir.display()))?;
@@ -375,7 +378,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map(|m| floors.decode_bytes / (m.memory_bandwidth_gbps * 1e9) * 1e3);
     let prefill_gflops = floors.flops_per_token * args.prompt_len as f64 / prefill_s / 1e9;
     let out = json!({
-        "target": match &args.endpoint { Some(ep) => format!("cluster {ep}"), None => format!("in-process engine, experts on {}", args.device) },
+        "target": match &args.endpoint { Some(ep) => format!("cluster {ep}"), None => format!("in-process engine, attention and experts on {}", args.device) },
         "model": dir.display().to_string(),
         "load": { "concurrency": args.concurrency, "requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len },
         "wall_s": wall,

@@ -84,7 +84,8 @@ pub struct Args {
     tls: moe_runtime::tls::TlsArgs,
     /// GPUs for the workers (e.g. `cuda:0,cuda:1`; needs a `cuda` build, NCCL and the GPUs):
     /// given out round robin, expert workers first, then attention workers. Expert workers run
-    /// their products on theirs, and every worker joins the NCCL data plane on it.
+    /// their products and attention workers their attention layers on theirs, and every
+    /// worker joins the NCCL data plane on it.
     #[arg(long, value_delimiter = ',')]
     gpus: Vec<String>,
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
@@ -248,7 +249,7 @@ impl LocalCluster {
         for _ in 0..args.attention_workers {
             let mut a = attn_args.clone();
             if let Some(gpu) = gpus.next() {
-                a.extend(["--nccl-device".into(), gpu.clone()]);
+                a.extend(["--device".into(), gpu.clone(), "--nccl-device".into(), gpu.clone()]);
             }
             procs.push(spawn("attention-worker", &a).await?);
         }

@@ -1,5 +1,6 @@
-//! `--device` on an expert worker: a GPU that cannot be used is a clear start-up error (which
-//! build, which library, which device), never a panic.
+//! `--device` on the workers: a GPU that cannot be used is a clear start-up error (which
+//! build, which library, which device), never a panic. And, ignored without two GPUs, a
+//! cluster on GPUs with its layers over NCCL.
 
 use std::process::Command;
 
@@ -17,29 +18,25 @@ fn moectl_run(args: &[&str], model: bool) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-fn expert_worker_with(device: &str) -> (bool, String) {
-    moectl_run(
-        &["expert-worker", "--coordinator", "127.0.0.1:1", "--device", device],
-        true,
-    )
-}
-
 #[test]
-fn an_unusable_gpu_stops_the_expert_worker_with_the_reason() {
-    let (ok, stderr) = expert_worker_with("cuda:0");
-    assert!(!ok);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    // This build has no CUDA support, or this machine has no driver / no such GPU.
-    assert!(
-        stderr.contains("--features cuda") || stderr.contains("libcuda") || stderr.contains("GPU 0"),
-        "{stderr}"
-    );
-    let (ok, stderr) = expert_worker_with("tpu:3");
-    assert!(!ok);
-    assert!(
-        stderr.contains("tpu:3") && stderr.contains("cpu, cuda or cuda:N"),
-        "{stderr}"
-    );
+fn an_unusable_gpu_stops_either_worker_with_the_reason() {
+    for role in ["expert-worker", "attention-worker"] {
+        let run = |device| moectl_run(&[role, "--coordinator", "127.0.0.1:1", "--device", device], true);
+        let (ok, stderr) = run("cuda:0");
+        assert!(!ok, "{role}");
+        assert!(!stderr.contains("panicked"), "{role}: {stderr}");
+        // This build has no CUDA support, or this machine has no driver / no such GPU.
+        assert!(
+            stderr.contains("--features cuda") || stderr.contains("libcuda") || stderr.contains("GPU 0"),
+            "{role}: {stderr}"
+        );
+        let (ok, stderr) = run("tpu:3");
+        assert!(!ok, "{role}");
+        assert!(
+            stderr.contains("tpu:3") && stderr.contains("cpu, cuda or cuda:N"),
+            "{role}: {stderr}"
+        );
+    }
 }
 
 #[test]

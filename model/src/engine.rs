@@ -44,8 +44,11 @@ pub struct StepOutput {
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub kv_cache: KvCacheConfig,
-    /// Where [`Engine::load`] puts the routed experts (the attention half runs on the CPU).
+    /// Where [`Engine::load`] puts the routed experts.
     pub expert_device: Device,
+    /// Where every layer's attention and the KV cache data run (norms, router, shared expert
+    /// and LM head stay on the CPU).
+    pub attention_device: Device,
 }
 
 impl Default for EngineOptions {
@@ -53,6 +56,7 @@ impl Default for EngineOptions {
         EngineOptions {
             kv_cache: KvCacheConfig::for_tokens(16 * 1024, 16),
             expert_device: Device::Cpu,
+            attention_device: Device::Cpu,
         }
     }
 }
@@ -83,8 +87,9 @@ impl Engine {
         Self::new(model, Arc::new(experts), options)
     }
 
-    pub fn new(model: AttentionModel, experts: Arc<dyn ExpertCompute>, options: EngineOptions) -> Result<Self> {
+    pub fn new(mut model: AttentionModel, experts: Arc<dyn ExpertCompute>, options: EngineOptions) -> Result<Self> {
         let cache = KvCache::new(model.config(), options.kv_cache)?;
+        model.place_attention(&options.attention_device, options.kv_cache)?;
         Ok(Engine {
             model,
             experts,

@@ -3,15 +3,18 @@
 //! routed experts are reached through [`ExpertCompute`].
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::attention::AttentionWeights;
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+use crate::cuda::DeviceAttentionStack;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::experts::ExpertCompute;
 use crate::kernels::{linear, rms_norm};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::mlp::SwiGlu;
 use crate::names;
 use crate::rope::Rope;
@@ -37,6 +40,9 @@ pub struct AttentionModel {
     final_norm: Vec<f32>,
     /// `None` when tied to the embedding.
     lm_head: Option<Matrix>,
+    /// Set by [`place_attention`](Self::place_attention) on a GPU: the layers' attention and
+    /// the KV cache data live there (the host `KvCache` keeps the block tables).
+    device: Option<Arc<DeviceAttentionStack>>,
 }
 
 impl AttentionModel {
@@ -88,7 +94,24 @@ impl AttentionModel {
             layers,
             lm_head,
             config,
+            device: None,
         })
+    }
+
+    /// Runs every layer's attention on `device` from now on, with a device KV cache of `kv`'s
+    /// size (the host cache passed to [`forward`](Self::forward) must have the same geometry).
+    /// Norms, router, shared expert and LM head stay on the CPU.
+    pub fn place_attention(&mut self, device: &Device, kv: KvCacheConfig) -> Result<()> {
+        self.device = match device {
+            Device::Cpu => None,
+            Device::Cuda(gpu) => Some(Arc::new(DeviceAttentionStack::upload(
+                gpu,
+                &self.config,
+                |l| &self.layers[l].attention,
+                kv,
+            )?)),
+        };
+        Ok(())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -145,11 +168,14 @@ impl AttentionModel {
 
     /// Attention sub-block of layer `l`: input norm, attention, o_proj. Returns the o_proj
     /// output (the caller adds it to the residual).
-    pub fn attention(&self, l: usize, batch: &BatchLayout, hidden: &[f32], cache: &mut KvCache) -> Vec<f32> {
+    pub fn attention(&self, l: usize, batch: &BatchLayout, hidden: &[f32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let layer = &self.layers[l];
         let mut x = vec![0.0; hidden.len()];
         rms_norm(hidden, &layer.input_norm, self.config.rms_norm_eps, &mut x);
-        layer.attention.forward(&self.config, l, &self.rope, batch, &x, cache)
+        match &self.device {
+            Some(gpu) => gpu.forward(l, &self.config, &self.rope, batch, &x, cache),
+            None => Ok(layer.attention.forward(&self.config, l, &self.rope, batch, &x, cache)),
+        }
     }
 
     /// post_attention_layernorm of layer `l`: the MoE input.
@@ -213,7 +239,7 @@ impl AttentionModel {
             t.embeddings = hidden.clone();
         }
         for l in 0..self.config.num_layers {
-            let attn_out = self.attention(l, batch, &hidden, cache);
+            let attn_out = self.attention(l, batch, &hidden, cache)?;
             add_in_place(&mut hidden, &attn_out);
             let x = self.moe_input(l, &hidden);
             let (router_logits, routing) = self.route(l, &x);

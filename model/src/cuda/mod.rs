@@ -4,12 +4,14 @@
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
-pub use gpu::{CudaDevice, DeviceAttention, DeviceKvCache, DeviceMatrix, DeviceSwiGlu, NcclComm, PagedRows};
+pub use gpu::{
+    CudaDevice, DeviceAttention, DeviceAttentionStack, DeviceKvCache, DeviceMatrix, DeviceSwiGlu, NcclComm, PagedRows,
+};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
-pub use stub::{CudaDevice, DeviceSwiGlu, NcclComm};
+pub use stub::{CudaDevice, DeviceAttentionStack, DeviceSwiGlu, NcclComm};
 
 /// One expert of a dispatch on the GPU: its weights and the indices of the assignments it computes.
 pub struct ExpertGroup<'a> {

@@ -23,6 +23,35 @@ pub struct NcclComm {
     never: std::convert::Infallible,
 }
 
+/// Never constructed in this build.
+#[derive(Debug)]
+pub struct DeviceAttentionStack {
+    never: std::convert::Infallible,
+}
+
+impl DeviceAttentionStack {
+    pub fn upload<'a>(
+        gpu: &CudaDevice,
+        _config: &crate::config::ModelConfig,
+        _layer: impl Fn(usize) -> &'a crate::attention::AttentionWeights,
+        _kv: crate::kv_cache::KvCacheConfig,
+    ) -> Result<DeviceAttentionStack> {
+        match gpu.never {}
+    }
+
+    pub fn forward(
+        &self,
+        _l: usize,
+        _config: &crate::config::ModelConfig,
+        _rope: &crate::rope::Rope,
+        _batch: &crate::batch::BatchLayout,
+        _x: &[f32],
+        _tables: &crate::kv_cache::KvCache,
+    ) -> Result<Vec<f32>> {
+        match self.never {}
+    }
+}
+
 fn no_gpu_support() -> Error {
     Error::Device(
         "this build has no GPU support: rebuild with `--features cuda` (the CUDA libraries are loaded at run time)"

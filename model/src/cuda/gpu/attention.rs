@@ -101,3 +101,69 @@ impl DeviceAttention {
         gpu.linear(&attn, n, &self.o_proj)
     }
 }
+
+/// Every layer's attention on one GPU with its KV cache (one device cache per cache slot, the
+/// same blocks as the host `KvCache`, which keeps the block tables): what an attention worker
+/// places on `--device cuda:N`.
+pub struct DeviceAttentionStack {
+    gpu: CudaDevice,
+    layers: Vec<DeviceAttention>,
+    /// Per cache slot; one layer's forward at a time.
+    caches: std::sync::Mutex<Vec<DeviceKvCache>>,
+}
+
+impl std::fmt::Debug for DeviceAttentionStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceAttentionStack(cuda:{}, {} layers)",
+            self.gpu.ordinal(),
+            self.layers.len()
+        )
+    }
+}
+
+impl DeviceAttentionStack {
+    /// Uploads every layer's attention weights (`layer(l)`) and allocates the device cache.
+    pub fn upload<'a>(
+        gpu: &CudaDevice,
+        config: &ModelConfig,
+        layer: impl Fn(usize) -> &'a AttentionWeights,
+        kv: crate::kv_cache::KvCacheConfig,
+    ) -> Result<DeviceAttentionStack> {
+        let layers = (0..config.num_layers)
+            .map(|l| DeviceAttention::upload(gpu, layer(l)))
+            .collect::<Result<Vec<_>>>()?;
+        let caches = (0..config.num_kv_cache_slots())
+            .map(|_| gpu.kv_cache(kv.num_blocks, kv.block_size, config.kv_dim()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DeviceAttentionStack {
+            gpu: gpu.clone(),
+            layers,
+            caches: std::sync::Mutex::new(caches),
+        })
+    }
+
+    /// Layer `l`'s attention of the normalised input `x`, as `AttentionWeights::forward`.
+    pub fn forward(
+        &self,
+        l: usize,
+        config: &ModelConfig,
+        rope: &Rope,
+        batch: &BatchLayout,
+        x: &[f32],
+        tables: &KvCache,
+    ) -> Result<Vec<f32>> {
+        let mut caches = self.caches.lock().expect("device KV cache lock");
+        let cache = &mut caches[config.kv_cache_slot(l)];
+        let (blocks, block_size) = cache.geometry();
+        if tables.block_size() != block_size || tables.num_blocks() > blocks {
+            return Err(crate::Error::InvalidInput(format!(
+                "host KV tables ({} blocks of {}) do not match the device cache ({blocks} blocks of {block_size})",
+                tables.num_blocks(),
+                tables.block_size()
+            )));
+        }
+        self.layers[l].forward(&self.gpu, config, rope, batch, x, tables, cache)
+    }
+}

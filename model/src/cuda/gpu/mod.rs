@@ -21,7 +21,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
-pub use attention::DeviceAttention;
+pub use attention::{DeviceAttention, DeviceAttentionStack};
 pub use experts::DeviceSwiGlu;
 pub use nccl::NcclComm;
 pub use ops::{DeviceKvCache, DeviceMatrix, PagedRows};

@@ -63,6 +63,13 @@ pub struct DeviceKvCache {
     kv_dim: usize,
 }
 
+impl DeviceKvCache {
+    /// `(num_blocks, block_size)`.
+    pub(super) fn geometry(&self) -> (usize, usize) {
+        (self.keys.len() / (self.block_size * self.kv_dim), self.block_size)
+    }
+}
+
 /// Where each query row reads the cache: its position and its sequence's block table.
 pub struct PagedRows<'a> {
     /// Absolute position of each row; row r sees positions `0..=pos[r]`.
