@@ -1,7 +1,10 @@
 //! Routed experts on expert workers, behind the same [`ExpertCompute`] interface the
 //! single-process engine uses. Per layer, one dispatch message goes to each expert worker that
 //! owns any of the batch's routed experts, holding every row routed to it; the answers (one
-//! weighted sum per row per worker) are added up in worker order.
+//! weighted sum per row per worker) are added up in worker order. On the NCCL data plane
+//! (`--nccl-device`, once the group is ready) the messages carry only headers and the rows and
+//! answers move over NCCL; any failure there aborts the communicator and the step is retried
+//! over gRPC.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
