@@ -170,6 +170,16 @@ mod tests {
         plane.set_members(members.iter().copied());
     }
 
+    /// A plane grouping `attention-1` (rank 0) and `expert-1`.
+    fn pair() -> NcclPlane {
+        let mut plane = NcclPlane::default();
+        group(
+            &mut plane,
+            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
+        );
+        plane
+    }
+
     #[test]
     fn epochs_continue_after_the_starting_point() {
         let mut plane = NcclPlane::starting_after(1_000);
@@ -202,11 +212,7 @@ mod tests {
 
     #[test]
     fn only_rank_0_publishes_a_well_formed_id_for_the_current_epoch() {
-        let mut plane = NcclPlane::default();
-        group(
-            &mut plane,
-            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
-        );
+        let mut plane = pair();
         let epoch = plane.view("expert-1").unwrap().epoch;
         let id = vec![7u8; UNIQUE_ID_BYTES];
         let err = plane.publish("expert-1", epoch, id.clone()).unwrap_err();
@@ -265,11 +271,7 @@ mod tests {
 
     #[test]
     fn a_member_that_aborts_its_communicator_starts_the_group_over() {
-        let mut plane = NcclPlane::default();
-        group(
-            &mut plane,
-            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
-        );
+        let mut plane = pair();
         let epoch = plane.view("attention-1").unwrap().epoch;
         // Members report 0 until they have joined: that is not a loss.
         plane.report("expert-1", 0, Instant::now());
@@ -290,11 +292,7 @@ mod tests {
 
     #[test]
     fn a_group_not_ready_long_after_its_id_starts_over() {
-        let mut plane = NcclPlane::default();
-        group(
-            &mut plane,
-            &[("attention-1", Role::Attention), ("expert-1", Role::Expert)],
-        );
+        let mut plane = pair();
         let epoch = plane.view("attention-1").unwrap().epoch;
         let now = Instant::now();
         plane.report("expert-1", 0, now + JOIN_DEADLINE * 2);

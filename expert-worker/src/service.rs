@@ -43,18 +43,18 @@ enum Rows {
 fn nccl_rows(agent: Option<&NcclAgent>, header: &NcclRows) -> Result<Rows, Refusal> {
     let refuse = |m: String| (Code::FailedPrecondition, m);
     let agent = agent.ok_or_else(|| refuse("rows over NCCL, but this worker is not on the NCCL data plane".into()))?;
-    let (comm, group) = agent.ready().ok_or_else(|| {
+    // Any epoch this worker holds a communicator for: the sender learns that the group is
+    // ready a heartbeat before this worker may.
+    let comm = agent.communicator(header.epoch).ok_or_else(|| {
         refuse(format!(
-            "rows over NCCL epoch {}, but no NCCL group is ready here",
-            header.epoch
+            "rows over NCCL epoch {}, but this worker holds {}",
+            header.epoch,
+            match agent.ready_epoch() {
+                0 => "no communicator".to_owned(),
+                e => format!("epoch {e}"),
+            }
         ))
     })?;
-    if group.epoch != header.epoch {
-        return Err(refuse(format!(
-            "rows over NCCL epoch {}, this worker holds epoch {}",
-            header.epoch, group.epoch
-        )));
-    }
     let sender = header.sender_rank as usize;
     if sender >= comm.world_size() || sender == comm.rank() {
         return Err((

@@ -45,20 +45,29 @@ fn gpu_experts_match_the_cpu_within_bf16_tolerance() {
     }
 }
 
+/// Greedy generations of the golden model's engine on the CPU and with `options`: two prompts,
+/// a prefill and 16 decode steps each, logits kept.
+fn cpu_and_engine_with(
+    options: moe_model::EngineOptions,
+) -> (Vec<moe_model::engine::Greedy>, Vec<moe_model::engine::Greedy>) {
+    use moe_model::{Engine, EngineOptions};
+    let dir = moe_tests::fixtures_dir().join("hunyuan-tiny");
+    let mut other = Engine::load(&dir, options).unwrap();
+    let mut cpu = Engine::load(&dir, EngineOptions::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![(5..40).collect(), vec![7, 99, 3, 250, 17]];
+    (
+        cpu.generate_greedy(&prompts, 16, &[], true).unwrap(),
+        other.generate_greedy(&prompts, 16, &[], true).unwrap(),
+    )
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU and --features cuda"]
 fn the_engine_with_gpu_experts_matches_the_cpu_engine_on_the_golden_model() {
-    use moe_model::{Engine, EngineOptions};
-    let dir = moe_tests::fixtures_dir().join("hunyuan-tiny");
-    let options = EngineOptions {
+    let (want, got) = cpu_and_engine_with(moe_model::EngineOptions {
         expert_device: Device::open("cuda:0").expect("a GPU"),
         ..Default::default()
-    };
-    let mut gpu = Engine::load(&dir, options).unwrap();
-    let mut cpu = Engine::load(&dir, EngineOptions::default()).unwrap();
-    let prompts: Vec<Vec<u32>> = vec![(5..40).collect(), vec![7, 99, 3, 250, 17]];
-    let want = cpu.generate_greedy(&prompts, 16, &[], true).unwrap();
-    let got = gpu.generate_greedy(&prompts, 16, &[], true).unwrap();
+    });
     for (w, g) in want.iter().zip(&got) {
         // First-step logits: bf16 expert activations put differences near 1e-2 of the scale.
         let scale = w.step_logits[0].iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -74,19 +83,12 @@ fn the_engine_with_gpu_experts_matches_the_cpu_engine_on_the_golden_model() {
 fn the_engine_wholly_on_the_gpu_matches_the_cpu_engine_within_bf16_tolerance() {
     // Attention layers, KV cache and routed experts on the GPU (what `--device cuda:N` does to
     // an attention worker plus an expert worker), over a prefill and 16 decode steps.
-    use moe_model::{Engine, EngineOptions};
-    let dir = moe_tests::fixtures_dir().join("hunyuan-tiny");
     let gpu = Device::open("cuda:0").expect("a GPU");
-    let options = EngineOptions {
+    let (want, got) = cpu_and_engine_with(moe_model::EngineOptions {
         expert_device: gpu.clone(),
         attention_device: gpu,
         ..Default::default()
-    };
-    let mut on_gpu = Engine::load(&dir, options).unwrap();
-    let mut cpu = Engine::load(&dir, EngineOptions::default()).unwrap();
-    let prompts: Vec<Vec<u32>> = vec![(5..40).collect(), vec![7, 99, 3, 250, 17]];
-    let want = cpu.generate_greedy(&prompts, 16, &[], true).unwrap();
-    let got = on_gpu.generate_greedy(&prompts, 16, &[], true).unwrap();
+    });
     for (w, g) in want.iter().zip(&got) {
         // Every step whose tokens so far agree: bf16 activations put differences near 1e-2 of
         // the logits' scale.
