@@ -2,9 +2,9 @@
 //! router, shared expert and LM head; runs continuous batching and sends each layer's routed
 //! rows to the expert workers (one message per expert worker per layer).
 
+pub mod dispatch;
 mod error;
 pub mod events;
-pub mod remote_experts;
 pub mod scheduler;
 mod service;
 mod worker;

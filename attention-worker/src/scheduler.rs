@@ -56,9 +56,6 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Requests running at once.
     pub max_running: usize,
-    /// How long a failed step waits for the expert side to recover (a new placement) before
-    /// its requests fail.
-    pub recover_timeout: std::time::Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -66,7 +63,6 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             max_batch_tokens: 512,
             max_running: 64,
-            recover_timeout: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -342,17 +338,9 @@ impl Scheduler {
         }
         let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let _span = tracing::debug_span!("batch", seqs = chunks.len(), rows).entered();
-        let mut result = self.engine.step(&chunks, false);
-        // A failure on the expert side (a worker died, the placement moved) is retried on the
-        // new placement; the step is all or nothing on the KV cache, so nothing is lost.
-        for _ in 0..8 {
-            match &result {
-                Err(e) if self.engine.experts().recover(e, self.config.recover_timeout) => {
-                    result = self.engine.step(&chunks, false);
-                }
-                _ => break,
-            }
-        }
+        // A failure on the expert side (a worker died, the placement moved) is retried inside
+        // the layer's dispatch; what arrives here is final.
+        let result = self.engine.step(&chunks, false);
         match result {
             Ok(out) => {
                 self.stats.tokens_processed.fetch_add(rows as u64, Ordering::Relaxed);

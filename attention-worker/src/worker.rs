@@ -19,8 +19,8 @@ use moe_runtime::shutdown;
 use moe_runtime::worker::{self, WorkerArgs};
 use tonic::service::Routes;
 
+use crate::dispatch::{DispatchConfig, RemoteExperts};
 use crate::error::Result;
-use crate::remote_experts::RemoteExperts;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::service::AttentionService;
 
@@ -66,8 +66,8 @@ pub struct Args {
     /// Seed of `recycle`'s random choices.
     #[arg(long, default_value_t = 0)]
     pub recycle_seed: u64,
-    /// How long a step that failed on the expert side waits for a new placement before its
-    /// requests fail.
+    /// How long a layer dispatch that failed on the expert side waits for a new placement
+    /// before its step's requests fail.
     #[arg(long, default_value_t = 120)]
     pub recover_timeout_s: u64,
 }
@@ -101,11 +101,14 @@ pub async fn run(args: Args) -> Result<()> {
     drop(ckpt);
     let remote = Arc::new(RemoteExperts::new(
         tokio::runtime::Handle::current(),
-        config.hidden_size,
-        config.num_layers,
-        config.num_experts,
-        args.slot_capacity,
-        args.wire_dtype,
+        DispatchConfig {
+            hidden: config.hidden_size,
+            num_layers: config.num_layers,
+            num_experts: config.num_experts,
+            slot_capacity: args.slot_capacity,
+            wire: args.wire_dtype,
+            recover_timeout: Duration::from_secs(args.recover_timeout_s),
+        },
         nccl.clone(),
     ));
     let engine = Engine::new(
@@ -140,7 +143,6 @@ pub async fn run(args: Args) -> Result<()> {
         SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,
-            recover_timeout: std::time::Duration::from_secs(args.recover_timeout_s),
         },
     );
 

@@ -69,11 +69,7 @@ fn request(prompt: &[u32], max_tokens: u32, prompt_logits: bool, token_logits: b
 }
 
 fn remote(e: tonic::Status) -> moe_model::Error {
-    moe_model::Error::Remote {
-        worker: "cluster".into(),
-        message: e.to_string(),
-        retryable: false,
-    }
+    moe_model::Error::Experts(Box::new(e))
 }
 
 impl GoldenTarget for ClusterTarget {

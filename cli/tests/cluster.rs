@@ -288,16 +288,19 @@ async fn prompt_and_token_logits_match_the_engine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
-    use moe_proto::tensor::{decode_f32, encode_f32};
-    use moe_proto::v1::DispatchRequest;
-    use moe_proto::v1::dispatch_response::Result as R;
+    // Every malformed field has a unit test beside the codec (moe_runtime::dispatch); this
+    // proves the wiring: refusals that need the worker's state, one malformed message, and
+    // good messages on the same stream afterwards.
+    use moe_model::experts::ExpertAssignment;
+    use moe_proto::tensor::WireDtype;
     use moe_proto::v1::expert_client::ExpertClient;
+    use moe_runtime::dispatch::{Answer, Dispatch, Rows};
 
     let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     let status = client.status().await.unwrap();
     let worker = status.workers.iter().find(|w| w.role == Role::Expert as i32).unwrap();
-    let held = worker.expert_slots[0] as usize % 64; // layer 0
+    let held = worker.expert_slots[0] % 64; // layer 0
     let not_held = (0..64u32).find(|e| !worker.expert_slots.contains(e)).unwrap();
     let version = status.placement_version;
 
@@ -308,121 +311,82 @@ async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
         .await
         .unwrap()
         .into_inner();
-    let good = DispatchRequest {
-        protocol_version: PROTOCOL_VERSION,
-        placement_version: version,
-        request_id: 0,
+    let assignment = |row, expert, weight| ExpertAssignment { row, expert, weight };
+    let good = |id: u64, dtype: WireDtype| Dispatch {
+        request_id: id,
         layer: 0,
-        rows: Some(encode_f32(&vec![0.25; 2 * 64], &[2, 64])),
-        nccl: None,
-        assignment_rows: vec![0, 1],
-        assignment_experts: vec![held as u32, held as u32],
-        assignment_weights: vec![0.5, 1.0],
+        placement_version: version,
+        num_rows: 2,
+        rows: Rows::Inline {
+            values: vec![0.25; 2 * 64],
+            dtype,
+        },
+        assignments: vec![assignment(0, held, 0.5), assignment(1, held, 1.0)],
     };
-    let nccl_header = moe_proto::v1::NcclRows {
-        epoch: 1,
-        sender_rank: 0,
-        rows: 2,
-    };
-    let with = |id: u64, f: &dyn Fn(&mut DispatchRequest)| {
-        let mut r = good.clone();
-        r.request_id = id;
-        f(&mut r);
-        r
-    };
-    let cases: Vec<(DispatchRequest, Code, &str)> = vec![
-        (with(1, &|r| r.layer = 2), Code::InvalidArgument, "layer 2"),
+    let cases: Vec<(Dispatch, Code, &str)> = vec![
         (
-            with(2, &|r| r.assignment_experts = vec![not_held, not_held]),
+            Dispatch {
+                assignments: vec![assignment(0, not_held, 0.5), assignment(1, not_held, 1.0)],
+                ..good(1, WireDtype::F32)
+            },
             Code::FailedPrecondition,
             "not held",
         ),
         (
-            with(3, &|r| r.placement_version = version + 5),
+            Dispatch {
+                placement_version: version + 5,
+                ..good(2, WireDtype::F32)
+            },
             Code::FailedPrecondition,
             "placement version",
         ),
         (
-            with(4, &|r| r.rows = Some(encode_f32(&vec![0.0; 2 * 32], &[2, 32]))),
-            Code::InvalidArgument,
-            "[rows, 64]",
-        ),
-        (
-            with(5, &|r| r.rows.as_mut().unwrap().dtype = 7),
-            Code::InvalidArgument,
-            "dtype",
-        ),
-        (
-            with(6, &|r| r.assignment_weights.pop().map(|_| ()).unwrap()),
-            Code::InvalidArgument,
-            "differ in length",
-        ),
-        (
-            with(7, &|r| r.protocol_version = 99),
-            Code::FailedPrecondition,
-            "protocol_version",
-        ),
-        (
-            with(8, &|r| r.assignment_rows = vec![0, 5]),
-            Code::InvalidArgument,
-            "row 5",
-        ),
-        (
-            with(9, &|r| r.rows.as_mut().unwrap().shape = vec![3, 64]),
-            Code::InvalidArgument,
-            "bytes",
-        ),
-        (with(10, &|r| r.nccl = Some(nccl_header)), Code::InvalidArgument, "both"),
-        (
-            with(11, &|r| {
-                r.rows = None;
-                r.nccl = Some(nccl_header);
-            }),
+            Dispatch {
+                rows: Rows::Nccl {
+                    epoch: 1,
+                    sender_rank: 0,
+                },
+                ..good(3, WireDtype::F32)
+            },
             Code::FailedPrecondition,
             "not on the NCCL data plane",
         ),
         (
-            with(12, &|r| r.rows = None),
+            Dispatch {
+                layer: 2,
+                ..good(4, WireDtype::F32)
+            },
             Code::InvalidArgument,
-            "rows tensor missing",
+            "layer 2",
         ),
     ];
-    for (req, code, msg) in cases {
-        let id = req.request_id;
-        tx.send(req).await.unwrap();
+    for (dispatch, code, msg) in cases {
+        let id = dispatch.request_id;
+        tx.send(dispatch.encode()).await.unwrap();
         let resp = responses.next().await.unwrap().unwrap();
         assert_eq!(resp.request_id, id);
-        match resp.result {
-            Some(R::Error(e)) => {
-                assert_eq!(Code::from(e.code), code, "case {id}: {}", e.message);
-                assert!(
-                    e.message.contains(msg),
-                    "case {id}: `{}` should mention `{msg}`",
-                    e.message
-                );
+        match Answer::decode(&resp, 64).unwrap() {
+            Answer::Refused { code: got, message } => {
+                assert_eq!(got, code, "case {id}: {message}");
+                assert!(message.contains(msg), "case {id}: `{message}` should mention `{msg}`");
             }
             other => panic!("case {id} was not refused: {other:?}"),
         }
     }
     // The same stream still serves a good message, and answers bf16 rows in bf16.
-    tx.send(with(13, &|r| {
-        r.rows = Some(moe_proto::tensor::encode_bf16(&vec![0.25; 2 * 64], &[2, 64]))
-    }))
-    .await
-    .unwrap();
+    tx.send(good(5, WireDtype::Bf16).encode()).await.unwrap();
     let resp = responses.next().await.unwrap().unwrap();
-    let Some(R::Output(t)) = resp.result else {
+    let Some(moe_proto::v1::dispatch_response::Result::Output(t)) = &resp.result else {
         panic!("good bf16 message refused: {resp:?}")
     };
     assert_eq!(t.dtype, moe_proto::v1::Dtype::Bf16 as i32);
     assert_eq!(t.data.len(), 2 * 64 * 2);
-    tx.send(with(14, &|_| ())).await.unwrap();
+    tx.send(good(6, WireDtype::F32).encode()).await.unwrap();
     let resp = responses.next().await.unwrap().unwrap();
-    let Some(R::Output(t)) = resp.result else {
+    let Answer::Inline { values, dtype } = Answer::decode(&resp, 64).unwrap() else {
         panic!("good message refused: {resp:?}")
     };
-    let (values, shape) = decode_f32(&t).unwrap();
-    assert_eq!(shape, vec![2, 64]);
+    assert_eq!((values.len(), dtype), (2 * 64, WireDtype::F32));
     // Row 1 has weight 1.0 on the same input as row 0 with 0.5.
     for h in 0..64 {
         assert!((values[64 + h] - 2.0 * values[h]).abs() < 1e-5);

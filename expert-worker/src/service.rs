@@ -1,21 +1,22 @@
 //! The `Expert` gRPC service: one long-lived dispatch stream per attention worker. Each message
-//! is validated on its own; a bad one is answered with a `DispatchError` and the stream goes on.
+//! is decoded and checked on its own (`moe_runtime::dispatch`); a bad one is answered with a
+//! refusal and the stream goes on.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use moe_model::cuda::NcclComm;
-use moe_model::experts::{ExpertAssignment, ExpertCompute};
-use moe_proto::tensor::{WireDtype, decode_matrix};
-use moe_proto::v1::dispatch_response::Result as DispatchResult;
+use moe_model::experts::ExpertCompute;
 use moe_proto::v1::expert_server::Expert;
-use moe_proto::v1::{DispatchError, DispatchRequest, DispatchResponse, NcclRows};
+use moe_proto::v1::{DispatchRequest, DispatchResponse};
+use moe_runtime::dispatch::{Answer, Dispatch, DispatchLimits, Rows};
 use moe_runtime::nccl::{NcclAgent, STEP_TIMEOUT};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
+use crate::refusal::Refusal;
 use crate::state::ExpertState;
 
 pub struct ExpertService {
@@ -24,164 +25,93 @@ pub struct ExpertService {
     pub nccl: Option<NcclAgent>,
 }
 
-type Refusal = (Code, String);
-
-/// Where a message's rows are and where its answer goes.
-enum Rows {
-    /// In the message, `[rows, hidden]` in this dtype; the answer goes back the same way.
-    Inline(Vec<f32>, usize, WireDtype),
-    /// Arriving over NCCL from `sender`; the answer goes back over NCCL.
-    Nccl {
-        comm: Arc<NcclComm>,
-        sender: usize,
-        rows: usize,
-    },
-}
-
-/// The NCCL side of a message whose rows travel over the data plane: checks this worker holds
-/// the communicator the sender used, and that the sender is another rank of it.
-fn nccl_rows(agent: Option<&NcclAgent>, header: &NcclRows) -> Result<Rows, Refusal> {
-    let refuse = |m: String| (Code::FailedPrecondition, m);
-    let agent = agent.ok_or_else(|| refuse("rows over NCCL, but this worker is not on the NCCL data plane".into()))?;
+/// The communicator a message's rows arrive on: this worker must hold the epoch the sender
+/// used, and the sender must be another rank of it.
+fn nccl_peer(agent: Option<&NcclAgent>, epoch: u64, sender: usize) -> Result<Arc<NcclComm>, Refusal> {
+    let agent = agent.ok_or(Refusal::NotOnNccl)?;
     // Any epoch this worker holds a communicator for: the sender learns that the group is
     // ready a heartbeat before this worker may.
-    let comm = agent.communicator(header.epoch).ok_or_else(|| {
-        refuse(format!(
-            "rows over NCCL epoch {}, but this worker holds {}",
-            header.epoch,
-            match agent.ready_epoch() {
-                0 => "no communicator".to_owned(),
-                e => format!("epoch {e}"),
-            }
-        ))
+    let comm = agent.communicator(epoch).ok_or_else(|| Refusal::NcclEpoch {
+        epoch,
+        held: match agent.ready_epoch() {
+            0 => "no communicator".to_owned(),
+            e => format!("epoch {e}"),
+        },
     })?;
-    let sender = header.sender_rank as usize;
     if sender >= comm.world_size() || sender == comm.rank() {
-        return Err((
-            Code::InvalidArgument,
-            format!(
-                "NCCL sender rank {sender}: this is rank {} of {}",
-                comm.rank(),
-                comm.world_size()
-            ),
-        ));
+        return Err(Refusal::NcclSender {
+            sender,
+            rank: comm.rank(),
+            world: comm.world_size(),
+        });
     }
-    Ok(Rows::Nccl {
-        comm,
-        sender,
-        rows: header.rows as usize,
-    })
+    Ok(comm)
+}
+
+/// Where a message's rows are: in it, or arriving over NCCL from `sender` of `comm` (and the
+/// answer goes back the same way).
+enum Source {
+    Inline(Vec<f32>, moe_proto::tensor::WireDtype),
+    Nccl { comm: Arc<NcclComm>, sender: usize },
 }
 
 impl ExpertService {
-    /// Runs one dispatch message: validation, then the grouped SwiGLU off the async threads
+    /// Runs one dispatch message: decoding, then the grouped SwiGLU off the async threads
     /// (with the NCCL receive and send around it when the rows travel over NCCL).
     async fn handle(
         state: Arc<ExpertState>,
         nccl: Option<NcclAgent>,
-        req: DispatchRequest,
-    ) -> Result<DispatchResult, Refusal> {
-        moe_runtime::convert::check_version(req.protocol_version).map_err(|s| (s.code(), s.message().to_owned()))?;
-        let experts = state.serving(req.placement_version).map_err(|served| {
-            (
-                Code::FailedPrecondition,
-                format!(
-                    "placement version {} is not served here (serving {served:?})",
-                    req.placement_version
-                ),
-            )
-        })?;
+        req: &DispatchRequest,
+    ) -> Result<Answer, Refusal> {
         let config = &state.config;
-        let layer = req.layer as usize;
-        if layer >= config.num_layers {
-            return Err((
-                Code::InvalidArgument,
-                format!("layer {layer} out of range (model has {})", config.num_layers),
-            ));
-        }
-        let rows = match (&req.rows, &req.nccl) {
-            (Some(_), Some(_)) => {
-                return Err((
-                    Code::InvalidArgument,
-                    "rows both in the message and over NCCL".to_owned(),
-                ));
-            }
-            (None, None) => return Err((Code::InvalidArgument, "rows tensor missing".to_owned())),
-            (Some(rows), None) => {
-                let (values, n) = decode_matrix(rows, config.hidden_size)
-                    .map_err(|e| (Code::InvalidArgument, format!("rows: {e}")))?;
-                // Answer in the dtype the rows came in (decoding succeeded: a known one).
-                let wire = WireDtype::of(rows).map_err(|e| (Code::InvalidArgument, format!("rows: {e}")))?;
-                Rows::Inline(values, n, wire)
-            }
-            (None, Some(header)) => nccl_rows(nccl.as_ref(), header)?,
+        let dispatch = Dispatch::decode(req, &DispatchLimits::for_model(config))?;
+        let experts = state
+            .serving(dispatch.placement_version)
+            .map_err(|served| Refusal::Version {
+                version: dispatch.placement_version,
+                served,
+            })?;
+        let source = match dispatch.rows {
+            Rows::Inline { values, dtype } => Source::Inline(values, dtype),
+            Rows::Nccl { epoch, sender_rank } => Source::Nccl {
+                comm: nccl_peer(nccl.as_ref(), epoch, sender_rank)?,
+                sender: sender_rank,
+            },
         };
-        let n = match &rows {
-            Rows::Inline(_, n, _) => *n,
-            Rows::Nccl { rows, .. } => *rows,
-        };
-        // An NCCL header names a row count without carrying the rows: bound it by what one
-        // message could carry inline, before anything is allocated for it.
-        let max_rows = moe_runtime::net::MAX_MESSAGE_BYTES / (4 * config.hidden_size);
-        if n > max_rows {
-            return Err((
-                Code::InvalidArgument,
-                format!("{n} rows in one message (at most {max_rows})"),
-            ));
-        }
-        let k = req.assignment_rows.len();
-        if req.assignment_experts.len() != k || req.assignment_weights.len() != k {
-            return Err((
-                Code::InvalidArgument,
-                format!(
-                    "assignment arrays differ in length: rows {k}, experts {}, weights {}",
-                    req.assignment_experts.len(),
-                    req.assignment_weights.len()
-                ),
-            ));
-        }
-        let mut assignments = Vec::with_capacity(k);
-        for i in 0..k {
-            let expert = req.assignment_experts[i];
-            if expert as usize >= config.num_experts {
-                return Err((
-                    Code::InvalidArgument,
-                    format!("expert {expert} out of range (model has {})", config.num_experts),
-                ));
-            }
-            assignments.push(ExpertAssignment {
-                row: req.assignment_rows[i],
-                expert,
-                weight: req.assignment_weights[i],
-            });
-        }
         let started = std::time::Instant::now();
-        let h = config.hidden_size;
-        let as_refusal = |e: moe_model::Error| {
-            let s = moe_runtime::convert::status(&e);
-            (s.code(), s.message().to_owned())
-        };
-        let result = tokio::task::spawn_blocking(move || match rows {
-            Rows::Inline(values, n, wire) => {
-                let out = experts.compute(layer, &values, n, &assignments).map_err(as_refusal)?;
-                Ok(DispatchResult::Output(wire.encode(&out, &[n, h])))
-            }
-            Rows::Nccl { comm, sender, rows: n } => {
-                let unavailable = |e: moe_model::Error| (Code::Unavailable, e.to_string());
-                let values = comm
-                    .exchange(&[], &[(sender, n * h)], STEP_TIMEOUT)
-                    .map_err(unavailable)?
-                    .remove(0);
-                let out = experts.compute(layer, &values, n, &assignments).map_err(as_refusal)?;
-                comm.exchange(&[(sender, &out)], &[], STEP_TIMEOUT)
-                    .map_err(unavailable)?;
-                Ok(DispatchResult::NcclRows(n as u32))
+        let (h, n, layer, assignments) = (
+            config.hidden_size,
+            dispatch.num_rows,
+            dispatch.layer,
+            dispatch.assignments,
+        );
+        let answer = tokio::task::spawn_blocking(move || -> Result<Answer, Refusal> {
+            match source {
+                Source::Inline(values, dtype) => {
+                    let values = experts
+                        .compute(layer, &values, n, &assignments)
+                        .map_err(Refusal::Compute)?;
+                    // Answered in the dtype the rows came in.
+                    Ok(Answer::Inline { values, dtype })
+                }
+                Source::Nccl { comm, sender } => {
+                    let values = comm
+                        .exchange(&[], &[(sender, n * h)], STEP_TIMEOUT)
+                        .map_err(Refusal::Nccl)?
+                        .remove(0);
+                    let out = experts
+                        .compute(layer, &values, n, &assignments)
+                        .map_err(Refusal::Compute)?;
+                    comm.exchange(&[(sender, &out)], &[], STEP_TIMEOUT)
+                        .map_err(Refusal::Nccl)?;
+                    Ok(Answer::Nccl { rows: n })
+                }
             }
         })
         .await
-        .map_err(|e| (Code::Internal, format!("expert task failed: {e}")))??;
+        .map_err(|e| Refusal::Task(e.to_string()))??;
         state.count_dispatch(n, started.elapsed());
-        Ok(result)
+        Ok(answer)
     }
 }
 
@@ -197,8 +127,10 @@ impl Expert for ExpertService {
         let (tx, rx) = mpsc::channel(16);
         let state = self.state.clone();
         let nccl = self.nccl.clone();
+        let hidden = state.config.hidden_size;
         tokio::spawn(async move {
-            // Messages of one stream are answered in order: the sender waits for each layer.
+            // Messages of one stream are answered in order: the sender matches answers to
+            // requests by position.
             while let Some(msg) = incoming.next().await {
                 let req = match msg {
                     Ok(r) => r,
@@ -207,22 +139,16 @@ impl Expert for ExpertService {
                         break;
                     }
                 };
-                let request_id = req.request_id;
-                let result = match Self::handle(state.clone(), nccl.clone(), req).await {
-                    Ok(result) => result,
-                    Err((code, message)) => {
-                        tracing::warn!(?code, %message, "dispatch refused");
-                        DispatchResult::Error(DispatchError {
-                            code: code as i32,
-                            message,
-                        })
-                    }
-                };
-                let resp = DispatchResponse {
-                    request_id,
-                    result: Some(result),
-                };
-                if tx.send(Ok(resp)).await.is_err() {
+                let answer = Self::handle(state.clone(), nccl.clone(), &req)
+                    .await
+                    .unwrap_or_else(|refusal| {
+                        tracing::warn!(code = ?refusal.code(), %refusal, "dispatch refused");
+                        Answer::Refused {
+                            code: refusal.code(),
+                            message: refusal.to_string(),
+                        }
+                    });
+                if tx.send(Ok(answer.encode(req.request_id, hidden))).await.is_err() {
                     break;
                 }
             }

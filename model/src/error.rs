@@ -44,15 +44,10 @@ pub enum Error {
     #[error("expert ({layer}, {expert}) is not held here")]
     ExpertNotHeld { layer: usize, expert: usize },
 
-    /// A routed-expert computation that ran elsewhere failed (transport or refusal).
-    /// `retryable`: the worker is unreachable or answered for another placement version, so the
-    /// same step can succeed on a new placement.
-    #[error("expert worker {worker}: {message}")]
-    Remote {
-        worker: String,
-        message: String,
-        retryable: bool,
-    },
+    /// The routed-expert unit could not compute a layer. Units that run elsewhere say why in
+    /// their own error (the source); another attempt later may succeed.
+    #[error("routed experts: {0}")]
+    Experts(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     /// The compute device cannot be used (no GPU support built in, no driver, no such GPU, or
     /// a CUDA call failed).

@@ -36,13 +36,6 @@ pub trait ExpertCompute: Send + Sync {
     fn begin(&self, layer: usize, rows: &[f32], num_rows: usize, assignments: &[ExpertAssignment]) -> Result<Pending> {
         self.compute(layer, rows, num_rows, assignments).map(Pending::ready)
     }
-
-    /// Called after `err` came from this holder: try to make a retry possible (a new expert
-    /// placement without a failed worker), waiting at most `timeout`. True when the same call
-    /// may now succeed. In-process holders have nothing to recover.
-    fn recover(&self, _err: &Error, _timeout: std::time::Duration) -> bool {
-        false
-    }
 }
 
 /// A routed-expert result that may still be in flight.

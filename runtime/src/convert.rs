@@ -67,7 +67,7 @@ pub fn generate_request(req: &GenerationRequest) -> GenerateRequest {
 }
 
 /// A model-crate error as a gRPC status: bad input is INVALID_ARGUMENT, a missing expert
-/// FAILED_PRECONDITION, a full cache RESOURCE_EXHAUSTED, a failed expert worker UNAVAILABLE
+/// FAILED_PRECONDITION, a full cache RESOURCE_EXHAUSTED, a failed routed-expert unit UNAVAILABLE
 /// (another attempt may succeed), the rest INTERNAL.
 pub fn status(e: &moe_model::Error) -> Status {
     use moe_model::Error as E;
@@ -75,7 +75,7 @@ pub fn status(e: &moe_model::Error) -> Status {
         E::InvalidInput(_) => Status::invalid_argument(e.to_string()),
         E::ExpertNotHeld { .. } => Status::failed_precondition(e.to_string()),
         E::KvCacheFull { .. } => Status::resource_exhausted(e.to_string()),
-        E::Remote { .. } => Status::unavailable(e.to_string()),
+        E::Experts(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod client;
 pub mod control;
 pub mod convert;
+pub mod dispatch;
 pub mod failover;
 pub mod nccl;
 pub mod net;
