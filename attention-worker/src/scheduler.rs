@@ -93,8 +93,9 @@ pub struct Completed {
 }
 
 impl SchedulerHandle {
-    /// Runs `request` to its end (for in-process callers: `moectl generate`, `moectl bench`).
-    pub async fn run(&self, request: GenerationRequest) -> Result<Completed, String> {
+    /// Runs `request` to its end (for in-process callers: `moectl generate`, `moectl bench`);
+    /// a failure is the status a gRPC client would get.
+    pub async fn run(&self, request: GenerationRequest) -> Result<Completed, tonic::Status> {
         let since = std::time::Instant::now();
         let mut events = self.submit(request);
         let mut done = Completed::default();
@@ -105,11 +106,11 @@ impl SchedulerHandle {
                     done.token_times.push(since.elapsed());
                 }
                 Event::Finished { .. } => return Ok(done),
-                Event::Failed { message, .. } => return Err(message),
+                Event::Failed { code, message } => return Err(tonic::Status::new(code, message)),
                 Event::PromptLogits { .. } => {}
             }
         }
-        Err("the scheduler stopped".into())
+        Err(tonic::Status::unavailable("the scheduler stopped"))
     }
 
     /// Queues a request; its events arrive on the returned receiver.

@@ -1,5 +1,6 @@
 //! Start-up and the control loop of an attention worker.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -29,17 +30,17 @@ pub struct Args {
     #[command(flatten)]
     pub worker: WorkerArgs,
     /// KV cache size in blocks.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_blocks: usize,
+    #[arg(long, default_value = "1024")]
+    pub kv_blocks: NonZeroUsize,
     /// Token positions per KV block.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
+    #[arg(long, default_value = "16")]
+    pub block_size: NonZeroUsize,
     /// Token rows per step (decode rows plus prefill chunks).
-    #[arg(long, default_value_t = 512)]
-    pub max_batch_tokens: usize,
+    #[arg(long, default_value = "512")]
+    pub max_batch_tokens: NonZeroUsize,
     /// Requests running at once.
-    #[arg(long, default_value_t = 64)]
-    pub max_running: usize,
+    #[arg(long, default_value = "64")]
+    pub max_running: NonZeroUsize,
     /// What happens to routed assignments over an expert's capacity: `exact` (the default:
     /// no capacity, nothing is lost), `drop` (Tencent's release semantics: over-capacity
     /// assignments contribute nothing) or `recycle` (they move to a random expert with room).
@@ -47,13 +48,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = CapacityPolicy::Exact)]
     pub capacity_policy: CapacityPolicy,
     /// Capacity per expert as `ceil(tokens * factor / experts)`; default `max(k, k*tokens/experts)`.
-    #[arg(long)]
+    #[arg(long, value_parser = positive_finite)]
     pub capacity_factor: Option<f64>,
     /// Under `exact`: token rows per expert slot per micro-batch; rows over it go to another
     /// replica of the expert, else to a later micro-batch of the same step (nothing is
     /// dropped; outputs equal an unlimited run's). Default: unlimited.
     #[arg(long)]
-    pub slot_capacity: Option<usize>,
+    pub slot_capacity: Option<NonZeroUsize>,
     /// Element type of the token rows sent to expert workers and of their answers: `f32`
     /// (default, exact) or `bf16` (half the bytes; each value rounded to bf16, so logits move
     /// by bf16 rounding, which a GPU expert worker applies anyway).
@@ -72,6 +73,15 @@ pub struct Args {
     pub recover_timeout_s: u64,
 }
 
+/// A number above zero (and finite), for factors.
+fn positive_finite(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 0.0 => Ok(f),
+        Ok(f) => Err(format!("{f} is not a positive number")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CapacityPolicy {
     Exact,
@@ -84,16 +94,6 @@ pub async fn run(args: Args) -> Result<()> {
     let nccl = args.worker.nccl_agent()?;
     // A GPU that cannot be used stops the worker before any weight is read.
     let device = moe_model::device::Device::open(&args.device)?;
-    if args.slot_capacity == Some(0) {
-        return Err(moe_model::Error::InvalidInput("--slot-capacity must be positive".into()).into());
-    }
-    if args.capacity_factor.is_some_and(|f| !(f.is_finite() && f > 0.0)) {
-        return Err(moe_model::Error::InvalidInput(format!(
-            "--capacity-factor {:?} must be positive",
-            args.capacity_factor
-        ))
-        .into());
-    }
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
     let model_id = moe_model::identity::model_identity(&args.worker.model, &ckpt)?;
@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> Result<()> {
             hidden: config.hidden_size,
             num_layers: config.num_layers,
             num_experts: config.num_experts,
-            slot_capacity: args.slot_capacity,
+            slot_capacity: args.slot_capacity.map(NonZeroUsize::get),
             wire: args.wire_dtype,
             recover_timeout: Duration::from_secs(args.recover_timeout_s),
         },
@@ -116,8 +116,8 @@ pub async fn run(args: Args) -> Result<()> {
         remote.clone(),
         EngineOptions {
             kv_cache: KvCacheConfig {
-                block_size: args.block_size,
-                num_blocks: args.kv_blocks,
+                block_size: args.block_size.get(),
+                num_blocks: args.kv_blocks.get(),
             },
             attention_device: device,
             ..Default::default()
@@ -141,8 +141,8 @@ pub async fn run(args: Args) -> Result<()> {
     let scheduler = scheduler::spawn(
         engine,
         SchedulerConfig {
-            max_batch_tokens: args.max_batch_tokens,
-            max_running: args.max_running,
+            max_batch_tokens: args.max_batch_tokens.get(),
+            max_running: args.max_running.get(),
         },
     );
 

@@ -29,14 +29,14 @@ pub struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::flags::positive::<usize>())]
     concurrency: usize,
     /// Requests in all.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::flags::positive::<usize>())]
     requests: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::flags::positive::<usize>())]
     prompt_len: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::flags::positive::<u32>())]
     gen_len: u32,
     /// Seed of the random prompts.
     #[arg(long, default_value_t = 1)]
@@ -60,9 +60,9 @@ enum Target {
 }
 
 impl Target {
-    async fn run(&self, req: &GenerationRequest) -> Result<Generation, String> {
+    async fn run(&self, req: &GenerationRequest) -> Result<Generation, tonic::Status> {
         match self {
-            Target::Cluster(c) => c.clone().generate(req).await.map_err(|s| s.to_string()),
+            Target::Cluster(c) => c.clone().generate(req).await,
             Target::InProcess(s) => s.run(req.clone()).await.map(|done| Generation {
                 tokens: done.tokens,
                 token_times: done.token_times,
@@ -176,7 +176,7 @@ async fn counters(target: &Target) -> Counters {
 /// One run of the configured load.
 struct Phase {
     wall_s: f64,
-    results: Vec<Result<Generation, String>>,
+    results: Vec<Result<Generation, tonic::Status>>,
     before: Counters,
     after: Counters,
 }
@@ -293,9 +293,6 @@ async fn rebalance(endpoint: &str) -> anyhow::Result<serde_json::Value> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    if args.concurrency == 0 || args.requests == 0 || args.prompt_len == 0 || args.gen_len == 0 {
-        anyhow::bail!("--concurrency, --requests, --prompt-len and --gen-len must be positive");
-    }
     let dir = match &args.model {
         Some(d) => d.clone(),
         None => default_model_dir()?,

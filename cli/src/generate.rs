@@ -64,7 +64,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // The same scheduler an attention worker runs, with the experts in process.
     let scheduler = moe_attention_worker::scheduler::spawn(engine, Default::default());
     let started = Instant::now();
-    let tokens = scheduler.run(request).await.map_err(anyhow::Error::msg)?.tokens;
+    let tokens = scheduler.run(request).await?.tokens;
     let elapsed = started.elapsed();
     println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     eprintln!(

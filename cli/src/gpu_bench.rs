@@ -12,25 +12,22 @@ pub struct Args {
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
     /// Experts in one dispatch (the A13B default: 64 experts over 8 expert workers).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::flags::positive::<usize>())]
     pub experts: usize,
     /// Token rows per expert, one value or several, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,64,512")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,512", value_parser = crate::flags::positive::<usize>())]
     pub rows: Vec<usize>,
     /// Hidden size (A13B: 4096).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::flags::positive::<usize>())]
     pub hidden: usize,
     /// Expert intermediate size (A13B: 3072).
-    #[arg(long, default_value_t = 3072)]
+    #[arg(long, default_value_t = 3072, value_parser = crate::flags::positive::<usize>())]
     pub inter: usize,
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.experts == 0 || args.hidden == 0 || args.inter == 0 || args.rows.contains(&0) {
-        bail!("--experts, --rows, --hidden and --inter must be positive");
-    }
     let gpu = match Device::open(&args.device)? {
         Device::Cuda(gpu) => gpu,
         Device::Cpu => bail!("gpu-bench measures a GPU: use --device cuda:N"),

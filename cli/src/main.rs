@@ -4,6 +4,7 @@ mod bench;
 mod certs;
 mod check_golden;
 mod default_model;
+mod flags;
 mod gen_model;
 mod generate;
 mod gpu_bench;

@@ -21,21 +21,21 @@ pub struct Args {
     /// Model directory (HF layout). Default: the built-in `medium` model.
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::positive::<usize>())]
     attention_workers: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::flags::positive::<usize>())]
     expert_workers: usize,
     /// Client endpoint (the coordinator). Port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// KV cache blocks per attention worker.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::flags::positive::<usize>())]
     kv_blocks: usize,
     /// Token positions per KV block.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::flags::positive::<usize>())]
     block_size: usize,
     /// Requests in flight before RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::flags::positive::<usize>())]
     max_in_flight: usize,
     /// Require a bearer token on the client API (read from this file); clients pass it in
     /// `MOECTL_TOKEN`.
@@ -69,7 +69,7 @@ pub struct Args {
     spare_slots: u32,
     /// Attention workers: token rows per expert slot per micro-batch (exact policy; default
     /// unlimited).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::positive::<usize>())]
     slot_capacity: Option<usize>,
     /// Attention workers: element type of the rows sent to expert workers, f32 (exact) or
     /// bf16 (half the bytes).
@@ -89,7 +89,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     gpus: Vec<String>,
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::positive::<usize>())]
     coordinators: usize,
 }
 
@@ -141,9 +141,6 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub async fn start(args: &Args) -> anyhow::Result<Self> {
-        if args.attention_workers == 0 || args.expert_workers == 0 {
-            bail!("a cluster needs at least one attention worker and one expert worker");
-        }
         let model = match &args.model {
             Some(m) => m.clone(),
             None => default_model_dir()?,
@@ -167,9 +164,6 @@ impl LocalCluster {
         }
         if let Some(m) = args.metrics_listen {
             coordinator_args.extend(["--metrics-listen".into(), m.to_string()]);
-        }
-        if args.coordinators == 0 {
-            bail!("--coordinators must be at least 1");
         }
         if args.coordinators > 1 && args.etcd.is_empty() {
             bail!(

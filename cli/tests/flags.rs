@@ -55,6 +55,39 @@ fn bad_flags_are_refused_by_name() {
         ],
         &["--slot-capacity"],
     );
+    let attention = |flag: &'static str, value: &'static str| {
+        let set = format!("{flag}={value}");
+        refused(
+            &[
+                "attention-worker",
+                "--coordinator",
+                "127.0.0.1:1",
+                &set,
+                "--model",
+                model,
+            ],
+            &[flag],
+        )
+    };
+    attention("--capacity-factor", "-2");
+    attention("--capacity-factor", "inf");
+    attention("--kv-blocks", "0");
+    attention("--block-size", "0");
+    attention("--max-batch-tokens", "0");
+    attention("--max-running", "0");
+    attention("--heartbeat-ms", "0");
+    for flag in [
+        "--expert-workers",
+        "--attention-workers",
+        "--coordinators",
+        "--kv-blocks",
+    ] {
+        refused(&["up", flag, "0", "--model", model], &[flag]);
+    }
+    for flag in ["--concurrency", "--requests", "--prompt-len", "--gen-len"] {
+        refused(&["bench", flag, "0", "--model", model], &[flag]);
+    }
+    refused(&["gpu-bench", "--rows", "8,0"], &["--rows"]);
     refused(
         &["up", "--coordinators", "2", "--model", model],
         &["--coordinators 2 needs --etcd"],

@@ -104,7 +104,7 @@ pub struct WorkerArgs {
     /// coordinators stand by for each other (the worker follows whichever leads).
     #[arg(long, required = true, value_delimiter = ',')]
     pub coordinator: Vec<String>,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_ms: u64,
     /// Exit when stdin closes (set by `moectl up`, so no worker outlives its cluster).
     #[arg(long)]
