@@ -61,7 +61,7 @@ pub struct Args {
     #[arg(long, default_value_t = WireDtype::F32)]
     pub wire_dtype: WireDtype,
     /// Where every layer's attention and the KV cache data run: `cpu`, or `cuda:N` in a build
-    /// with the `cuda` feature (experimental: not yet run on a GPU).
+    /// with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Seed of `recycle`'s random choices.

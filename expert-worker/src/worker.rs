@@ -26,8 +26,7 @@ pub struct Args {
     /// experts (each costs one expert's weights per layer in memory).
     #[arg(long, default_value_t = 0)]
     pub spare_slots: u32,
-    /// Where the expert products run: `cpu`, or `cuda:N` in a build with the `cuda` feature
-    /// (experimental: not yet run on a GPU).
+    /// Where the expert products run: `cpu`, or `cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

@@ -3,9 +3,7 @@
 //! (`kernels.cu`). The CUDA libraries are loaded at run time (cudarc's dynamic loading), so a
 //! `cuda` build starts on machines without them and says so instead of panicking.
 //!
-//! Status: compiled and linted in CI, kernel source compiled by NVRTC in CI; not yet run on a
-//! GPU (none was available while it was written). The tests that need one are `#[ignore]`d
-//! with the reason and run by `scripts/gpu-check.sh`.
+//! Its status (what has run where) is stated once, in docs/architecture.md ("GPU path").
 
 mod attention;
 mod experts;
