@@ -3,9 +3,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use moe_model::engine::Greedy;
-use moe_model::golden::{Fixture, GoldenTarget, PrefillResult};
 use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions};
+use moe_model_tools::golden::{Fixture, GoldenTarget, PrefillResult};
 use moe_runtime::client::ClusterClient;
 
 #[derive(clap::Args)]
@@ -68,12 +68,13 @@ fn request(prompt: &[u32], max_tokens: u32, prompt_logits: bool, token_logits: b
     }
 }
 
-fn remote(e: tonic::Status) -> moe_model::Error {
-    moe_model::Error::Experts(Box::new(e))
+/// A failed call to the cluster: a failure of the target under check.
+fn remote(e: tonic::Status) -> moe_model_tools::Error {
+    moe_model_tools::Error::Target(format!("cluster: {e}"))
 }
 
 impl GoldenTarget for ClusterTarget {
-    fn prefill(&mut self, prompt: &[u32]) -> moe_model::Result<PrefillResult> {
+    fn prefill(&mut self, prompt: &[u32]) -> moe_model_tools::Result<PrefillResult> {
         let g = self
             .handle
             .block_on(self.client.generate(&request(prompt, 1, true, false)))
@@ -85,7 +86,7 @@ impl GoldenTarget for ClusterTarget {
         })
     }
 
-    fn prefill_batch(&mut self, prompts: &[Vec<u32>]) -> moe_model::Result<Vec<Vec<f32>>> {
+    fn prefill_batch(&mut self, prompts: &[Vec<u32>]) -> moe_model_tools::Result<Vec<Vec<f32>>> {
         let reqs: Vec<_> = prompts.iter().map(|p| request(p, 1, true, false)).collect();
         let out = self
             .handle
@@ -94,7 +95,7 @@ impl GoldenTarget for ClusterTarget {
         Ok(out.into_iter().map(|g| g.prompt_logits.unwrap_or_default()).collect())
     }
 
-    fn greedy(&mut self, prompts: &[Vec<u32>], steps: usize) -> moe_model::Result<Vec<Greedy>> {
+    fn greedy(&mut self, prompts: &[Vec<u32>], steps: usize) -> moe_model_tools::Result<Vec<Greedy>> {
         let reqs: Vec<_> = prompts.iter().map(|p| request(p, steps as u32, false, true)).collect();
         let out = self
             .handle

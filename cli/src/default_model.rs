@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use moe_model::DType;
-use moe_model::synthetic::{ModelShape, SynthOptions, available_memory_bytes, write_random_model};
+use moe_model_tools::synthetic::{ModelShape, SynthOptions, available_memory_bytes, write_random_model};
 
 const PRESET: &str = "medium";
 const SEED: u64 = 0;

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use moe_model::DType;
-use moe_model::synthetic::{ModelShape, PRESETS, SynthOptions, available_memory_bytes, write_random_model};
+use moe_model_tools::synthetic::{ModelShape, PRESETS, SynthOptions, available_memory_bytes, write_random_model};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use moe_model::golden::max_abs_diff;
 use moe_model::sampling::GenerationRequest;
 use moe_model::{Engine, EngineOptions};
+use moe_model_tools::golden::max_abs_diff;
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::v1::{GenerateRequest, Role};
 use moe_runtime::client::ClusterClient;

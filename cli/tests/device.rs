@@ -103,8 +103,8 @@ fn a_cluster_on_gpus_that_are_not_usable_does_not_start_and_says_why() {
 async fn a_cluster_on_two_gpus_sends_its_layers_over_nccl_and_keeps_the_engines_tokens() {
     use std::time::{Duration, Instant};
 
-    use moe_model::golden::max_abs_diff;
     use moe_model::{Engine, EngineOptions};
+    use moe_model_tools::golden::max_abs_diff;
     use moe_runtime::client::ClusterClient;
     use moe_tests::cluster::LocalCluster;
 

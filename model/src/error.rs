@@ -53,9 +53,6 @@ pub enum Error {
     /// a CUDA call failed).
     #[error("device: {0}")]
     Device(String),
-
-    #[error("fixture {path}: {reason}")]
-    Fixture { path: PathBuf, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

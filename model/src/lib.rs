@@ -1,4 +1,11 @@
-//! Hunyuan mixture-of-experts model core: CPU kernels always, CUDA ones with the `cuda` feature.
+//! Hunyuan mixture-of-experts model core, the inference path only: CPU kernels always, CUDA ones
+//! with the `cuda` feature.
+//!
+//! Layout, each layer built on the one before:
+//! [`config`] / [`checkpoint`] / [`weights`] ([`names`], [`identity`]) -> [`kernels`] ([`cuda`] on a
+//! [`device`]) -> [`attention`] ([`rope`], [`kv_cache`]) / [`router`] ([`capacity`]) / [`mlp`] /
+//! [`experts`] -> [`model`] ([`batch`], [`trace`]) -> [`engine`], [`sampling`] ([`rng`]).
+//! Fixture checking and model generation are tools, in the `moe-model-tools` crate.
 //!
 //! The model is split the way the cluster splits it: [`model::AttentionModel`] is everything an
 //! attention worker holds (embeddings, attention, norms, router, shared expert, LM head), and
@@ -15,7 +22,6 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod experts;
-pub mod golden;
 pub mod identity;
 pub mod kernels;
 pub mod kv_cache;
@@ -25,9 +31,7 @@ pub mod names;
 pub mod rng;
 pub mod rope;
 pub mod router;
-pub mod safetensors_writer;
 pub mod sampling;
-pub mod synthetic;
 pub mod trace;
 pub mod weights;
 

@@ -7,7 +7,7 @@ pub mod etcd;
 use std::path::{Path, PathBuf};
 
 use moe_model::DType;
-use moe_model::synthetic::{ModelShape, SynthOptions, write_random_model};
+use moe_model_tools::synthetic::{ModelShape, SynthOptions, write_random_model};
 
 /// `tests/fixtures` of this repository.
 pub fn fixtures_dir() -> PathBuf {

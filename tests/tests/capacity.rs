@@ -11,11 +11,11 @@ use std::sync::Arc;
 use moe_model::capacity::{Capacity, CapacityRouting, ReplayRouting, drop_over_capacity, recycle};
 use moe_model::checkpoint::{Checkpoint, read_i64};
 use moe_model::engine::LogitsWanted;
-use moe_model::golden::max_abs_diff;
 use moe_model::kernels::softmax_in_place;
 use moe_model::router::{RoutePolicy, Router, Routing};
 use moe_model::weights::Matrix;
 use moe_model::{Engine, EngineOptions, SeqChunk};
+use moe_model_tools::golden::max_abs_diff;
 use moe_tests::fixtures_dir;
 
 const E: usize = 16;

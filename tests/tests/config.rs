@@ -1,7 +1,7 @@
 //! Config parsing and up-front validation.
 
-use moe_model::synthetic::ModelShape;
 use moe_model::{DType, Error, ModelConfig};
+use moe_model_tools::synthetic::ModelShape;
 use moe_tests::fixtures_dir;
 
 #[test]

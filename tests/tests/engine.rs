@@ -7,10 +7,10 @@ use std::sync::Arc;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::LogitsWanted;
 use moe_model::experts::{ExpertAssignment, ExpertCompute, ExpertSelection, LocalExperts};
-use moe_model::golden::max_abs_diff;
 use moe_model::kv_cache::KvCacheConfig;
 use moe_model::model::AttentionModel;
 use moe_model::{Engine, EngineOptions, Error, ModelConfig, SeqChunk};
+use moe_model_tools::golden::max_abs_diff;
 use moe_tests::fixtures_dir;
 
 fn tiny() -> (Checkpoint, ModelConfig) {
@@ -374,7 +374,7 @@ fn cla_cache_holds_one_entry_per_layer_group() {
     // And the engine really runs on the halved cache: its greedy tokens match the fixture.
     let mut engine = Engine::load(&dir, EngineOptions::default()).unwrap();
     assert_eq!(engine.cache().num_slots(), 2);
-    let fixture = moe_model::golden::Fixture::open(&dir).unwrap();
+    let fixture = moe_model_tools::golden::Fixture::open(&dir).unwrap();
     assert!(fixture.check(&mut engine).unwrap().passed());
 }
 

@@ -2,8 +2,8 @@
 //! the tolerances its cases.json states (5e-4 on logits and hidden states, 1e-4 on router
 //! weights, exact ids).
 
-use moe_model::golden::Fixture;
 use moe_model::{Engine, EngineOptions};
+use moe_model_tools::golden::Fixture;
 use moe_tests::golden_fixtures;
 
 #[test]

@@ -6,8 +6,8 @@
 use moe_model::checkpoint::Checkpoint;
 use moe_model::device::Device;
 use moe_model::experts::{ExpertAssignment, ExpertCompute, ExpertSelection, LocalExperts};
-use moe_model::golden::max_abs_diff;
 use moe_model::{DType, ModelConfig};
+use moe_model_tools::golden::max_abs_diff;
 use moe_tests::write_preset;
 
 #[test]

@@ -29,8 +29,8 @@ macro_rules! gpu_test {
 
 #[cfg(feature = "cuda")]
 mod support {
-    use moe_model::golden::max_abs_diff;
     use moe_model::weights::{bf16_to_f32, f32_to_bf16};
+    use moe_model_tools::golden::max_abs_diff;
 
     /// Deterministic values in [-scale, scale], already on the bf16 grid.
     pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {

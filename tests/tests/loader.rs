@@ -6,8 +6,8 @@ use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::LogitsWanted;
 use moe_model::experts::{ExpertSelection, LocalExperts};
 use moe_model::model::AttentionModel;
-use moe_model::safetensors_writer::{TensorSpec, write_file};
 use moe_model::{DType, Engine, EngineOptions, ModelConfig, SeqChunk};
+use moe_model_tools::safetensors_writer::{TensorSpec, write_file};
 use moe_tests::write_preset;
 
 fn prefill_logits(dir: &Path, prompt: &[u32]) -> Vec<f32> {

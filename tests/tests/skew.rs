@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use moe_model::checkpoint::Checkpoint;
 use moe_model::router::{ExactRouting, ExpertAssignment, RoutePolicy, Routing};
-use moe_model::synthetic::{ModelShape, SynthOptions, write_random_model};
 use moe_model::{DType, Engine, EngineOptions, names};
+use moe_model_tools::synthetic::{ModelShape, SynthOptions, write_random_model};
 
 /// Counts the experts each layer's tokens are routed to.
 #[derive(Default)]

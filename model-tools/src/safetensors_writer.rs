@@ -7,8 +7,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
-use crate::config::DType;
+use moe_model::checkpoint::{INDEX_FILE, SINGLE_FILE};
+use moe_model::config::DType;
+
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]

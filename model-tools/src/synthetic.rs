@@ -8,14 +8,14 @@
 
 use std::path::{Path, PathBuf};
 
+use moe_model::config::{DType, ModelConfig};
+use moe_model::names;
+use moe_model::rng::SplitMix64;
+use moe_model::weights::f32_to_bf16;
 use serde_json::json;
 
-use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
-use crate::names;
-use crate::rng::SplitMix64;
 use crate::safetensors_writer::{TensorSpec, write_model};
-use crate::weights::f32_to_bf16;
 
 /// The architecture family a preset follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
