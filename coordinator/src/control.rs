@@ -1,4 +1,5 @@
-//! The `Control` gRPC service: registration, heartbeats, placement.
+//! The `Control` gRPC service: registration, heartbeats, placement. Refusals of the cluster
+//! state become statuses here, through [`crate::codes`].
 
 use moe_proto::v1::control_server::Control;
 use moe_proto::v1::{
@@ -8,6 +9,7 @@ use moe_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::placements::PlacementError;
 use crate::state::StateHandle;
 
 pub struct ControlService {
@@ -17,7 +19,7 @@ pub struct ControlService {
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
-        Ok(Response::new(self.state.rebalance(request.into_inner().force).await?))
+        Ok(Response::new(self.state.rebalance(request.into_inner().force)?))
     }
 
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
@@ -25,21 +27,21 @@ impl Control for ControlService {
         moe_runtime::convert::check_version(req.protocol_version)?;
         let role =
             Role::try_from(req.role).map_err(|_| Status::invalid_argument(format!("unknown role {}", req.role)))?;
-        let worker_id = self.state.register(role, req.address, req.model_id, req.nccl).await?;
-        let placement = self.state.placement(false).await?;
+        let worker_id = self.state.register(role, req.address, req.model_id, req.nccl)?;
+        let placement = self.state.placement(false);
         Ok(Response::new(RegisterResponse { worker_id, placement }))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let req = request.into_inner();
         let status = req.status.unwrap_or_default();
-        Ok(Response::new(self.state.heartbeat(req.worker_id, status).await?))
+        Ok(Response::new(self.state.heartbeat(&req.worker_id, status)))
     }
 
     async fn get_placement(&self, request: Request<GetPlacementRequest>) -> Result<Response<Placement>, Status> {
-        match self.state.placement(request.into_inner().target).await? {
+        match self.state.placement(request.into_inner().target) {
             Some(p) => Ok(Response::new(p)),
-            None => Err(Status::unavailable("no placement yet: waiting for expert workers")),
+            None => Err(PlacementError::NoPlacement.into()),
         }
     }
 
@@ -48,15 +50,12 @@ impl Control for ControlService {
         request: Request<ReportFailureRequest>,
     ) -> Result<Response<ReportFailureResponse>, Status> {
         let req = request.into_inner();
-        let removed = self
-            .state
-            .report_failure(req.reporter_id, req.worker_id, req.reason)
-            .await?;
+        let removed = self.state.report_failure(&req.reporter_id, &req.worker_id, &req.reason);
         Ok(Response::new(ReportFailureResponse { removed }))
     }
 
     async fn drain(&self, request: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
-        let detail = self.state.drain(request.into_inner().worker_id).await?;
+        let detail = self.state.drain(&request.into_inner().worker_id)?;
         Ok(Response::new(DrainResponse { detail }))
     }
 
@@ -65,10 +64,7 @@ impl Control for ControlService {
         request: Request<PublishNcclIdRequest>,
     ) -> Result<Response<PublishNcclIdResponse>, Status> {
         let req = request.into_inner();
-        self.state
-            .publish_nccl_id(req.worker_id, req.epoch, req.unique_id)
-            .await?
-            .map_err(Status::failed_precondition)?;
+        self.state.publish_nccl_id(&req.worker_id, req.epoch, req.unique_id)?;
         Ok(Response::new(PublishNcclIdResponse {}))
     }
 }

@@ -92,11 +92,9 @@ impl Handoff {
         let deadline = Instant::now() + self.ready_timeout;
         loop {
             let assignment = loop {
-                match self.state.pick(exclude.clone()).await? {
+                match self.state.pick(exclude) {
                     Ok(a) => break a,
-                    Err(why) if Instant::now() >= deadline => {
-                        return Err(Status::unavailable(format!("cluster not ready: {why}")));
-                    }
+                    Err(why) if Instant::now() >= deadline => return Err(why.into()),
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             };
@@ -238,11 +236,11 @@ impl Inference for InferenceService {
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        Ok(Response::new(self.state.status().await?))
+        Ok(Response::new(self.state.status()))
     }
 
     async fn health(&self, _request: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        let status = self.state.status().await?;
+        let status = self.state.status();
         let attention = status
             .workers
             .iter()

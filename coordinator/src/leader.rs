@@ -14,6 +14,21 @@ use tonic::{Request, Status};
 use crate::registry::{EtcdOptions, Fence};
 use crate::state::StateHandle;
 
+/// Why a term ended (or never began) before shutdown; the candidate campaigns again.
+#[derive(Debug, thiserror::Error)]
+enum TermEnded {
+    #[error(transparent)]
+    Lease(crate::Error),
+    #[error("campaign: {0}")]
+    Campaign(etcd_client::Error),
+    #[error("campaign won without a leader key")]
+    NoLeaderKey,
+    #[error("etcd no longer has lease {0:x}")]
+    LeaseGone(i64),
+    #[error("lease {lease:x} could not be renewed within its TTL: {source}")]
+    NotRenewed { lease: i64, source: crate::Error },
+}
+
 /// Whether this coordinator serves; read by [`LeaderGate`].
 pub type Serving = watch::Receiver<bool>;
 
@@ -36,9 +51,9 @@ impl tonic::service::Interceptor for LeaderGate {
 }
 
 /// Leads from the start (embedded registry, one coordinator).
-pub async fn lead_alone(state: &StateHandle) -> Result<Serving, Status> {
-    state.lead(None).await?;
-    Ok(watch::channel(true).1)
+pub async fn lead_alone(state: &StateHandle) -> Serving {
+    state.lead(None).await;
+    watch::channel(true).1
 }
 
 pub struct Election {
@@ -89,13 +104,13 @@ impl Election {
         state: &StateHandle,
         serving: &watch::Sender<bool>,
         shutdown: &Shutdown,
-    ) -> Result<(), String> {
+    ) -> Result<(), TermEnded> {
         let timeout = self.etcd.request_timeout;
         let ttl_s = self.ttl.as_secs().max(2) as i64;
         let lease =
             crate::registry::etcd::call(timeout, "granting the election lease", client.lease_grant(ttl_s, None))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(TermEnded::Lease)?
                 .id();
         let name = self.etcd.key("leader");
         let mut campaigner = client.clone();
@@ -106,21 +121,21 @@ impl Election {
         let holding = hold(client.clone(), lease, self.ttl, timeout);
         tokio::pin!(holding);
         let won = tokio::select! {
-            r = campaign => r.map_err(|e| format!("campaign: {e}"))?,
+            r = campaign => r.map_err(TermEnded::Campaign)?,
             why = &mut holding => return Err(why),
             _ = shutdown.clone().wait() => {
                 let _ = client.lease_revoke(lease).await;
                 return Ok(());
             }
         };
-        let key = won.leader().ok_or("campaign won without a leader key")?;
+        let key = won.leader().ok_or(TermEnded::NoLeaderKey)?;
         let fence = Fence {
             key: key.key().to_vec(),
             create_revision: key.rev(),
         };
         tracing::info!(candidate = %self.candidate, "elected leader");
         tokio::select! {
-            r = state.lead(Some(fence)) => r.map_err(|s| s.to_string())?,
+            () = state.lead(Some(fence)) => {}
             why = &mut holding => return Err(why),
         }
         serving.send_replace(true);
@@ -139,16 +154,16 @@ impl Election {
 
 /// Keeps `lease` alive; returns why once it can no longer be trusted: etcd says it is gone, or
 /// it could not be renewed before it would have expired.
-async fn hold(mut client: Client, lease: i64, ttl: Duration, timeout: Duration) -> String {
+async fn hold(mut client: Client, lease: i64, ttl: Duration, timeout: Duration) -> TermEnded {
     let mut valid_until = Instant::now() + ttl;
     loop {
         tokio::time::sleep(ttl / 4).await;
         let sent = Instant::now();
         match crate::registry::etcd::renew(&mut client, lease, timeout.min(ttl / 4)).await {
             Ok(true) => valid_until = sent + ttl,
-            Ok(false) => return format!("etcd no longer has lease {lease:x}"),
-            Err(e) if Instant::now() + ttl / 4 >= valid_until => {
-                return format!("lease {lease:x} could not be renewed within its TTL: {e}");
+            Ok(false) => return TermEnded::LeaseGone(lease),
+            Err(source) if Instant::now() + ttl / 4 >= valid_until => {
+                return TermEnded::NotRenewed { lease, source };
             }
             Err(e) => tracing::warn!(error = %e, "renewing the leadership lease failed; retrying"),
         }

@@ -6,6 +6,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+/// A load report that does not fit the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expert_tokens has {got} counters, the model has {layers} layers x {experts} experts = {}", .layers * .experts)]
+pub struct WrongSize {
+    pub got: usize,
+    pub layers: usize,
+    pub experts: usize,
+}
+
 pub struct LoadWindow {
     window: Duration,
     /// Reports closer together than this share a bucket: one second, or a tenth of a short
@@ -37,18 +46,17 @@ impl LoadWindow {
 
     /// Takes in `worker`'s cumulative counters. A report of the wrong size is refused (it names
     /// the sizes); counters that went down (the worker restarted) count from zero.
-    pub fn observe(&mut self, worker: &str, cumulative: &[u64]) -> Result<(), String> {
+    pub fn observe(&mut self, worker: &str, cumulative: &[u64]) -> Result<(), WrongSize> {
         let cells = self.num_layers * self.num_experts;
         if cumulative.is_empty() {
             return Ok(());
         }
         if cumulative.len() != cells {
-            return Err(format!(
-                "expert_tokens has {} counters, the model has {} layers x {} experts = {cells}",
-                cumulative.len(),
-                self.num_layers,
-                self.num_experts
-            ));
+            return Err(WrongSize {
+                got: cumulative.len(),
+                layers: self.num_layers,
+                experts: self.num_experts,
+            });
         }
         let delta: Vec<u64> = match self.last.get(worker) {
             Some(prev) => cumulative
@@ -138,7 +146,7 @@ mod tests {
     #[test]
     fn a_report_of_the_wrong_size_is_refused() {
         let mut w = LoadWindow::new(Duration::from_secs(30), 2, 4);
-        let err = w.observe("a", &[1, 2, 3]).unwrap_err();
+        let err = w.observe("a", &[1, 2, 3]).unwrap_err().to_string();
         assert!(
             err.contains("3 counters") && err.contains("2 layers x 4 experts = 8"),
             "{err}"

@@ -1,6 +1,6 @@
-//! The leader's live view of membership: who is in the cluster, what each last reported, and
-//! when it was last heard from. Heartbeats land here, never in etcd; the registry only records
-//! who the members are.
+//! The leader's live view of membership: who is in the cluster, what each last reported, when
+//! it was last heard from, and whether it is draining. Heartbeats land here, never in etcd; the
+//! registry only records who the members are.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,6 +19,8 @@ pub struct Live {
     pub nccl: bool,
     pub last_seen: Instant,
     pub status: WorkerStatus,
+    /// Leaving: takes no new requests (attention) or no slots in new placements (expert).
+    pub draining: bool,
 }
 
 impl Live {
@@ -32,6 +34,19 @@ impl Live {
             nccl: self.nccl,
         }
     }
+}
+
+/// Why a worker cannot be drained.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    #[error("no worker `{0}` in the cluster")]
+    Unknown(String),
+    #[error("`{worker}` is the last {} worker; draining it would stop the cluster", role_noun(.role))]
+    LastWorker { worker: String, role: Role },
+}
+
+fn role_noun(role: &Role) -> &'static str {
+    if *role == Role::Expert { "expert" } else { "attention" }
 }
 
 /// Members in registration order.
@@ -63,6 +78,7 @@ impl Members {
             nccl,
             last_seen: Instant::now(),
             status: WorkerStatus::default(),
+            draining: false,
         };
         let member = live.member();
         self.by_seq.insert(seq, live);
@@ -87,6 +103,7 @@ impl Members {
                 nccl: m.nccl,
                 last_seen: Instant::now(),
                 status: WorkerStatus::default(),
+                draining: false,
             },
         );
         true
@@ -130,6 +147,27 @@ impl Members {
     pub fn iter(&self) -> impl Iterator<Item = &Live> {
         self.by_seq.values()
     }
+
+    /// Live members that are not draining, in registration order.
+    pub fn staying(&self) -> impl Iterator<Item = &Live> {
+        self.iter().filter(|w| !w.draining)
+    }
+
+    /// Marks `id` as draining and returns its role. Refused for the last staying worker of its
+    /// role: the cluster cannot serve without one of each.
+    pub fn drain(&mut self, id: &str) -> Result<Role, DrainError> {
+        let role = self.get(id).ok_or_else(|| DrainError::Unknown(id.to_owned()))?.role;
+        if !self.staying().any(|w| w.role == role && w.id != id) {
+            return Err(DrainError::LastWorker {
+                worker: id.to_owned(),
+                role,
+            });
+        }
+        if let Some(w) = self.by_seq.values_mut().find(|w| w.id == id) {
+            w.draining = true;
+        }
+        Ok(role)
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +195,32 @@ mod tests {
         assert!(!m.heartbeat("expert-1", "10.0.0.1:1", WorkerStatus::default()));
         let order: Vec<_> = m.iter().map(|w| w.id.as_str()).collect();
         assert_eq!(order, ["expert-7", "attn-8"]);
+    }
+
+    #[test]
+    fn the_last_staying_worker_of_a_role_cannot_drain() {
+        let mut m = Members::default();
+        let e1 = m.add(Role::Expert, "a:1".into(), "x".into(), false).id;
+        let e2 = m.add(Role::Expert, "a:2".into(), "x".into(), false).id;
+        let a = m.add(Role::Attention, "a:3".into(), "x".into(), false).id;
+        let err = m.drain(&a).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`attn-3` is the last attention worker; draining it would stop the cluster"
+        );
+        assert_eq!(m.drain(&e1), Ok(Role::Expert));
+        // e1 is leaving, so e2 is now the last expert worker that stays.
+        let err = m.drain(&e2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`expert-2` is the last expert worker; draining it would stop the cluster"
+        );
+        assert_eq!(
+            m.drain("expert-9").unwrap_err().to_string(),
+            "no worker `expert-9` in the cluster"
+        );
+        let staying: Vec<_> = m.staying().map(|w| w.id.as_str()).collect();
+        assert_eq!(staying, ["expert-2", "attn-3"]);
     }
 
     #[test]

@@ -46,12 +46,12 @@ pub async fn serve(listener: TcpListener, source: MetricsSource) {
             let head = String::from_utf8_lossy(&buf[..read]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let leading = *source.serving.borrow();
-            let (status, body) = match (path, source.state.status().await) {
-                (_, Err(e)) => ("503 Service Unavailable", format!("{e}\n")),
-                ("/healthz", Ok(_)) if !leading => ("503 Service Unavailable", "standby: not the leader\n".into()),
-                ("/metrics", Ok(s)) => ("200 OK", render(&s, &source)),
-                ("/healthz", Ok(s)) if s.placement_version > 0 => ("200 OK", "serving\n".into()),
-                ("/healthz", Ok(_)) => ("503 Service Unavailable", "no active placement\n".into()),
+            let s = source.state.status();
+            let (status, body) = match path {
+                "/healthz" if !leading => ("503 Service Unavailable", "standby: not the leader\n".into()),
+                "/metrics" => ("200 OK", render(&s, &source)),
+                "/healthz" if s.placement_version > 0 => ("200 OK", "serving\n".into()),
+                "/healthz" => ("503 Service Unavailable", "no active placement\n".into()),
                 _ => ("404 Not Found", "try /metrics or /healthz\n".into()),
             };
             let response = format!(

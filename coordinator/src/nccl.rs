@@ -17,6 +17,19 @@ pub const UNIQUE_ID_BYTES: usize = 128;
 /// over (a member's join failed or hung). Longer than a worker's own join timeout.
 pub const JOIN_DEADLINE: Duration = Duration::from_secs(90);
 
+/// Why rank 0's unique id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("NCCL group epoch {epoch} is not the current one ({current})")]
+    NotCurrent { epoch: u64, current: u64 },
+    #[error("{worker} is not rank 0 of NCCL group epoch {epoch}")]
+    NotRankZero { worker: String, epoch: u64 },
+    #[error("an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {0}")]
+    WrongLength(usize),
+    #[error("NCCL group epoch {0} already has a different unique id")]
+    DifferentId(u64),
+}
+
 #[derive(Debug, Default)]
 pub struct NcclPlane {
     epoch: u64,
@@ -81,24 +94,24 @@ impl NcclPlane {
 
     /// Rank 0 publishes the unique id of `epoch`. Refused, with the reason, from another rank,
     /// for another epoch, with a malformed id, or when a different id is already published.
-    pub fn publish(&mut self, worker: &str, epoch: u64, unique_id: Vec<u8>) -> Result<(), String> {
+    pub fn publish(&mut self, worker: &str, epoch: u64, unique_id: Vec<u8>) -> Result<(), PublishError> {
         if epoch != self.epoch || self.ranks.is_empty() {
-            return Err(format!(
-                "NCCL group epoch {epoch} is not the current one ({})",
-                self.epoch
-            ));
+            return Err(PublishError::NotCurrent {
+                epoch,
+                current: self.epoch,
+            });
         }
         if self.rank_of(worker) != Some(0) {
-            return Err(format!("{worker} is not rank 0 of NCCL group epoch {epoch}"));
+            return Err(PublishError::NotRankZero {
+                worker: worker.to_owned(),
+                epoch,
+            });
         }
         if unique_id.len() != UNIQUE_ID_BYTES {
-            return Err(format!(
-                "an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {}",
-                unique_id.len()
-            ));
+            return Err(PublishError::WrongLength(unique_id.len()));
         }
         match &self.unique_id {
-            Some(id) if *id != unique_id => Err(format!("NCCL group epoch {epoch} already has a different unique id")),
+            Some(id) if *id != unique_id => Err(PublishError::DifferentId(epoch)),
             Some(_) => Ok(()),
             None => {
                 self.unique_id = Some(unique_id);
@@ -215,11 +228,17 @@ mod tests {
         let mut plane = pair();
         let epoch = plane.view("expert-1").unwrap().epoch;
         let id = vec![7u8; UNIQUE_ID_BYTES];
-        let err = plane.publish("expert-1", epoch, id.clone()).unwrap_err();
+        let err = plane.publish("expert-1", epoch, id.clone()).unwrap_err().to_string();
         assert!(err.contains("not rank 0"), "{err}");
-        let err = plane.publish("attention-1", epoch + 1, id.clone()).unwrap_err();
+        let err = plane
+            .publish("attention-1", epoch + 1, id.clone())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not the current"), "{err}");
-        let err = plane.publish("attention-1", epoch, vec![1; 12]).unwrap_err();
+        let err = plane
+            .publish("attention-1", epoch, vec![1; 12])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("128 bytes, got 12"), "{err}");
         plane.publish("attention-1", epoch, id.clone()).unwrap();
         plane
@@ -227,7 +246,8 @@ mod tests {
             .expect("publishing again is harmless");
         let err = plane
             .publish("attention-1", epoch, vec![8; UNIQUE_ID_BYTES])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("different unique id"), "{err}");
         assert_eq!(plane.view("expert-1").unwrap().unique_id, id);
     }
@@ -260,7 +280,8 @@ mod tests {
         assert!(!plane.ready(), "a report of the old epoch does not count");
         let err = plane
             .publish("attention-1", epoch, vec![1; UNIQUE_ID_BYTES])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not the current"), "{err}");
 
         // The last attention worker leaves: no group at all.

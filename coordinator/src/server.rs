@@ -1,6 +1,7 @@
 //! Coordinator start-up: one port serves the client API and the control plane.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,13 +15,15 @@ use moe_runtime::shutdown;
 use moe_runtime::tls::{ClientTls, RequireClientCert, TlsArgs};
 use tokio::sync::Semaphore;
 
+use crate::cluster::ClusterConfig;
 use crate::control::ControlService;
 use crate::error::{Error, Result};
 use crate::inference::{Handoff, InferenceService};
 use crate::leader::{self, Election, LeaderGate};
 use crate::metrics;
+use crate::placements::BalanceConfig;
 use crate::registry::{EtcdOptions, EtcdRegistry, InMemoryRegistry, Registry};
-use crate::state::{self, BalanceConfig, StateConfig};
+use crate::state;
 use crate::store::Store;
 use tonic::service::interceptor::InterceptedService;
 
@@ -36,8 +39,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub min_expert_workers: usize,
     /// Requests in flight (queued or running) before new ones get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 256)]
-    pub max_in_flight: usize,
+    #[arg(long, default_value = "256")]
+    pub max_in_flight: NonZeroUsize,
     /// A worker not heard from for this long is dropped.
     #[arg(long, default_value_t = 3000)]
     pub heartbeat_timeout_ms: u64,
@@ -61,16 +64,27 @@ pub struct Args {
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Expert load is counted over this moving window (seconds).
-    #[arg(long, default_value_t = 30)]
-    pub load_window_s: u64,
+    #[arg(long, default_value = "30")]
+    pub load_window_s: NonZeroU64,
     /// Rebalance the expert placement by itself when its expected imbalance (max/mean expert
     /// worker load, worst layer) over the window passes this, e.g. 1.3; 0 = only on
     /// `moectl rebalance`.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = rebalance_threshold)]
     pub rebalance_threshold: f64,
     /// Least seconds between two automatic rebalances.
     #[arg(long, default_value_t = 60)]
     pub rebalance_interval_s: u64,
+}
+
+/// `--rebalance-threshold`: 0 (off) or above 1, since max/mean load is never below 1 (a
+/// threshold at or under 1 would rebalance all the time). Refuses NaN too.
+fn rebalance_threshold(s: &str) -> std::result::Result<f64, String> {
+    let t: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if t == 0.0 || t > 1.0 {
+        Ok(t)
+    } else {
+        Err(format!("{t} must be 0 (off) or above 1 (max/mean load)"))
+    }
 }
 
 /// Where membership is recorded. Without `--etcd` the coordinator keeps it in memory (one
@@ -148,19 +162,7 @@ impl EtcdArgs {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    if args.load_window_s == 0 {
-        return Err(moe_model::Error::InvalidInput("--load-window-s must be positive".into()).into());
-    }
-    if !(args.rebalance_threshold == 0.0 || args.rebalance_threshold > 1.0) {
-        return Err(moe_model::Error::InvalidInput(format!(
-            "--rebalance-threshold {} must be 0 (off) or above 1 (max/mean load)",
-            args.rebalance_threshold
-        ))
-        .into());
-    }
-    if args.max_in_flight == 0 {
-        return Err(moe_model::Error::InvalidInput("--max-in-flight must be positive".into()).into());
-    }
+    let max_in_flight = args.max_in_flight.get();
     let token = match &args.auth_token_file {
         Some(path) => Some(moe_runtime::auth::read_token_file(path).map_err(|source| Error::Io {
             context: format!("reading the token file {}", path.display()),
@@ -188,13 +190,13 @@ pub async fn run(args: Args) -> Result<()> {
     };
     registry.claim(&model_id).await?;
     let state = state::spawn(
-        StateConfig {
+        ClusterConfig {
             model: config.clone(),
             model_id: model_id.clone(),
             min_expert_workers: args.min_expert_workers,
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             balance: BalanceConfig {
-                window: Duration::from_secs(args.load_window_s),
+                window: Duration::from_secs(args.load_window_s.get()),
                 threshold: args.rebalance_threshold,
                 min_interval: Duration::from_secs(args.rebalance_interval_s),
                 ..BalanceConfig::default()
@@ -202,12 +204,12 @@ pub async fn run(args: Args) -> Result<()> {
         },
         Store::spawn(registry, tick),
     );
-    let admission = Arc::new(Semaphore::new(args.max_in_flight));
+    let admission = Arc::new(Semaphore::new(max_in_flight));
     let inference = InferenceService {
         state: state.clone(),
         config,
         admission: admission.clone(),
-        max_in_flight: args.max_in_flight,
+        max_in_flight,
         handoff: Arc::new(Handoff {
             state: state.clone(),
             ready_timeout: Duration::from_millis(args.ready_timeout_ms),
@@ -227,9 +229,7 @@ pub async fn run(args: Args) -> Result<()> {
             ttl: Duration::from_secs(args.etcd.leader_ttl_s),
         }
         .spawn(state.clone(), shutdown.clone()),
-        None => leader::lead_alone(&state)
-            .await
-            .map_err(|s| Error::Registry(s.message().to_owned()))?,
+        None => leader::lead_alone(&state).await,
     };
     if let Some(addr) = args.metrics_listen {
         let (listener, local) = metrics::bind(addr).await.map_err(|source| Error::Io {
@@ -243,7 +243,7 @@ pub async fn run(args: Args) -> Result<()> {
             metrics::MetricsSource {
                 state: state.clone(),
                 admission: admission.clone(),
-                max_in_flight: args.max_in_flight,
+                max_in_flight,
                 serving: serving.clone(),
             },
         ));

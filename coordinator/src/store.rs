@@ -1,4 +1,4 @@
-//! Write-behind access to the [`Registry`]: the state task hands writes over and goes on, so a
+//! Write-behind access to the [`Registry`]: the cluster state hands writes over and goes on, so a
 //! slow or unreachable etcd never stalls heartbeats, request placement or serving. Writes are
 //! applied in order; one that fails for a transient reason stays queued and is retried (with
 //! everything after it) on the next tick. The same task keeps the member lease alive.

@@ -1,0 +1,306 @@
+//! The cluster as the leader knows it: members, the expert placement's lifecycle, requests in
+//! flight, the expert load window and the NCCL group, and the rules that tie them together (a
+//! heartbeat may activate a placement or release a drained worker; a lost worker retargets the
+//! placement). Plain data: every method is synchronous and quick, so [`crate::state`] can keep
+//! it behind a mutex. Registry writes are handed to the write-behind [`Store`] and never waited
+//! on.
+
+mod status;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moe_model::ModelConfig;
+use moe_proto::v1::{HeartbeatResponse, Placement, RebalanceResponse, Role, WorkerStatus};
+
+use crate::load::LoadWindow;
+use crate::members::{DrainError, Members};
+use crate::nccl::{NcclPlane, PublishError};
+use crate::placements::{BalanceConfig, PlacementConfig, PlacementError, Placements};
+use crate::registry::Snapshot;
+use crate::requests::{InFlight, PickError};
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub model: ModelConfig,
+    pub model_id: String,
+    /// Expert workers to wait for before the first placement.
+    pub min_expert_workers: usize,
+    /// A worker not heard from for this long is dropped.
+    pub heartbeat_timeout: Duration,
+    pub balance: BalanceConfig,
+}
+
+/// Why a worker's registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    #[error("role must be attention or expert")]
+    NoRole,
+    #[error("worker at {address} serves model {theirs}, but this cluster serves {ours}: refusing it")]
+    OtherModel {
+        address: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error("address `{0}` is not host:port")]
+    Address(String),
+}
+
+pub struct Cluster {
+    config: ClusterConfig,
+    members: Members,
+    store: Store,
+    placements: Placements,
+    inflight: InFlight,
+    load: LoadWindow,
+    nccl: NcclPlane,
+}
+
+impl Cluster {
+    /// An empty cluster recording membership and placements through `store`.
+    pub fn new(config: ClusterConfig, store: Store) -> Self {
+        let m = &config.model;
+        let load = LoadWindow::new(config.balance.window, m.num_layers, m.num_experts);
+        let placements = Placements::new(PlacementConfig {
+            num_layers: m.num_layers,
+            num_experts: m.num_experts,
+            min_expert_workers: config.min_expert_workers,
+            balance: config.balance.clone(),
+        });
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Cluster {
+            config,
+            members: Members::default(),
+            store,
+            placements,
+            inflight: InFlight::default(),
+            load,
+            nccl: NcclPlane::starting_after(millis),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.config.model_id
+    }
+
+    pub fn register(
+        &mut self,
+        role: Role,
+        address: String,
+        model_id: String,
+        nccl: bool,
+    ) -> Result<String, RegisterError> {
+        if role == Role::Unspecified {
+            return Err(RegisterError::NoRole);
+        }
+        if model_id != self.config.model_id {
+            return Err(RegisterError::OtherModel {
+                address,
+                theirs: model_id,
+                ours: self.config.model_id.clone(),
+            });
+        }
+        if address.parse::<std::net::SocketAddr>().is_err() && !address.contains(':') {
+            return Err(RegisterError::Address(address));
+        }
+        let member = self.members.add(role, address.clone(), model_id, nccl);
+        let id = member.id.clone();
+        self.store.put_member(member);
+        tracing::info!(worker = %id, ?role, %address, nccl, "worker registered");
+        self.reconcile();
+        Ok(id)
+    }
+
+    /// Takes in a worker's status; the reply says which placements are active and loading,
+    /// whether the worker is released (drained), and its NCCL group.
+    pub fn heartbeat(&mut self, id: &str, mut status: WorkerStatus) -> HeartbeatResponse {
+        let address = status.address.clone();
+        // Load counters feed the window; the stored status stays small.
+        let tokens = std::mem::take(&mut status.expert_tokens);
+        self.nccl.report(id, status.nccl_ready_epoch, Instant::now());
+        let known = self.members.heartbeat(id, &address, status);
+        if known && let Err(why) = self.load.observe(id, &tokens) {
+            tracing::warn!(worker = %id, %why, "load report ignored");
+        }
+        self.reconcile();
+        let active = self.placements.active().map_or(0, |p| p.version);
+        let released = known && self.releasable(id);
+        if released {
+            tracing::info!(worker = %id, "drained: released");
+            self.forget(id);
+        }
+        HeartbeatResponse {
+            known,
+            placement_version: active,
+            target_placement_version: self.placements.latest().map_or(0, |p| p.version),
+            released,
+            nccl: self.nccl.view(id),
+        }
+    }
+
+    /// The active placement, or with `target` the one loading if any.
+    pub fn placement(&self, target: bool) -> Option<Placement> {
+        let p = if target {
+            self.placements.latest()
+        } else {
+            self.placements.active()
+        };
+        p.map(|p| p.to_proto())
+    }
+
+    /// The attention worker for a request, `(id, address)`; see [`InFlight::pick`].
+    pub fn pick(&mut self, exclude: &[String]) -> Result<(String, String), PickError> {
+        if self.placements.active().is_none() {
+            return Err(PickError::NoPlacement);
+        }
+        self.inflight.pick(&self.members, exclude)
+    }
+
+    /// A request picked for `worker` finished.
+    pub fn done(&mut self, worker: &str) {
+        self.inflight.done(worker);
+    }
+
+    /// Starts draining a worker; returns what will happen.
+    pub fn drain(&mut self, worker: &str) -> Result<String, DrainError> {
+        let role = self.members.drain(worker)?;
+        tracing::info!(%worker, ?role, "draining");
+        self.reconcile();
+        Ok(match role {
+            Role::Expert => {
+                format!("`{worker}`: its experts move to the other workers; it leaves once that placement is active")
+            }
+            _ => format!("`{worker}`: no new requests; it leaves once its running requests finish"),
+        })
+    }
+
+    /// Drops a worker another one saw fail; true when it was a member.
+    pub fn report_failure(&mut self, reporter: &str, worker: &str, reason: &str) -> bool {
+        let removed = self.forget(worker);
+        if removed {
+            tracing::warn!(%worker, %reporter, %reason, "worker reported failed: dropped");
+            self.reconcile();
+        }
+        removed
+    }
+
+    /// Plans a placement for the load of the window and makes it the target.
+    pub fn rebalance(&mut self, force: bool) -> Result<RebalanceResponse, PlacementError> {
+        let r = self
+            .placements
+            .rebalance(force, &self.members, &self.load, Instant::now())?;
+        if r.target_version != 0 {
+            self.reconcile();
+        }
+        Ok(r)
+    }
+
+    /// Rank 0's NCCL unique id for `epoch`.
+    pub fn publish_nccl_id(&mut self, worker: &str, epoch: u64, unique_id: Vec<u8>) -> Result<(), PublishError> {
+        let result = self.nccl.publish(worker, epoch, unique_id);
+        if let Err(why) = &result {
+            tracing::warn!(%worker, epoch, %why, "NCCL unique id refused");
+        }
+        result
+    }
+
+    /// Periodic work: drops workers not heard from, moves the placement on, and rebalances by
+    /// itself when configured to.
+    pub fn tick(&mut self) {
+        let timeout = self.config.heartbeat_timeout;
+        for w in self.members.expire(timeout) {
+            tracing::warn!(worker = %w.id, role = ?w.role, "no heartbeat within {timeout:?}: dropped");
+            self.forget_removed(&w.id);
+        }
+        self.reconcile();
+        if self
+            .placements
+            .auto_rebalance(&self.members, &self.load, Instant::now())
+        {
+            self.reconcile();
+        }
+    }
+
+    /// Merges what earlier leaders recorded (`None`: the registry could not be read) with what
+    /// this coordinator knows, and records the result under this leader's term.
+    pub fn take_over(&mut self, recorded: Option<Snapshot>) {
+        let Some(snapshot) = recorded else {
+            tracing::error!(
+                "could not read the registry: leading with what this coordinator knows; unknown workers will register again"
+            );
+            return self.record_all();
+        };
+        let adopted = snapshot
+            .members
+            .into_iter()
+            .filter(|m| self.members.adopt(m.clone()))
+            .count();
+        if let Some(p) = snapshot.placement {
+            self.placements.adopt(&p);
+        }
+        tracing::info!(
+            adopted,
+            members = self.members.iter().count(),
+            placement = self.placements.active().map_or(0, |p| p.version),
+            "leading"
+        );
+        self.record_all();
+        self.reconcile();
+    }
+
+    /// Records every member and the active placement under this leader's term.
+    fn record_all(&mut self) {
+        for w in self.members.iter() {
+            self.store.put_member(w.member());
+        }
+        if let Some(p) = self.placements.active() {
+            self.store.put_placement(p.to_proto());
+        }
+    }
+
+    /// Brings the NCCL group and the placement in line with the staying members.
+    fn reconcile(&mut self) {
+        self.nccl.set_members(
+            self.members
+                .staying()
+                .filter(|w| w.nccl)
+                .map(|w| (w.id.as_str(), w.role)),
+        );
+        if let Some(active) = self.placements.reconcile(&self.members, &self.load) {
+            self.store.put_placement(active.to_proto());
+        }
+    }
+
+    /// A draining worker nothing depends on any more.
+    fn releasable(&self, id: &str) -> bool {
+        let Some(w) = self.members.get(id).filter(|w| w.draining) else {
+            return false;
+        };
+        match w.role {
+            Role::Expert => self.placements.releases(id),
+            _ => self.inflight.of(id) == 0 && w.status.running == 0 && w.status.waiting == 0,
+        }
+    }
+
+    /// Drops a member from the view and the registry; true when it was one.
+    fn forget(&mut self, id: &str) -> bool {
+        let known = self.members.remove(id).is_some();
+        if known {
+            self.forget_removed(id);
+        }
+        known
+    }
+
+    /// Everything kept about a member already gone from the view.
+    fn forget_removed(&mut self, id: &str) {
+        self.inflight.forget(id);
+        self.load.forget(id);
+        self.store.remove_member(id.to_owned());
+    }
+}
