@@ -101,7 +101,7 @@ fn a_cluster_on_gpus_that_are_not_usable_does_not_start_and_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs two NVIDIA GPUs, NCCL and moectl built with --features cuda"]
 async fn a_cluster_on_two_gpus_sends_its_layers_over_nccl_and_keeps_the_engines_tokens() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use moe_model::{Engine, EngineOptions};
     use moe_model_tools::golden::max_abs_diff;
@@ -111,16 +111,19 @@ async fn a_cluster_on_two_gpus_sends_its_layers_over_nccl_and_keeps_the_engines_
     let cluster = LocalCluster::start(moectl(), &tiny(), 1, 1, &["--gpus", "cuda:0,cuda:1"]);
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     // The group is ready when both workers hold the same epoch's communicator.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = client.status().await.unwrap();
-        let epochs: Vec<u64> = s.workers.iter().map(|w| w.nccl_ready_epoch).collect();
-        if epochs.len() == 2 && epochs[0] != 0 && epochs.iter().all(|&e| e == epochs[0]) {
-            break;
+    eventually(Duration::from_secs(120), "NCCL group never ready", || {
+        let mut client = client.clone();
+        async move {
+            let s = client.status().await.unwrap();
+            let epochs: Vec<u64> = s.workers.iter().map(|w| w.nccl_ready_epoch).collect();
+            if epochs.len() == 2 && epochs[0] != 0 && epochs.iter().all(|&e| e == epochs[0]) {
+                Ok(())
+            } else {
+                Err(format!("epochs {epochs:?}"))
+            }
         }
-        assert!(Instant::now() < deadline, "NCCL group never ready: epochs {epochs:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     // The coordinator tells the attention worker the group is ready in its next heartbeat.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut engine = Engine::load(&tiny(), EngineOptions::default()).unwrap();
@@ -139,17 +142,24 @@ async fn a_cluster_on_two_gpus_sends_its_layers_over_nccl_and_keeps_the_engines_
         assert_eq!(got.tokens[0], want.tokens[0], "first greedy token");
     }
     // The counters arrive with heartbeats.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = client.status().await.unwrap();
-        let (all, nccl): (u64, u64) = s.workers.iter().fold((0, 0), |(a, n), w| {
-            (a + w.layer_dispatches, n + w.nccl_layer_dispatches)
-        });
-        if all > 0 && nccl == all {
-            eprintln!("{nccl} of {all} layer dispatches went over NCCL");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{nccl} of {all} layer dispatches over NCCL");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "not every layer dispatch went over NCCL",
+        || {
+            let mut client = client.clone();
+            async move {
+                let s = client.status().await.unwrap();
+                let (all, nccl): (u64, u64) = s.workers.iter().fold((0, 0), |(a, n), w| {
+                    (a + w.layer_dispatches, n + w.nccl_layer_dispatches)
+                });
+                if all > 0 && nccl == all {
+                    eprintln!("{nccl} of {all} layer dispatches went over NCCL");
+                    Ok(())
+                } else {
+                    Err(format!("{nccl} of {all} layer dispatches over NCCL"))
+                }
+            }
+        },
+    )
+    .await;
 }

@@ -2,7 +2,7 @@
 //! binary) and, where it matters, two coordinators: real processes on 127.0.0.1. What each test
 //! proves is stated at its top.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moe_coordinator::registry::{EtcdOptions, EtcdRegistry, Registry, Snapshot};
 use moe_proto::v1::Role;
@@ -64,15 +64,16 @@ async fn leader(cluster: &LocalCluster) -> String {
 
 /// Waits (bounded) until `check` holds for the recorded state.
 async fn wait_recorded(etcd: &Etcd, what: &str, check: impl Fn(&Snapshot) -> bool) -> Snapshot {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = recorded(etcd).await;
-        if check(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{what}: etcd holds {s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let check = &check;
+    eventually(
+        Duration::from_secs(30),
+        format!("{what}: never seen in etcd"),
+        || async move {
+            let s = recorded(etcd).await;
+            if check(&s) { Ok(s) } else { Err(s) }
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,11 +196,16 @@ async fn bench_fails_nothing_while_an_expert_worker_dies_and_another_joins() {
         .unwrap();
     // Under load: the coordinator has requests running.
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.status().await.unwrap().running_requests == 0 {
-        assert!(Instant::now() < deadline, "bench never got going");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(60), "bench never got going", || {
+        let mut client = client.clone();
+        async move {
+            match client.status().await.unwrap().running_requests {
+                0 => Err("no running request"),
+                _ => Ok(()),
+            }
+        }
+    })
+    .await;
     cluster.kill("expert-worker", 0);
     let joiner = start_expert_worker(&cluster.endpoint, &[]);
     assert!(
@@ -246,16 +252,15 @@ async fn a_cluster_on_an_etcd_that_requires_tls_and_client_certificates() {
         tls,
     };
     let mutual = moe_runtime::tls::ClientTls::from_files(&files.ca, Some((&files.cert, &files.key))).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut reg = loop {
-        if let Ok(mut r) = EtcdRegistry::connect(options(Some(mutual.clone()))).await
-            && r.claim("probe-model").await.is_ok()
-        {
-            break r;
+    let mut reg = eventually(Duration::from_secs(20), "TLS etcd never answered", || {
+        let options = options(Some(mutual.clone()));
+        async move {
+            let mut r = EtcdRegistry::connect(options).await.map_err(|e| e.to_string())?;
+            r.claim("probe-model").await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(r)
         }
-        assert!(Instant::now() < deadline, "TLS etcd never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     assert!(reg.load().await.unwrap().members.is_empty());
     // Without a client certificate, etcd refuses.
     let ca_only = moe_runtime::tls::ClientTls::from_files(&files.ca, None).unwrap();

@@ -4,7 +4,7 @@
 //! `--nccl-device` does); the communicator itself needs GPUs and NCCL (not on CI machines), so
 //! this checks what the coordinator decides and tells, not NCCL.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moe_model::checkpoint::Checkpoint;
 use moe_proto::v1::{HeartbeatResponse, NcclGroup, Role, WorkerStatus};
@@ -92,16 +92,18 @@ async fn the_coordinator_forms_nccl_groups_relays_rank_0s_id_and_starts_over_on_
     assert!(g.unique_id.is_empty() && !g.ready && g.epoch == epoch + 1);
 
     // It goes silent: after the heartbeat timeout the group is rebuilt without it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let g = loop {
-        let g = group(&mut attention).await;
-        beat(&mut expert, 0).await;
-        if g.world_size == 2 {
-            break g;
+    // Both members beat on every poll: the check needs them `&mut`, so they are shared with it.
+    let members = std::sync::Arc::new(tokio::sync::Mutex::new((attention, expert)));
+    let g = eventually(Duration::from_secs(30), "the silent member was never dropped", || {
+        let members = members.clone();
+        async move {
+            let (attention, expert) = &mut *members.lock().await;
+            let g = group(attention).await;
+            beat(expert, 0).await;
+            if g.world_size == 2 { Ok(g) } else { Err(g) }
         }
-        assert!(Instant::now() < deadline, "the silent member was never dropped: {g:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     assert_eq!(g.epoch, epoch + 2);
     assert!(g.unique_id.is_empty() && !g.ready);
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the cluster test binaries.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::fmt::{Debug, Display};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -9,6 +11,59 @@ use moe_model::{Engine, EngineOptions};
 use moe_runtime::client::ClusterClient;
 use moe_tests::fixtures_dir;
 use tokio_stream::StreamExt;
+
+/// How often `eventually` and `eventually_blocking` check again.
+pub const POLL: Duration = Duration::from_millis(10);
+
+/// Waits (bounded) until `check` succeeds and returns what it returned. `check` answers
+/// `Err(last_seen)` for "not yet"; when `timeout` has passed without success, this panics with
+/// `what`, the timeout and the last thing seen. `check` runs at least once, then every `POLL`.
+/// A check that needs `&mut` state across polls clones it (a client) inside the closure, or
+/// shares it through an `Arc`.
+pub async fn eventually<T, E, F, Fut>(timeout: Duration, what: impl Display, mut check: F) -> T
+where
+    E: Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(done) => return done,
+            Err(last) if start.elapsed() >= timeout => {
+                panic!("{what} (waited {timeout:?}); last seen: {last:?}")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// `eventually` for a synchronous check (sleeps the thread between polls).
+pub fn eventually_blocking<T, E, F>(timeout: Duration, what: impl Display, mut check: F) -> T
+where
+    E: Debug,
+    F: FnMut() -> Result<T, E>,
+{
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(done) => return done,
+            Err(last) if start.elapsed() >= timeout => {
+                panic!("{what} (waited {timeout:?}); last seen: {last:?}")
+            }
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
+
+/// A multi-line text (a metrics page) shown as it is in an `eventually` failure, not escaped.
+pub struct Text(pub String);
+
+impl Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\n{}", self.0)
+    }
+}
 
 pub fn moectl() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_moectl"))
@@ -100,14 +155,19 @@ pub async fn start_tracked(
         let task = tokio::spawn(tracked(client, greedy(prompt, max_tokens), progress.clone()));
         streams.push((task, progress));
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while streams
-        .iter()
-        .any(|(_, p)| p.load(std::sync::atomic::Ordering::SeqCst) == 0)
-    {
-        assert!(Instant::now() < deadline, "streams did not start");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let started = &streams;
+    eventually(Duration::from_secs(30), "streams did not start", || async move {
+        let waiting = started
+            .iter()
+            .filter(|(_, p)| p.load(std::sync::atomic::Ordering::SeqCst) == 0)
+            .count();
+        if waiting == 0 {
+            Ok(())
+        } else {
+            Err(format!("{waiting} of {} streams without a token", started.len()))
+        }
+    })
+    .await;
     streams
 }
 
