@@ -89,7 +89,6 @@ async fn preemption_and_admission_waits_do_not_change_tokens() {
         SchedulerConfig {
             max_batch_tokens: 8,
             max_running: 8,
-            ..Default::default()
         },
     );
     // Submit everything before reading anything, so the requests compete for the pool.
