@@ -106,13 +106,7 @@ async fn an_expert_worker_joining_under_load_changes_nothing_but_the_placement()
         let mut client = client.clone();
         async move {
             let s = client.status().await.unwrap();
-            let mut sizes: Vec<usize> = s
-                .workers
-                .iter()
-                .filter(|w| w.role == Role::Expert as i32)
-                .map(|w| w.expert_slots.len() / 2)
-                .collect();
-            sizes.sort_unstable();
+            let sizes = experts_per_layer(&s, 2);
             if s.placement_version > before && sizes == [21, 21, 22] {
                 Ok(())
             } else {

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use moe_model::{Engine, EngineOptions};
 use moe_model_tools::golden::max_abs_diff;
-use moe_proto::v1::Role;
 use moe_runtime::client::ClusterClient;
 use moe_tests::cluster::LocalCluster;
 use moe_tests::fixtures_dir;
@@ -44,14 +43,7 @@ async fn cluster_matches_engine_and_golden_for_several_shapes() {
         }
         check_golden_through(&cluster.endpoint, &tiny());
         // Uneven slices: 64 experts over 3 workers are 22/21/21 per layer.
-        let status = client.status().await.unwrap();
-        let mut sizes: Vec<usize> = status
-            .workers
-            .iter()
-            .filter(|w| w.role == Role::Expert as i32)
-            .map(|w| w.expert_slots.len() / 2)
-            .collect();
-        sizes.sort_unstable();
+        let sizes = experts_per_layer(&client.status().await.unwrap(), 2);
         let want: Vec<usize> = match experts {
             1 => vec![64],
             3 => vec![21, 21, 22],

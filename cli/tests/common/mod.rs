@@ -227,3 +227,15 @@ impl Drop for Joiner {
         let _ = self.child.wait();
     }
 }
+
+/// Experts each expert worker holds per layer (slots over `layers`), smallest first.
+pub fn experts_per_layer(status: &moe_proto::v1::ClusterStatusResponse, layers: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = status
+        .workers
+        .iter()
+        .filter(|w| w.role == moe_proto::v1::Role::Expert as i32)
+        .map(|w| w.expert_slots.len() / layers)
+        .collect();
+    sizes.sort_unstable();
+    sizes
+}
