@@ -108,6 +108,7 @@ pub async fn run(args: Args) -> Result<()> {
             slot_capacity: args.slot_capacity.map(NonZeroUsize::get),
             wire: args.wire_dtype,
             recover_timeout: Duration::from_secs(args.recover_timeout_s),
+            answer_timeout: DispatchConfig::ANSWER_TIMEOUT,
         },
         nccl.clone(),
     ));

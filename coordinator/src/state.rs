@@ -28,7 +28,10 @@ struct Shared {
     cluster: Mutex<Cluster>,
     /// Held by a takeover across its registry reads, and by each tick. In the time between
     /// reading the registry and merging it, a tick could expire a member the snapshot still
-    /// holds or retarget the placement the snapshot is about to replace; so ticks wait.
+    /// holds or retarget the placement the snapshot is about to replace; so ticks wait. Every
+    /// RPC waits too, by another road: the `LeaderGate` refuses them until the takeover is
+    /// done (`leader.rs`). A caller that reached the state outside that gate would need this
+    /// lock as well.
     takeover: tokio::sync::Mutex<()>,
 }
 
@@ -72,7 +75,9 @@ async fn run_ticks(shared: Weak<Shared>, period: Duration) {
 }
 
 /// A panic while the lock was held left the state half-changed; going on from it would hide
-/// the bug, so every later use panics too.
+/// the bug, so every later use panics too: each RPC then fails loudly in the logs. (The actor
+/// this replaced answered UNAVAILABLE once its task had died; either way it is a bug that
+/// stops this coordinator from serving.)
 fn lock(cluster: &Mutex<Cluster>) -> MutexGuard<'_, Cluster> {
     cluster.lock().expect("the cluster state was left poisoned by a panic")
 }

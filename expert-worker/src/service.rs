@@ -64,13 +64,16 @@ impl ExpertService {
         req: &DispatchRequest,
     ) -> Result<Answer, Refusal> {
         let config = &state.config;
-        let dispatch = Dispatch::decode(req, &DispatchLimits::for_model(config))?;
+        // Protocol, then placement version (a stale sender is told so, and retries on the new
+        // placement), then the rest, before any compute.
+        Dispatch::check_protocol(req)?;
         let experts = state
-            .serving(dispatch.placement_version)
+            .serving(req.placement_version)
             .map_err(|served| Refusal::Version {
-                version: dispatch.placement_version,
+                version: req.placement_version,
                 served,
             })?;
+        let dispatch = Dispatch::decode(req, &DispatchLimits::for_model(config))?;
         let source = match dispatch.rows {
             Rows::Inline { values, dtype } => Source::Inline(values, dtype),
             Rows::Nccl { epoch, sender_rank } => Source::Nccl {

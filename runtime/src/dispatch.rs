@@ -70,7 +70,7 @@ pub enum DecodeError {
     #[error("rows: {0}")]
     RowsTensor(#[from] TensorError),
     #[error("{rows} rows in one message (at most {max})")]
-    TooManyRows { rows: usize, max: usize },
+    TooManyRows { rows: usize, max: usize, over_nccl: bool },
     #[error("assignment arrays differ in length: rows {rows}, experts {experts}, weights {weights}")]
     AssignmentLengths {
         rows: usize,
@@ -99,7 +99,8 @@ impl DecodeError {
             DecodeError::ProtocolVersion { .. } => "protocol_version",
             DecodeError::Layer { .. } => "layer",
             DecodeError::RowsTwice | DecodeError::RowsMissing | DecodeError::RowsTensor(_) => "rows",
-            DecodeError::TooManyRows { .. } => "nccl.rows",
+            DecodeError::TooManyRows { over_nccl: true, .. } => "nccl.rows",
+            DecodeError::TooManyRows { over_nccl: false, .. } => "rows",
             DecodeError::AssignmentLengths { .. } => "assignment_*",
             DecodeError::Expert { .. } => "assignment_experts",
             DecodeError::AssignmentRow { .. } => "assignment_rows",
@@ -108,12 +109,10 @@ impl DecodeError {
 }
 
 impl Dispatch {
-    pub fn encode(&self) -> DispatchRequest {
+    /// The wire form; `hidden` is the width of inline rows.
+    pub fn encode(&self, hidden: usize) -> DispatchRequest {
         let (rows, nccl) = match &self.rows {
-            Rows::Inline { values, dtype } => {
-                let hidden = values.len().checked_div(self.num_rows).unwrap_or(0);
-                (Some(dtype.encode(values, &[self.num_rows, hidden])), None)
-            }
+            Rows::Inline { values, dtype } => (Some(dtype.encode(values, &[self.num_rows, hidden])), None),
             Rows::Nccl { epoch, sender_rank } => (
                 None,
                 Some(NcclRows {
@@ -136,13 +135,20 @@ impl Dispatch {
         }
     }
 
-    /// Checks every field against the protocol and the model, in the order a reader would.
-    pub fn decode(req: &DispatchRequest, limits: &DispatchLimits) -> Result<Self, DecodeError> {
+    /// The protocol version check alone: a receiver makes it, then checks the placement
+    /// version against what it serves, before it pays for decoding the rows.
+    pub fn check_protocol(req: &DispatchRequest) -> Result<(), DecodeError> {
         if req.protocol_version != PROTOCOL_VERSION {
             return Err(DecodeError::ProtocolVersion {
                 got: req.protocol_version,
             });
         }
+        Ok(())
+    }
+
+    /// Checks every field against the protocol and the model, in the order a reader would.
+    pub fn decode(req: &DispatchRequest, limits: &DispatchLimits) -> Result<Self, DecodeError> {
+        Self::check_protocol(req)?;
         if req.layer as usize >= limits.num_layers {
             return Err(DecodeError::Layer {
                 layer: req.layer,
@@ -170,6 +176,7 @@ impl Dispatch {
             return Err(DecodeError::TooManyRows {
                 rows: num_rows,
                 max: limits.max_rows,
+                over_nccl: matches!(rows, Rows::Nccl { .. }),
             });
         }
         let k = req.assignment_rows.len();
@@ -267,14 +274,6 @@ impl Answer {
             }),
         }
     }
-
-    /// Rows an inline answer holds.
-    pub fn inline_rows(&self, hidden: usize) -> Option<usize> {
-        match self {
-            Answer::Inline { values, .. } => values.len().checked_div(hidden),
-            _ => None,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -307,7 +306,7 @@ mod tests {
     }
 
     fn refused(f: impl Fn(&mut DispatchRequest)) -> DecodeError {
-        let mut req = good().encode();
+        let mut req = good().encode(4);
         f(&mut req);
         Dispatch::decode(&req, &LIMITS).expect_err("should be refused")
     }
@@ -315,7 +314,7 @@ mod tests {
     #[test]
     fn a_dispatch_survives_encode_and_decode_in_every_form() {
         let d = good();
-        assert_eq!(Dispatch::decode(&d.encode(), &LIMITS), Ok(d.clone()));
+        assert_eq!(Dispatch::decode(&d.encode(4), &LIMITS), Ok(d.clone()));
         let nccl = Dispatch {
             rows: Rows::Nccl {
                 epoch: 9,
@@ -323,7 +322,18 @@ mod tests {
             },
             ..d.clone()
         };
-        assert_eq!(Dispatch::decode(&nccl.encode(), &LIMITS), Ok(nccl));
+        assert_eq!(Dispatch::decode(&nccl.encode(4), &LIMITS), Ok(nccl));
+        // No rows at all is still a well-formed message of the model's width.
+        let empty = Dispatch {
+            num_rows: 0,
+            rows: Rows::Inline {
+                values: Vec::new(),
+                dtype: WireDtype::F32,
+            },
+            assignments: Vec::new(),
+            ..good()
+        };
+        assert_eq!(Dispatch::decode(&empty.encode(4), &LIMITS), Ok(empty));
         // bf16 rows come back rounded, with the dtype kept for the answer.
         let bf16 = Dispatch {
             rows: Rows::Inline {
@@ -332,7 +342,7 @@ mod tests {
             },
             ..d
         };
-        let req = bf16.encode();
+        let req = bf16.encode(4);
         assert_eq!(req.rows.as_ref().unwrap().data.len(), 8 * 2);
         assert_eq!(Dispatch::decode(&req, &LIMITS), Ok(bf16));
     }
@@ -397,6 +407,12 @@ mod tests {
                 "101 rows",
             ),
             (
+                refused(|r| r.rows = Some(WireDtype::F32.encode(&[0.0; 404], &[101, 4]))),
+                Code::InvalidArgument,
+                "rows",
+                "101 rows",
+            ),
+            (
                 refused(|r| {
                     r.assignment_weights.pop();
                 }),
@@ -446,14 +462,6 @@ mod tests {
             assert_eq!(wire.request_id, 11);
             assert_eq!(Answer::decode(&wire, 4), Ok(a.clone()));
         }
-        assert_eq!(
-            Answer::Inline {
-                values: vec![0.0; 8],
-                dtype: WireDtype::F32
-            }
-            .inline_rows(4),
-            Some(2)
-        );
         let empty = DispatchResponse {
             request_id: 1,
             result: None,

@@ -3,6 +3,7 @@
 //! failure it could not do anything about.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use moe_model::experts::ExpertAssignment;
@@ -11,11 +12,11 @@ use moe_runtime::nccl::STEP_TIMEOUT;
 use prost::Message;
 use tokio::task::JoinHandle;
 
-use super::Shared;
 use super::error::{DispatchError, Next, next_step};
 use super::link::{LinkError, Reply};
 use super::plane::DataPlane;
 use super::split::{gather_rows, scatter_add, split_by_worker};
+use super::{Awaited, Shared};
 
 /// Attempts after the first before a layer gives up (each waits for a new placement at most
 /// the recovery timeout).
@@ -28,8 +29,8 @@ pub(crate) struct LayerDispatch {
     rows: Vec<f32>,
     num_rows: usize,
     assignments: Vec<ExpertAssignment>,
-    started: Instant,
-    /// The split was counted in the statistics (once per layer, not per attempt).
+    /// The split was counted in the statistics (once per layer, not per attempt: the tokens
+    /// routed to each expert are a property of the layer).
     recorded: bool,
 }
 
@@ -40,6 +41,26 @@ pub(crate) struct Attempt {
     parts: Vec<Part>,
     /// Over NCCL: the exchange of rows and answers, one answer per part in order.
     exchange: Option<JoinHandle<moe_model::Result<Vec<Vec<f32>>>>>,
+    /// Holds the NCCL plane while this attempt's exchange is on it.
+    _turn: Option<NcclTurn>,
+    sent: Instant,
+}
+
+/// The NCCL plane taken by one attempt; released when the attempt ends, however it ends.
+struct NcclTurn(Arc<AtomicBool>);
+
+impl NcclTurn {
+    fn take(busy: &Arc<AtomicBool>) -> Option<NcclTurn> {
+        busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            .then(|| NcclTurn(busy.clone()))
+    }
+}
+
+impl Drop for NcclTurn {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// One expert worker's share of an attempt.
@@ -71,7 +92,6 @@ impl LayerDispatch {
             rows,
             num_rows,
             assignments,
-            started: Instant::now(),
             recorded: false,
         }
     }
@@ -80,25 +100,33 @@ impl LayerDispatch {
     pub fn send(&mut self) -> Result<Attempt, Failed> {
         let shared = self.shared.clone();
         let h = shared.hidden;
+        let sent = Instant::now();
         let placement = shared.placement().ok_or(Failed {
             error: DispatchError::NoPlacement,
             version: 0,
             over_nccl: false,
         })?;
-        let fail = |error: DispatchError, plane: &DataPlane| Failed {
-            error,
-            version: placement.version,
-            over_nccl: plane.communicator().is_some(),
-        };
-        let batches = split_by_worker(&placement, self.layer, &self.assignments, shared.slot_capacity)
-            .map_err(|e| fail(e.into(), &DataPlane::Grpc(shared.wire)))?;
+        let batches =
+            split_by_worker(&placement, self.layer, &self.assignments, shared.slot_capacity).map_err(|e| Failed {
+                error: e.into(),
+                version: placement.version,
+                over_nccl: false,
+            })?;
         if !self.recorded {
             let workers = placement.workers.len();
             (shared.stats).record_split(self.layer, placement.num_experts, &self.assignments, &batches, workers);
             self.recorded = true;
         }
+        // The NCCL plane when it is free (one exchange at a time on a communicator).
+        let turn = shared.nccl.as_ref().and_then(|_| NcclTurn::take(&shared.nccl_busy));
         let ids = batches.iter().map(|b| placement.workers[b.worker].id.as_str());
-        let plane = DataPlane::choose(shared.nccl.as_ref(), shared.wire, ids);
+        let plane = DataPlane::choose(turn.as_ref().and(shared.nccl.as_ref()), shared.wire, ids);
+        let turn = turn.filter(|_| plane.communicator().is_some());
+        let fail = |error: DispatchError, plane: &DataPlane| Failed {
+            error,
+            version: placement.version,
+            over_nccl: plane.communicator().is_some(),
+        };
         let mut parts = Vec::with_capacity(batches.len());
         let mut nccl_sends = Vec::new();
         for b in batches {
@@ -117,7 +145,7 @@ impl LayerDispatch {
                 rows,
                 assignments: b.assignments,
             }
-            .encode();
+            .encode(h);
             shared.stats.add_bytes(request.encoded_len());
             let reply = shared.link(&worker.address).send(request).map_err(|error| {
                 plane.abandon("a dispatch link stopped before its rows were sent");
@@ -145,6 +173,8 @@ impl LayerDispatch {
             plane,
             parts,
             exchange,
+            _turn: turn,
+            sent,
         })
     }
 
@@ -224,18 +254,17 @@ impl LayerDispatch {
         let mut inline = Vec::with_capacity(attempt.parts.len());
         for part in attempt.parts {
             let worker = part.worker;
-            let answer = shared.await_reply(part.reply, attempt.version).map_err(|e| {
-                fail(match e {
-                    None => DispatchError::PlacementChanged { worker: worker.clone() },
-                    Some(error) => DispatchError::Worker {
-                        worker: worker.clone(),
-                        error,
-                    },
-                })
-            })?;
-            shared.stats.add_bytes(answer.bytes);
-            let values = check_answer(answer.answer, part.rows.len(), h, over_nccl)
-                .map_err(|error| fail(DispatchError::Worker { worker, error }))?;
+            let values = match shared.await_reply(part.reply, attempt.version) {
+                Awaited::PlacementMoved => Err(DispatchError::PlacementChanged { worker }),
+                Awaited::Answer(answer) => answer
+                    .and_then(|resp| {
+                        shared.stats.add_bytes(resp.encoded_len());
+                        let answer = Answer::decode(&resp, h).map_err(|e| LinkError::Malformed(e.to_string()))?;
+                        check_answer(answer, part.rows.len(), h, over_nccl)
+                    })
+                    .map_err(|error| DispatchError::Worker { worker, error }),
+            }
+            .map_err(fail)?;
             inline.push((part.rows, values));
         }
         let mut over_nccl_answers = match attempt.exchange {
@@ -255,7 +284,8 @@ impl LayerDispatch {
             };
             scatter_add(&mut out, h, &rows, &values);
         }
-        shared.stats.record_answered(self.started.elapsed(), over_nccl);
+        // The round trip of the attempt that succeeded, as before retries lived here.
+        shared.stats.record_answered(attempt.sent.elapsed(), over_nccl);
         Ok(out)
     }
 }

@@ -1,22 +1,24 @@
 //! One expert worker's dispatch stream, owned by a task and reached through a cheap handle.
 //! Requests are sent as they come, so several layer dispatches (micro-batches) can be in
 //! flight on one link; the expert worker answers a stream's messages in order.
+//!
+//! Nothing in the link's task ever waits to send: requests go into an unbounded queue that
+//! the gRPC stream drains as HTTP/2 flow control allows, so the task always reads answers (a
+//! task parked on a full request channel while the peer is parked on its full answer channel
+//! would be a deadlock no timeout can end). What is queued is bounded by the caller: the rows
+//! of the dispatches in flight, which are in memory already.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::{DispatchRequest, DispatchResponse};
-use moe_runtime::dispatch::{Answer, AnswerError};
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
-
-/// How long an answer may take before the worker is considered lost.
-pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a link produced no answer to a request.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -27,6 +29,9 @@ pub enum LinkError {
     Closed(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The stream answered another request than the oldest waiting: it cannot be trusted.
+    #[error("answer to request {got} while waiting for {want}")]
+    OutOfOrder { got: u64, want: u64 },
     #[error("refused ({code}): {message}")]
     Refused { code: Code, message: String },
     #[error("malformed answer: {0}")]
@@ -34,30 +39,18 @@ pub enum LinkError {
 }
 
 impl LinkError {
-    /// Transport failures: the worker may be gone.
+    /// Transport failures: the worker or its stream may be gone.
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
-            LinkError::Unreachable(_) | LinkError::Closed(_) | LinkError::Timeout(_)
+            LinkError::Unreachable(_) | LinkError::Closed(_) | LinkError::Timeout(_) | LinkError::OutOfOrder { .. }
         )
     }
 }
 
-impl From<AnswerError> for LinkError {
-    fn from(e: AnswerError) -> Self {
-        LinkError::Malformed(e.to_string())
-    }
-}
-
-/// An answer, with the bytes it took on the wire.
-#[derive(Debug)]
-pub(crate) struct Received {
-    pub answer: Answer,
-    pub bytes: usize,
-}
-
-type ReplyTo = oneshot::Sender<Result<Received, LinkError>>;
-pub(crate) type Reply = oneshot::Receiver<Result<Received, LinkError>>;
+type ReplyTo = oneshot::Sender<Result<DispatchResponse, LinkError>>;
+/// The raw answer to one request (decoded by the caller, off the runtime's threads).
+pub(crate) type Reply = oneshot::Receiver<Result<DispatchResponse, LinkError>>;
 
 struct Call {
     request: DispatchRequest,
@@ -66,22 +59,24 @@ struct Call {
 
 #[derive(Clone)]
 pub(crate) struct Link {
-    calls: mpsc::Sender<Call>,
+    calls: mpsc::UnboundedSender<Call>,
 }
 
 impl Link {
     /// Starts the link's task; it connects on the first request and again after a failure.
-    pub fn spawn(handle: &tokio::runtime::Handle, address: String, hidden: usize) -> Self {
-        let (calls, rx) = mpsc::channel(64);
-        handle.spawn(run(address, hidden, rx));
+    /// An answer may take `timeout` from its request's send or the previous answer on the
+    /// link, whichever is later, before the worker is considered lost.
+    pub fn spawn(handle: &tokio::runtime::Handle, address: String, timeout: Duration) -> Self {
+        let (calls, rx) = mpsc::unbounded_channel();
+        handle.spawn(run(address, timeout, rx));
         Link { calls }
     }
 
-    /// Queues a request from a thread outside the runtime; its answer arrives on the receiver.
+    /// Queues a request (never waits); its answer arrives on the receiver.
     pub fn send(&self, request: DispatchRequest) -> Result<Reply, LinkError> {
         let (reply, rx) = oneshot::channel();
         self.calls
-            .blocking_send(Call { request, reply })
+            .send(Call { request, reply })
             .map_err(|_| LinkError::Closed("dispatch link stopped".into()))?;
         Ok(rx)
     }
@@ -89,7 +84,7 @@ impl Link {
 
 /// An open dispatch stream.
 struct Stream {
-    requests: mpsc::Sender<DispatchRequest>,
+    requests: mpsc::UnboundedSender<DispatchRequest>,
     answers: tonic::Streaming<DispatchResponse>,
 }
 
@@ -100,9 +95,9 @@ impl Stream {
         let mut client = ExpertClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let (requests, rx) = mpsc::channel(16);
+        let (requests, rx) = mpsc::unbounded_channel();
         let answers = client
-            .dispatch(ReceiverStream::new(rx))
+            .dispatch(UnboundedReceiverStream::new(rx))
             .await
             .map_err(|s| LinkError::Unreachable(format!("opening the dispatch stream: {}", s.message())))?
             .into_inner();
@@ -119,7 +114,7 @@ struct Waiting {
 
 /// The link's task: sends each request as it comes, matches answers to requests in order,
 /// and on any failure fails every waiting request and reconnects on the next one.
-async fn run(address: String, hidden: usize, mut calls: mpsc::Receiver<Call>) {
+async fn run(address: String, timeout: Duration, mut calls: mpsc::UnboundedReceiver<Call>) {
     let mut stream: Option<Stream> = None;
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     loop {
@@ -137,24 +132,29 @@ async fn run(address: String, hidden: usize, mut calls: mpsc::Receiver<Call>) {
                     }
                 }
                 let id = request.request_id;
-                let open = stream.as_ref().expect("opened above");
-                if open.requests.send(request).await.is_err() {
+                if stream.as_ref().expect("opened above").requests.send(request).is_err() {
+                    let closed = LinkError::Closed("dispatch stream closed".into());
                     stream = None;
-                    fail_all(&mut waiting, &LinkError::Closed("dispatch stream closed".into()));
-                    let _ = reply.send(Err(LinkError::Closed("dispatch stream closed".into())));
+                    fail_all(&mut waiting, &closed);
+                    let _ = reply.send(Err(closed));
                     continue;
                 }
-                waiting.push_back(Waiting { id, deadline: Instant::now() + ANSWER_TIMEOUT, reply });
+                waiting.push_back(Waiting { id, deadline: Instant::now() + timeout, reply });
             }
             answer = next_answer(&mut stream), if !waiting.is_empty() => {
                 let failure = match answer {
                     Some(Ok(resp)) => {
                         let w = waiting.pop_front().expect("a request is waiting");
                         if resp.request_id == w.id {
-                            let _ = w.reply.send(parse(&resp, hidden));
+                            let _ = w.reply.send(Ok(resp));
+                            // The next request's clock starts now at the latest: requests
+                            // queued together do not share one budget.
+                            if let Some(next) = waiting.front_mut() {
+                                next.deadline = next.deadline.max(Instant::now() + timeout);
+                            }
                             continue;
                         }
-                        let e = LinkError::Malformed(format!("answer to request {} while waiting for {}", resp.request_id, w.id));
+                        let e = LinkError::OutOfOrder { got: resp.request_id, want: w.id };
                         let _ = w.reply.send(Err(e.clone()));
                         e
                     }
@@ -167,7 +167,7 @@ async fn run(address: String, hidden: usize, mut calls: mpsc::Receiver<Call>) {
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 // The oldest request is overdue: the worker is frozen or cut off.
                 stream = None;
-                fail_all(&mut waiting, &LinkError::Timeout(ANSWER_TIMEOUT));
+                fail_all(&mut waiting, &LinkError::Timeout(timeout));
             }
         }
     }
@@ -177,16 +177,6 @@ async fn next_answer(stream: &mut Option<Stream>) -> Option<Result<DispatchRespo
     match stream {
         Some(s) => s.answers.next().await,
         None => std::future::pending().await,
-    }
-}
-
-fn parse(resp: &DispatchResponse, hidden: usize) -> Result<Received, LinkError> {
-    match Answer::decode(resp, hidden)? {
-        Answer::Refused { code, message } => Err(LinkError::Refused { code, message }),
-        answer => Ok(Received {
-            answer,
-            bytes: prost::Message::encoded_len(resp),
-        }),
     }
 }
 

@@ -7,7 +7,10 @@
 //! answers (one weighted sum per row per worker) are added up in worker order (`layer`). A
 //! failed layer dispatch retries by itself, on the next placement or over gRPC (`error` has the
 //! rule), so callers see only a result or a final error. Each dispatch owns its rows and its
-//! attempt, so several can be in flight at once.
+//! attempt, so several can be in flight at once: any number over gRPC (a link pipelines them),
+//! one at a time over NCCL (an expert worker posts its receives in header order, so two
+//! exchanges racing on one communicator could swap their rows); a dispatch that finds the
+//! NCCL plane busy goes over gRPC.
 
 mod error;
 mod layer;
@@ -17,8 +20,8 @@ mod split;
 mod stats;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moe_model::Error;
@@ -34,7 +37,7 @@ pub use split::NotHeld;
 pub use stats::DispatchStats;
 
 use layer::LayerDispatch;
-use link::{Link, Received, Reply};
+use link::{Link, Reply};
 
 /// How the attention worker reaches its expert workers.
 #[derive(Debug, Clone)]
@@ -48,6 +51,14 @@ pub struct DispatchConfig {
     pub wire: WireDtype,
     /// How long a failed layer dispatch waits for a new placement before it fails.
     pub recover_timeout: Duration,
+    /// How long an expert worker may take to answer (from the send, or from its previous
+    /// answer when several are queued) before it is considered lost.
+    pub answer_timeout: Duration,
+}
+
+impl DispatchConfig {
+    /// The default `answer_timeout`: far above any healthy layer's time on a CPU worker.
+    pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 /// The attention worker's expert unit. Cheap to share: everything lives in [`Shared`].
@@ -64,12 +75,14 @@ pub(crate) struct Shared {
     slot_capacity: Option<usize>,
     wire: WireDtype,
     recover_timeout: Duration,
+    answer_timeout: Duration,
     /// This worker's place on the NCCL data plane (`--nccl-device`): layers go over it while
     /// its group is ready and holds every expert worker of the layer, else over gRPC.
     nccl: Option<NcclAgent>,
-    placement: RwLock<Option<Arc<PlacementView>>>,
-    /// The placement version in use, for waits that must end when it changes.
-    version: watch::Sender<u64>,
+    /// A layer's exchange is on the NCCL plane (one at a time: see the module doc).
+    nccl_busy: Arc<AtomicBool>,
+    /// The placement in use; waits that must end when it changes watch it.
+    placement: watch::Sender<Option<Arc<PlacementView>>>,
     links: Mutex<HashMap<String, Link>>,
     next_id: AtomicU64,
     /// Expert workers seen failing, with the reason, to be reported to the coordinator.
@@ -87,9 +100,10 @@ impl RemoteExperts {
             slot_capacity: config.slot_capacity,
             wire: config.wire,
             recover_timeout: config.recover_timeout,
+            answer_timeout: config.answer_timeout,
             nccl,
-            placement: RwLock::new(None),
-            version: watch::Sender::new(0),
+            nccl_busy: Arc::new(AtomicBool::new(false)),
+            placement: watch::Sender::new(None),
             links: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             suspects: Mutex::new(Vec::new()),
@@ -102,9 +116,7 @@ impl RemoteExperts {
     }
 
     pub fn set_placement(&self, placement: PlacementView) {
-        let version = placement.version;
-        *self.shared.placement.write().expect("lock") = Some(Arc::new(placement));
-        self.shared.version.send_replace(version);
+        self.shared.placement.send_replace(Some(Arc::new(placement)));
     }
 
     pub fn placement_version(&self) -> u64 {
@@ -159,11 +171,11 @@ impl ExpertCompute for RemoteExperts {
 
 impl Shared {
     fn placement(&self) -> Option<Arc<PlacementView>> {
-        self.placement.read().expect("lock").clone()
+        self.placement.borrow().clone()
     }
 
     fn placement_version(&self) -> u64 {
-        *self.version.borrow()
+        version_of(&self.placement.borrow())
     }
 
     fn next_request_id(&self) -> u64 {
@@ -174,7 +186,7 @@ impl Shared {
         let mut links = self.links.lock().expect("lock");
         links
             .entry(address.to_owned())
-            .or_insert_with(|| Link::spawn(&self.handle, address.to_owned(), self.hidden))
+            .or_insert_with(|| Link::spawn(&self.handle, address.to_owned(), self.answer_timeout))
             .clone()
     }
 
@@ -185,24 +197,34 @@ impl Shared {
     /// Waits (blocking, outside the runtime) for a placement newer than `version`; false when
     /// none came within the recovery timeout.
     fn wait_for_placement_after(&self, version: u64) -> bool {
-        let mut versions = self.version.subscribe();
+        let mut placements = self.placement.subscribe();
         self.handle.block_on(async {
-            tokio::time::timeout(self.recover_timeout, versions.wait_for(|&v| v != version))
+            tokio::time::timeout(self.recover_timeout, placements.wait_for(|p| version_of(p) != version))
                 .await
                 .is_ok_and(|changed| changed.is_ok())
         })
     }
 
-    /// A link's answer, or why there is none: `Some(error)` from the link, `None` when the
-    /// placement moved on from `version` first (a worker that stopped answering without
-    /// closing its connection is waited for only until the coordinator re-places its experts).
-    fn await_reply(&self, reply: Reply, version: u64) -> Result<Received, Option<LinkError>> {
-        let mut versions = self.version.subscribe();
+    /// A link's answer, unless the placement moves on from `version` first: a worker that
+    /// stopped answering without closing its connection is waited for only until the
+    /// coordinator re-places its experts.
+    fn await_reply(&self, reply: Reply, version: u64) -> Awaited {
+        let mut placements = self.placement.subscribe();
         self.handle.block_on(async {
             tokio::select! {
-                r = reply => r.unwrap_or_else(|_| Err(LinkError::Closed("dispatch link dropped the request".into()))).map_err(Some),
-                _ = versions.wait_for(|&v| v != version) => Err(None),
+                r = reply => Awaited::Answer(r.unwrap_or_else(|_| Err(LinkError::Closed("dispatch link dropped the request".into())))),
+                _ = placements.wait_for(|p| version_of(p) != version) => Awaited::PlacementMoved,
             }
         })
     }
+}
+
+/// What waiting for one answer ended with.
+enum Awaited {
+    Answer(Result<moe_proto::v1::DispatchResponse, LinkError>),
+    PlacementMoved,
+}
+
+fn version_of(placement: &Option<Arc<PlacementView>>) -> u64 {
+    placement.as_ref().map_or(0, |p| p.version)
 }

@@ -196,7 +196,7 @@ async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
     ];
     for (dispatch, code, msg) in cases {
         let id = dispatch.request_id;
-        tx.send(dispatch.encode()).await.unwrap();
+        tx.send(dispatch.encode(64)).await.unwrap();
         let resp = responses.next().await.unwrap().unwrap();
         assert_eq!(resp.request_id, id);
         match Answer::decode(&resp, 64).unwrap() {
@@ -208,14 +208,14 @@ async fn expert_worker_refuses_bad_dispatches_and_keeps_serving() {
         }
     }
     // The same stream still serves a good message, and answers bf16 rows in bf16.
-    tx.send(good(5, WireDtype::Bf16).encode()).await.unwrap();
+    tx.send(good(5, WireDtype::Bf16).encode(64)).await.unwrap();
     let resp = responses.next().await.unwrap().unwrap();
     let Some(moe_proto::v1::dispatch_response::Result::Output(t)) = &resp.result else {
         panic!("good bf16 message refused: {resp:?}")
     };
     assert_eq!(t.dtype, moe_proto::v1::Dtype::Bf16 as i32);
     assert_eq!(t.data.len(), 2 * 64 * 2);
-    tx.send(good(6, WireDtype::F32).encode()).await.unwrap();
+    tx.send(good(6, WireDtype::F32).encode(64)).await.unwrap();
     let resp = responses.next().await.unwrap().unwrap();
     let Answer::Inline { values, dtype } = Answer::decode(&resp, 64).unwrap() else {
         panic!("good message refused: {resp:?}")
