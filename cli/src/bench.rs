@@ -300,6 +300,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let floors = floors(&dir, &config)?;
     let machine = (!args.no_machine).then(crate::machine::measure);
+    let mut gpu_bandwidth_gbps = None;
     let target = match &args.endpoint {
         Some(ep) => {
             let mut c = ClusterClient::new(ep)?;
@@ -308,6 +309,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {
             let device = moe_model::device::Device::open(&args.device)?;
+            if let moe_model::device::Device::Cuda(gpu) = &device
+                && !args.no_machine
+            {
+                // The decode step's floor on this device: its weight bytes at the GPU's own
+                // measured bandwidth (256 MiB copies, best of 10).
+                gpu_bandwidth_gbps = Some(gpu.measure_memory_gbps(256 << 20, 10)?);
+            }
             let options = EngineOptions {
                 expert_device: device.clone(),
                 attention_device: device,
@@ -401,6 +409,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "flops_per_token": floors.flops_per_token,
             "prefill_over_matmul_peak": machine.as_ref().map(|m| prefill_gflops / m.matmul_f32_gflops),
         },
+        "gpu": gpu_bandwidth_gbps.map(|gbps| {
+            let floor_ms = floors.decode_bytes / (gbps * 1e9) * 1e3;
+            json!({
+                "memory_bandwidth_gbps": gbps,
+                "decode_step_floor_ms": floor_ms,
+                "decode_step_over_floor": decode_step_s * 1e3 / floor_ms,
+            })
+        }),
         "machine": machine,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -5,7 +5,7 @@ use anyhow::Context;
 use moe_model::engine::Greedy;
 use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions};
-use moe_model_tools::golden::{Fixture, GoldenTarget, PrefillResult};
+use moe_model_tools::golden::{Fixture, GoldenTarget, PrefillResult, Tolerances};
 use moe_runtime::client::ClusterClient;
 
 #[derive(clap::Args)]
@@ -18,18 +18,40 @@ pub struct Args {
     /// compared that way.
     #[arg(long)]
     endpoint: Option<String>,
+    /// (In process only) Where the attention layers and routed experts run: cpu, or cuda:N in
+    /// a `cuda` build. A GPU computes in bf16, so it is checked against the bf16 tolerances.
+    #[arg(long, default_value = "cpu", conflicts_with = "endpoint")]
+    device: String,
+    /// The tolerances to check against: the fixture's own (`fixture`, the default on the CPU)
+    /// or bf16 ones (`bf16`, the default on a GPU; for a cluster whose workers run on GPUs).
+    #[arg(long, value_parser = ["fixture", "bf16"])]
+    tolerances: Option<String>,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let fixture =
+    let mut fixture =
         Fixture::open(&args.fixture).with_context(|| format!("opening fixture {}", args.fixture.display()))?;
+    let device = moe_model::device::Device::open(&args.device)?;
+    let on_gpu = !matches!(device, moe_model::device::Device::Cpu);
+    let tolerances = args
+        .tolerances
+        .as_deref()
+        .unwrap_or(if on_gpu { "bf16" } else { "fixture" });
+    if tolerances == "bf16" {
+        fixture.tolerances = Tolerances::bf16();
+        eprintln!("checking against bf16 tolerances: {:?}", fixture.tolerances);
+    }
     let report = match &args.endpoint {
         None => {
-            let mut engine =
-                Engine::load(&args.fixture, EngineOptions::default()).context("loading the fixture's model")?;
+            let options = EngineOptions {
+                expert_device: device.clone(),
+                attention_device: device,
+                ..Default::default()
+            };
+            let mut engine = Engine::load(&args.fixture, options).context("loading the fixture's model")?;
             tokio::task::block_in_place(|| fixture.check(&mut engine))?
         }
         Some(endpoint) => {

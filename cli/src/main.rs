@@ -8,6 +8,7 @@ mod flags;
 mod gen_model;
 mod generate;
 mod gpu_bench;
+mod gpu_plan;
 mod machine;
 mod remote;
 mod up;

@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::default_model::default_model_dir;
+use crate::gpu_plan;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -84,8 +85,9 @@ pub struct Args {
     tls: moe_runtime::tls::TlsArgs,
     /// GPUs for the workers (e.g. `cuda:0,cuda:1`; needs a `cuda` build, NCCL and the GPUs):
     /// given out round robin, expert workers first, then attention workers. Expert workers run
-    /// their products and attention workers their attention layers on theirs, and every
-    /// worker joins the NCCL data plane on it.
+    /// their products and attention workers their attention layers on theirs. When every
+    /// worker has a GPU of its own they join the NCCL data plane (NCCL refuses two ranks on one
+    /// GPU); otherwise layers go over gRPC, and a `GPUS` line says which.
     #[arg(long, value_delimiter = ',')]
     gpus: Vec<String>,
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
@@ -217,14 +219,15 @@ impl LocalCluster {
             endpoint.clone(),
         ];
         common.extend(tls_args);
-        let mut gpus = args.gpus.iter().cycle();
+        let gpus = gpu_plan::plan(&args.gpus, args.expert_workers, args.attention_workers);
+        if let Some(line) = gpus.summary() {
+            println!("{line}");
+        }
         let mut expert_args = common.to_vec();
         expert_args.extend(["--spare-slots".into(), args.spare_slots.to_string()]);
-        for _ in 0..args.expert_workers {
+        for gpu in &gpus.experts {
             let mut a = expert_args.clone();
-            if let Some(gpu) = gpus.next() {
-                a.extend(["--device".into(), gpu.clone(), "--nccl-device".into(), gpu.clone()]);
-            }
+            a.extend(gpus.flags(gpu));
             procs.push(spawn("expert-worker", &a).await?);
         }
         let mut attn_args = common.to_vec();
@@ -240,11 +243,9 @@ impl LocalCluster {
             "--block-size".into(),
             args.block_size.to_string(),
         ]);
-        for _ in 0..args.attention_workers {
+        for gpu in &gpus.attention {
             let mut a = attn_args.clone();
-            if let Some(gpu) = gpus.next() {
-                a.extend(["--device".into(), gpu.clone(), "--nccl-device".into(), gpu.clone()]);
-            }
+            a.extend(gpus.flags(gpu));
             procs.push(spawn("attention-worker", &a).await?);
         }
         for p in &procs {

@@ -224,3 +224,21 @@ gpu_test!(an_attention_layer_matches_the_cpu_over_prefill_then_decode, |gpu| {
         assert_close(&format!("attention layer, step {step}"), &want, &got, 3e-2);
     }
 });
+
+gpu_test!(zero_sized_inputs_return_at_once_without_a_launch, |gpu| {
+    // Empty inputs used to launch empty grids and allocate zero bytes, which CUDA refuses.
+    assert!(gpu.rms_norm(&[], &values(16, 60, 1.0), 1e-5).unwrap().is_empty());
+    let routing = gpu.route(&[], 8, 2, true).unwrap();
+    assert!(routing.experts.is_empty() && routing.weights.is_empty());
+    let inv_freq = vec![1.0f32; 4];
+    assert!(gpu.rope_qk_norm(&[], 8, &[], &inv_freq, None, 1e-5).unwrap().is_empty());
+    // A dispatch with rows but no assignments answers zeros; one with no rows, nothing.
+    assert_eq!(
+        gpu.experts_forward(&values(3 * 16, 61, 1.0), 3, 16, &[], &[]).unwrap(),
+        vec![0.0; 48]
+    );
+    assert!(gpu.experts_forward(&[], 0, 16, &[], &[]).unwrap().is_empty());
+    // The device is still usable afterwards.
+    let x = values(2 * 16, 62, 1.0);
+    assert_eq!(gpu.rms_norm(&x, &values(16, 63, 1.0), 1e-5).unwrap().len(), 32);
+});

@@ -30,6 +30,21 @@ impl Default for Tolerances {
     }
 }
 
+impl Tolerances {
+    /// For a run whose activations are bf16 between operations (the GPU path): bf16 keeps 8
+    /// significant bits, so each quantity is allowed about 2^-5 of a unit-scale value, the
+    /// top-k weights a little less. Stated up front, not fitted to a run.
+    pub fn bf16() -> Self {
+        Tolerances {
+            logits: 5e-2,
+            hidden: 5e-2,
+            router_logits: 5e-2,
+            topk_weight: 2e-2,
+            kv_states: 5e-2,
+        }
+    }
+}
+
 /// An opened fixture directory.
 pub struct Fixture {
     pub dir: PathBuf,

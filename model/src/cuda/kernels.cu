@@ -9,7 +9,7 @@
 //   paged_attention <- attention::attend over KvCache::gather with the key norm applied on read
 //   router_topk     <- Router::route
 //   swiglu          <- kernels::silu_mul
-//   combine_add     <- the weighted combine of LocalExperts::compute
+//   combine_rows    <- the weighted combine of LocalExperts::compute (assignment order)
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
@@ -172,13 +172,17 @@ extern "C" __global__ void swiglu(const bf16_t* gate, const bf16_t* up, bf16_t* 
     }
 }
 
-// out[rows[i]] += weights[i] * y[i] for the n member rows of one expert; one block per member.
-// Launches for different experts run in order on one stream, so the sum order is fixed.
-extern "C" __global__ void combine_add(const bf16_t* y, const u32* rows, const float* weights, float* out, u32 n,
-                                       u32 hidden) {
-    if (blockIdx.x >= n) return;
-    const float w = weights[blockIdx.x];
-    const bf16_t* yi = y + (size_t)blockIdx.x * hidden;
-    float* o = out + (size_t)rows[blockIdx.x] * hidden;
-    for (u32 c = threadIdx.x; c < hidden; c += blockDim.x) atomicAdd(&o[c], w * bf2f(yi[c]));
+// out[r] = sum over the assignments of row r, in assignment order, of weights[j] * y[slots[j]]:
+// one block per row, `starts[r]..starts[r + 1]` its assignments (planned on the host by
+// cuda::combine). The order is the CPU's (LocalExperts::compute), so the two differ only by
+// the bf16 expert outputs, never by summation order.
+extern "C" __global__ void combine_rows(const bf16_t* y, const u32* starts, const u32* slots, const float* weights,
+                                        float* out, u32 num_rows, u32 hidden) {
+    if (blockIdx.x >= num_rows) return;
+    const u32 r = blockIdx.x;
+    for (u32 c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float acc = 0.0f;
+        for (u32 j = starts[r]; j < starts[r + 1]; ++j) acc += weights[j] * bf2f(y[(size_t)slots[j] * hidden + c]);
+        out[(size_t)r * hidden + c] = acc;
+    }
 }

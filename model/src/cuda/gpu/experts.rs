@@ -1,18 +1,19 @@
 //! Routed experts on the GPU: weights uploaded straight from the mmapped checkpoint, and one
 //! dispatch computed as two grouped GEMMs (gate+up for every expert, then down), SwiGLU in
-//! between, and the weighted combine on the device: one upload of the rows and one download
-//! of the combined output per dispatch.
+//! between, and the weighted combine on the device in assignment order (the CPU's order): one
+//! upload of the rows and one download of the combined output per dispatch.
 
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{GroupedGemm, GroupedGemmConfig};
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::grouped_gemm::PointerArrays;
 use super::ops::to_bf16;
 use super::{CudaDevice, err};
 use crate::checkpoint::Checkpoint;
 use crate::config::DType;
 use crate::cuda::ExpertGroup;
+use crate::cuda::combine::combine_plan;
+use crate::cuda::grouped::{GemmGroup, bf16_at};
 use crate::router::ExpertAssignment;
 use crate::{Error, Result};
 
@@ -55,11 +56,6 @@ impl DeviceSwiGlu {
             inter,
         })
     }
-
-    fn view(m: &CudaSlice<u8>) -> CudaView<'_, bf16> {
-        // SAFETY: uploads below write bf16 bytes only, an even count.
-        unsafe { m.transmute::<bf16>(m.len() / 2) }.expect("an even byte count")
-    }
 }
 
 impl CudaDevice {
@@ -97,7 +93,8 @@ impl CudaDevice {
     }
 
     /// `out[row] = sum over assignments a of that row: a.weight * expert_a(rows[row])`, for
-    /// `rows` `[num_rows, hidden]` f32. `groups` partition `assignments` by expert.
+    /// `rows` `[num_rows, hidden]` f32, added up per row in assignment order (as on the CPU).
+    /// `groups` partition `assignments` by expert.
     pub fn experts_forward(
         &self,
         rows: &[f32],
@@ -111,143 +108,125 @@ impl CudaDevice {
                 "expert weights do not have hidden size {hidden}"
             )));
         }
-        let s = self.stream();
-        // Rows in group order, narrowed to bf16: one upload. Then the members' output rows and
-        // routing weights, also in group order.
         let total: usize = groups.iter().map(|g| g.members.len()).sum();
-        let mut x = Vec::with_capacity(total * hidden);
-        let mut out_rows = Vec::with_capacity(total);
-        let mut out_weights = Vec::with_capacity(total);
-        for g in groups {
-            for &i in g.members {
-                let r = assignments[i].row as usize;
-                x.extend(rows[r * hidden..(r + 1) * hidden].iter().map(|&v| bf16::from_f32(v)));
-                out_rows.push(r as u32);
-                out_weights.push(assignments[i].weight);
-            }
+        // Nothing to launch: no zero-sized allocations or empty grids.
+        if num_rows == 0 || hidden == 0 {
+            return Ok(Vec::new());
         }
-        let x_d = s.clone_htod(&x).map_err(err("uploading rows"))?;
-        let rows_d = s.clone_htod(&out_rows).map_err(err("uploading rows"))?;
-        let weights_d = s.clone_htod(&out_weights).map_err(err("uploading weights"))?;
-        let mut out = s.alloc_zeros::<f32>(num_rows * hidden).map_err(err("allocating"))?;
         if total == 0 {
-            return s.clone_dtoh(&out).map_err(err("downloading outputs"));
+            return Ok(vec![0.0; num_rows * hidden]);
         }
-
-        let offsets = starts(groups.iter().map(|g| g.members.len()));
+        // Rows in group order, narrowed to bf16: one upload; where each assignment's output
+        // lands among them.
+        let mut x = Vec::with_capacity(total * hidden);
+        let mut slot_of = vec![0usize; assignments.len()];
+        for (slot, &i) in groups.iter().flat_map(|g| g.members).enumerate() {
+            let r = assignments[i].row as usize;
+            x.extend(rows[r * hidden..(r + 1) * hidden].iter().map(|&v| bf16::from_f32(v)));
+            slot_of[i] = slot;
+        }
+        let plan = combine_plan(assignments, num_rows, &slot_of);
+        let s = self.stream();
+        let x_d = s.clone_htod(&x).map_err(err("uploading rows"))?;
         let problems: Vec<(&DeviceSwiGlu, usize)> = groups.iter().map(|g| (g.weights, g.members.len())).collect();
-        let y = self.grouped_swiglu(&x_d, hidden, &problems)?;
-        let (h, threads) = (hidden as u32, 256u32);
-        for ((y, g), &o) in y.iter().zip(groups).zip(&offsets) {
-            let n = g.members.len() as u32;
-            let member_rows = rows_d.slice(o..o + g.members.len());
-            let member_weights = weights_d.slice(o..o + g.members.len());
-            let mut launch = s.launch_builder(self.kernel("combine_add"));
-            launch
-                .arg(y)
-                .arg(&member_rows)
-                .arg(&member_weights)
-                .arg(&mut out)
-                .arg(&n)
-                .arg(&h);
-            let cfg = LaunchConfig {
-                grid_dim: (n, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: n member rows of y, rows[i] < num_rows (checked by the caller), hidden columns.
-            unsafe { launch.launch(cfg) }.map_err(err("combine kernel"))?;
-        }
+        let (y, _pointers) = self.grouped_swiglu(&x_d, hidden, &problems)?;
+        let starts = s.clone_htod(&plan.starts).map_err(err("uploading the combine plan"))?;
+        let slots = s.clone_htod(&plan.slots).map_err(err("uploading the combine plan"))?;
+        let weights = s.clone_htod(&plan.weights).map_err(err("uploading the combine plan"))?;
+        let mut out = s.alloc_zeros::<f32>(num_rows * hidden).map_err(err("allocating"))?;
+        let (n, h) = (num_rows as u32, hidden as u32);
+        let mut launch = s.launch_builder(self.kernel("combine_rows"));
+        launch
+            .arg(&y)
+            .arg(&starts)
+            .arg(&slots)
+            .arg(&weights)
+            .arg(&mut out)
+            .arg(&n)
+            .arg(&h);
+        let cfg = LaunchConfig {
+            grid_dim: (n, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: starts has num_rows + 1 entries indexing slots and weights; every slot is
+        // below `total`, the rows of y; out is [num_rows, hidden].
+        unsafe { launch.launch(cfg) }.map_err(err("combine kernel"))?;
+        // The download waits for the stream, so the GEMMs' pointer arrays may go after it.
         s.clone_dtoh(&out).map_err(err("downloading outputs"))
     }
 
     /// `y_g = down(silu(gate(x_g)) * up(x_g))` for each `(expert, rows)` of `groups`, whose
     /// rows lie one after the other in `x` (`[sum rows, hidden]` bf16): one grouped GEMM for
     /// every gate and up product, the SwiGLU kernels, one grouped GEMM for the down products.
+    /// Returns `y` (`[sum rows, hidden]`, in the same order) and the GEMMs' pointer arrays,
+    /// which must live until the stream has passed them.
     pub(super) fn grouped_swiglu(
         &self,
         x_d: &CudaSlice<bf16>,
         hidden: usize,
         groups: &[(&DeviceSwiGlu, usize)],
-    ) -> Result<Vec<CudaSlice<bf16>>> {
+    ) -> Result<(CudaSlice<bf16>, [PointerArrays; 2])> {
         let s = self.stream();
-        let offsets = starts(groups.iter().map(|&(_, rows)| rows));
-        let x_views: Vec<CudaView<'_, bf16>> = groups
-            .iter()
-            .zip(&offsets)
-            .map(|(g, &o)| x_d.slice(o * hidden..(o + g.1) * hidden))
-            .collect();
-        let mut gate_up: Vec<CudaSlice<bf16>> = groups
-            .iter()
-            .map(|g| s.alloc_zeros::<bf16>(2 * g.1 * g.0.inter))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(err("allocating"))?;
-        let mut act: Vec<CudaSlice<bf16>> = groups
-            .iter()
-            .map(|g| s.alloc_zeros::<bf16>(g.1 * g.0.inter))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(err("allocating"))?;
-        let mut y: Vec<CudaSlice<bf16>> = groups
-            .iter()
-            .map(|g| s.alloc_zeros::<bf16>(g.1 * hidden))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(err("allocating"))?;
+        let total: usize = groups.iter().map(|g| g.1).sum();
+        // Per group: its first row, and where its gate|up and activation blocks start.
+        let rows_at = starts(groups.iter().map(|g| g.1));
+        let gate_up_at = starts(groups.iter().map(|g| 2 * g.1 * g.0.inter));
+        let act_at = starts(groups.iter().map(|g| g.1 * g.0.inter));
+        let gate_up_len: usize = groups.iter().map(|g| 2 * g.1 * g.0.inter).sum();
+        let alloc = |n: usize| s.alloc_zeros::<bf16>(n.max(1)).map_err(err("allocating"));
+        let (gate_up, mut act, y) = (alloc(gate_up_len)?, alloc(gate_up_len / 2)?, alloc(total * hidden)?);
+        let base = |buf: &CudaSlice<bf16>| buf.device_ptr(s).0;
+        let (x_p, gu_p, act_p, y_p) = (base(x_d), base(&gate_up), base(&act), base(&y));
+        let weight = |w: &CudaSlice<u8>| w.device_ptr(s).0;
 
-        // Row-major Y[n_rows, n] = X[n_rows, k] W^T for W[n, k] is, column-major,
-        // Y^T[n, n_rows] = op(W)[n, k] X^T[k, n_rows] with op = transpose of W's [k, n] view.
-        // Per expert: one group of two problems (gate and up, same shape), then one of one (down).
-        let config = |shapes: &[(usize, usize, usize, usize)]| GroupedGemmConfig::<bf16> {
-            transas: vec![cublasOperation_t::CUBLAS_OP_T; shapes.len()],
-            transbs: vec![cublasOperation_t::CUBLAS_OP_N; shapes.len()],
-            ms: shapes.iter().map(|s| s.0).collect(),
-            ns: shapes.iter().map(|s| s.1).collect(),
-            ks: shapes.iter().map(|s| s.2).collect(),
-            alphas: vec![1.0; shapes.len()],
-            betas: vec![0.0; shapes.len()],
-            ldas: shapes.iter().map(|s| s.2).collect(),
-            ldbs: shapes.iter().map(|s| s.2).collect(),
-            ldcs: shapes.iter().map(|s| s.0).collect(),
-            problem_sizes: shapes.iter().map(|s| s.3).collect(),
-        };
-        let blas = self.blas();
-        {
-            let shapes: Vec<_> = groups.iter().map(|g| (g.0.inter, g.1, hidden, 2)).collect();
-            let a: Vec<CudaView<'_, bf16>> = groups
-                .iter()
-                .flat_map(|g| [DeviceSwiGlu::view(&g.0.gate), DeviceSwiGlu::view(&g.0.up)])
-                .collect();
-            let b: Vec<&CudaView<'_, bf16>> = x_views.iter().flat_map(|v| [v, v]).collect();
-            let mut c: Vec<_> = gate_up
-                .iter_mut()
-                .zip(groups)
-                .flat_map(|(buf, g)| {
-                    let (gate, up) = buf.split_at_mut(g.1 * g.0.inter);
-                    [gate, up]
-                })
-                .collect();
-            let a: Vec<&CudaView<'_, bf16>> = a.iter().collect();
-            let mut c: Vec<_> = c.iter_mut().collect();
-            // SAFETY: every problem's shapes match its buffers, allocated above from the same sizes.
-            unsafe { blas.grouped_gemm(config(&shapes), &a, &b, &mut c) }.map_err(err("gate/up grouped GEMM"))?;
-        }
-        for ((buf, act), g) in gate_up.iter().zip(act.iter_mut()).zip(groups) {
-            let n = g.1 * g.0.inter;
-            let (gate, up) = buf.split_at(n);
+        // Gate and up of each expert: one group of two problems of the same shape.
+        let gate_up_gemm: Vec<GemmGroup> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, (w, rows))| {
+                let x = bf16_at(x_p, rows_at[g] * hidden);
+                let gate = bf16_at(gu_p, gate_up_at[g]);
+                let up = bf16_at(gu_p, gate_up_at[g] + rows * w.inter);
+                GemmGroup {
+                    m: w.inter,
+                    n: *rows,
+                    k: hidden,
+                    problems: vec![(weight(&w.gate), x, gate), (weight(&w.up), x, up)],
+                }
+            })
+            .collect();
+        let first = self.grouped_gemm_bf16(&gate_up_gemm)?;
+        for (g, (w, rows)) in groups.iter().enumerate() {
+            let n = rows * w.inter;
+            if n == 0 {
+                continue;
+            }
+            let gate = gate_up.slice(gate_up_at[g]..gate_up_at[g] + n);
+            let up = gate_up.slice(gate_up_at[g] + n..gate_up_at[g] + 2 * n);
+            let mut out = act.slice_mut(act_at[g]..act_at[g] + n);
             let n = n as u32;
             let mut launch = s.launch_builder(self.kernel("swiglu"));
-            launch.arg(&gate).arg(&up).arg(act).arg(&n);
-            // SAFETY: reads n values of gate and up, writes n of act.
+            launch.arg(&gate).arg(&up).arg(&mut out).arg(&n);
+            // SAFETY: reads n values of gate and up, writes n of out.
             unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map_err(err("swiglu kernel"))?;
         }
-        {
-            let shapes: Vec<_> = groups.iter().map(|g| (hidden, g.1, g.0.inter, 1)).collect();
-            let a: Vec<CudaView<'_, bf16>> = groups.iter().map(|g| DeviceSwiGlu::view(&g.0.down)).collect();
-            let a: Vec<&CudaView<'_, bf16>> = a.iter().collect();
-            let b: Vec<&CudaSlice<bf16>> = act.iter().collect();
-            let mut c: Vec<&mut CudaSlice<bf16>> = y.iter_mut().collect();
-            // SAFETY: as above.
-            unsafe { blas.grouped_gemm(config(&shapes), &a, &b, &mut c) }.map_err(err("down grouped GEMM"))?;
-        }
-        Ok(y)
+        // Down of each expert: a group of one.
+        let down_gemm: Vec<GemmGroup> = groups
+            .iter()
+            .enumerate()
+            .map(|(g, (w, rows))| GemmGroup {
+                m: hidden,
+                n: *rows,
+                k: w.inter,
+                problems: vec![(
+                    weight(&w.down),
+                    bf16_at(act_p, act_at[g]),
+                    bf16_at(y_p, rows_at[g] * hidden),
+                )],
+            })
+            .collect();
+        let second = self.grouped_gemm_bf16(&down_gemm)?;
+        Ok((y, [first, second]))
     }
 }

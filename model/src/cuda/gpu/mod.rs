@@ -7,6 +7,7 @@
 
 mod attention;
 mod experts;
+mod grouped_gemm;
 mod measure;
 mod nccl;
 mod ops;
@@ -16,8 +17,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::cuda::target::{check_cublas as check_cublas_version, kernel_targets};
 
 pub use attention::{DeviceAttention, DeviceAttentionStack};
 pub use experts::DeviceSwiGlu;
@@ -49,6 +53,52 @@ pub struct CudaDevice {
     gpu: Arc<Gpu>,
 }
 
+/// Compiles and loads the kernels for a device of compute capability `cc`, trying the targets of
+/// [`kernel_targets`] in order (its own CUBIN first: a driver older than NVRTC refuses newer
+/// PTX, never a CUBIN); the error lists every attempt.
+fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<CudaModule>> {
+    let mut failures = Vec::new();
+    for target in kernel_targets(cc, &source::supported_archs()?) {
+        let loaded =
+            source::compile(target).and_then(|image| ctx.load_module(image).map_err(err("loading the CUDA kernels")));
+        match loaded {
+            Ok(module) => {
+                tracing::info!(?target, major = cc.0, minor = cc.1, "CUDA kernels loaded");
+                return Ok(module);
+            }
+            Err(e) => failures.push(format!("{target:?}: {e}")),
+        }
+    }
+    Err(Error::Device(format!(
+        "no kernel build loads on this GPU (compute capability {}.{}): {}",
+        cc.0,
+        cc.1,
+        failures.join("; ")
+    )))
+}
+
+/// Refuses a cuBLAS without the grouped GEMM before anything calls it (cudarc aborts the
+/// process on a missing symbol).
+fn check_cublas() -> Result<()> {
+    let property = |p| {
+        let mut v = 0;
+        // SAFETY: valid out pointer; cublasGetProperty exists in every cuBLAS.
+        unsafe { cublas_sys::cublasGetProperty(p, &mut v) }
+            .result()
+            .map(|()| v)
+            .map_err(err("reading the cuBLAS version"))
+    };
+    use cublas_sys::libraryPropertyType::{MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL};
+    let version = (
+        property(MAJOR_VERSION)?,
+        property(MINOR_VERSION)?,
+        property(PATCH_LEVEL)?,
+    );
+    // SAFETY: only looks the symbol up in the loaded library.
+    let grouped = unsafe { cublas_sys::culib().get::<*const ()>(b"cublasGemmGroupedBatchedEx") }.is_ok();
+    check_cublas_version(version, grouped).map_err(Error::Device)
+}
+
 impl CudaDevice {
     pub fn open(ordinal: usize) -> Result<CudaDevice> {
         // Without libcuda, cudarc's context creation panics: look first.
@@ -66,17 +116,16 @@ impl CudaDevice {
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(Error::Device("cuBLAS (libcublas) not found".into()));
         }
+        check_cublas()?;
         let ctx = CudaContext::new(ordinal).map_err(err("creating the CUDA context"))?;
         let capability = |a| ctx.attribute(a).map_err(err("reading the compute capability"));
-        let arch = source::arch(
+        let cc = (
             capability(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
             capability(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
         );
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(err("creating the cuBLAS handle"))?;
-        let module = ctx
-            .load_module(source::compile(arch)?)
-            .map_err(err("loading the CUDA kernels"))?;
+        let module = load_kernels(&ctx, cc)?;
         let mut kernels = HashMap::new();
         for name in source::KERNELS {
             let f = module

@@ -8,12 +8,21 @@
 //! deadline or an asynchronous error the communicator is aborted (`ncclCommAbort`, which also
 //! ends the kernels waiting on it) and refuses every later call; the owner builds a new one.
 //!
-//! Each exchange is one NCCL group of sends and receives to several peers, on a stream of its
-//! own so that a waiting receive never holds up the device's compute stream. Values travel as
-//! bf16 (half the bytes; what the GPU computes in anyway).
+//! An exchange issues its sends as one NCCL group, then its receives as another
+//! ([`exchange_groups`]: both sides of a pair must mirror each other's groups), on a stream of
+//! its own so that a waiting receive never holds up the device's compute stream. Values travel
+//! as bf16 (half the bytes; what the GPU computes in anyway).
+//!
+//! Lock discipline: NCCL calls on a communicator are issued one at a time under its mutex, and
+//! an exchange holds it while it waits. The abort state lives outside that mutex
+//! ([`AbortFlag`]): [`NcclComm::aborted`] never waits, and [`NcclComm::abort`] takes effect at
+//! once: it aborts the communicator itself when no call is in progress, and otherwise the
+//! waiting exchange sees the request at its next poll and aborts it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::cuda::exchange::{AbortFlag, Direction, Stopped, exchange_groups, poll_until};
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::result::NcclStatus;
@@ -30,8 +39,11 @@ pub const UNIQUE_ID_BYTES: usize = 128;
 const UNDEF_INT: i32 = i32::MIN;
 
 pub struct NcclComm {
-    /// One NCCL call at a time on a communicator: an exchange is issued whole under this lock.
+    /// One NCCL call at a time on a communicator: an exchange is issued and waited for whole
+    /// under this lock.
     raw: Mutex<RawComm>,
+    /// Read and set without the lock.
+    abort: AbortFlag,
     rank: usize,
     world_size: usize,
     stream: Arc<CudaStream>,
@@ -39,8 +51,8 @@ pub struct NcclComm {
 
 struct RawComm {
     comm: sys::ncclComm_t,
-    /// Set once the communicator was aborted; every later call is refused.
-    aborted: Option<String>,
+    /// The communicator was aborted (NCCL freed it); every later call is refused.
+    aborted: bool,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
@@ -49,12 +61,12 @@ unsafe impl Send for RawComm {}
 
 impl RawComm {
     /// Aborts the communicator (idempotent): NCCL frees it and ends its pending kernels.
-    fn abort(&mut self, why: String) {
-        if self.aborted.is_none() {
+    fn abort(&mut self, why: &str) {
+        if !self.aborted {
             tracing::warn!(reason = %why, "aborting the NCCL communicator");
             // SAFETY: `comm` came from ncclCommInitRankConfig and is aborted at most once.
             let _ = unsafe { sys::ncclCommAbort(self.comm) };
-            self.aborted = Some(why);
+            self.aborted = true;
         }
     }
 
@@ -73,39 +85,28 @@ impl RawComm {
         }
     }
 
-    /// Polls until the communicator has no call in progress, or aborts it at `deadline`.
-    fn wait_settled(&mut self, what: &str, deadline: Instant) -> Result<()> {
-        let mut spins = 0u32;
-        loop {
-            match self.settled() {
-                Ok(true) => return Ok(()),
-                Ok(false) if Instant::now() < deadline => backoff(&mut spins),
-                Ok(false) => return Err(self.fail(format!("{what} did not complete in time"))),
-                Err(e) => return Err(self.fail(format!("{what}: {e}"))),
-            }
-        }
+    /// Polls until the communicator has no call in progress; aborts it at `deadline`, on an
+    /// error, or when an abort is requested meanwhile.
+    fn wait_settled(&mut self, abort: &AbortFlag, what: &str, deadline: Instant) -> Result<()> {
+        let waited = poll_until(deadline, abort, || self.settled());
+        self.finish(abort, waited, what)
     }
 
-    fn fail(&mut self, why: String) -> Error {
-        self.abort(why.clone());
+    /// Turns the end of a wait into a result, aborting the communicator unless it settled.
+    fn finish(&mut self, abort: &AbortFlag, waited: std::result::Result<(), Stopped>, what: &str) -> Result<()> {
+        let why = match waited {
+            Ok(()) => return Ok(()),
+            Err(Stopped::TimedOut) => format!("{what} did not complete in time"),
+            Err(Stopped::Failed(e)) => format!("{what}: {e}"),
+            Err(Stopped::Aborted(why)) => format!("{what}: aborted ({why})"),
+        };
+        Err(self.fail(abort, why))
+    }
+
+    fn fail(&mut self, abort: &AbortFlag, why: String) -> Error {
+        abort.request(&why);
+        self.abort(&why);
         Error::Device(format!("NCCL: {why}; communicator aborted"))
-    }
-
-    fn check_live(&self) -> Result<()> {
-        match &self.aborted {
-            Some(why) => Err(Error::Device(format!("NCCL communicator was aborted ({why})"))),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Spins briefly (a layer's exchange takes tens of microseconds), then sleeps in short steps.
-fn backoff(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 2000 {
-        std::hint::spin_loop();
-    } else {
-        std::thread::sleep(Duration::from_micros(50));
     }
 }
 
@@ -213,10 +214,12 @@ impl NcclComm {
                 "ncclCommInitRankConfig gave no communicator ({r:?})"
             )));
         }
-        let mut raw = RawComm { comm, aborted: None };
-        raw.wait_settled(&format!("joining as rank {rank} of {world_size}"), deadline)?;
+        let mut raw = RawComm { comm, aborted: false };
+        let abort = AbortFlag::default();
+        raw.wait_settled(&abort, &format!("joining as rank {rank} of {world_size}"), deadline)?;
         Ok(NcclComm {
             raw: Mutex::new(raw),
+            abort,
             rank,
             world_size,
             stream,
@@ -235,14 +238,18 @@ impl NcclComm {
         self.raw.lock().expect("NCCL communicator lock")
     }
 
-    /// Why the communicator was aborted, if it was.
+    /// Why the communicator was aborted (or asked to be), if it was. Never waits.
     pub fn aborted(&self) -> Option<String> {
-        self.lock().aborted.clone()
+        self.abort.why().map(str::to_owned)
     }
 
-    /// Aborts the communicator: its pending operations end and later calls are refused.
+    /// Aborts the communicator: its pending operations end and later calls are refused. Never
+    /// waits for an exchange in progress: that exchange aborts it at its next poll.
     pub fn abort(&self, why: &str) {
-        self.lock().abort(why.to_owned());
+        self.abort.request(why);
+        if let Ok(mut raw) = self.raw.try_lock() {
+            raw.abort(why);
+        }
     }
 
     fn check_peer(&self, peer: usize) -> Result<i32> {
@@ -280,30 +287,32 @@ impl NcclComm {
             incoming.push((self.check_peer(peer)?, s.alloc_zeros(len).map_err(err("allocating"))?));
         }
         let mut raw = self.lock();
-        raw.check_live()?;
-        let issued = self.issue(&raw, s, &outgoing, &mut incoming);
-        if let Err(e) = issued {
-            return Err(raw.fail(e));
+        if let Some(why) = self.abort.why() {
+            raw.abort(why);
+            return Err(Error::Device(format!("NCCL communicator was aborted ({why})")));
         }
-        raw.wait_settled("issuing the exchange", deadline)?;
-        // The kernels are queued: wait for them (and watch for asynchronous errors).
+        let sizes =
+            |bufs: &[(i32, CudaSlice<bf16>)]| bufs.iter().map(|(p, b)| (*p as usize, b.len())).collect::<Vec<_>>();
+        let groups = exchange_groups(&sizes(&outgoing), &sizes(&incoming));
+        for group in &groups {
+            let issued = match group[0].direction {
+                Direction::Send => self.issue_sends(&raw, s, &outgoing),
+                Direction::Recv => self.issue_recvs(&raw, s, &mut incoming),
+            };
+            if let Err(e) = issued {
+                return Err(raw.fail(&self.abort, e));
+            }
+            raw.wait_settled(&self.abort, "issuing the exchange", deadline)?;
+        }
+        // The kernels are queued: wait for them (and watch for asynchronous errors and aborts).
         let done = s.record_event(None).map_err(err("recording the exchange"))?;
-        let mut spins = 0u32;
-        loop {
-            match done.try_is_complete() {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => return Err(raw.fail(format!("waiting for the exchange: {e:?}"))),
-            }
-            if let Err(e) = raw.settled() {
-                return Err(raw.fail(e));
-            }
-            if Instant::now() >= deadline {
-                let peers: Vec<i32> = outgoing.iter().chain(&incoming).map(|(p, _)| *p).collect();
-                return Err(raw.fail(format!("exchange with ranks {peers:?} not done within {timeout:?}")));
-            }
-            backoff(&mut spins);
-        }
+        let waited = poll_until(deadline, &self.abort, || {
+            raw.settled()?;
+            done.try_is_complete()
+                .map_err(|e| format!("waiting for the exchange: {e:?}"))
+        });
+        let peers: Vec<i32> = outgoing.iter().chain(&incoming).map(|(p, _)| *p).collect();
+        raw.finish(&self.abort, waited, &format!("exchange with ranks {peers:?}"))?;
         drop(raw);
         incoming
             .iter()
@@ -314,53 +323,74 @@ impl NcclComm {
             .collect()
     }
 
-    /// Issues one group of sends and receives; the group is always closed, even after an error.
-    fn issue(
+    /// Issues every send as one group; the group is always closed, even after an error.
+    fn issue_sends(
         &self,
         raw: &RawComm,
         s: &Arc<CudaStream>,
         outgoing: &[(i32, CudaSlice<bf16>)],
+    ) -> std::result::Result<(), String> {
+        let stream = s.cu_stream() as sys::cudaStream_t;
+        group(|| {
+            let mut first_error = Ok(());
+            for (peer, buf) in outgoing {
+                let (ptr, _sync) = buf.device_ptr(s);
+                // SAFETY: `buf` lives until the exchange completes (the caller waits on the stream).
+                let r = unsafe {
+                    sys::ncclSend(
+                        ptr as *const _,
+                        buf.len(),
+                        sys::ncclDataType_t::ncclBfloat16,
+                        *peer,
+                        raw.comm,
+                        stream,
+                    )
+                };
+                first_error = first_error.and(nccl_call("ncclSend", r));
+            }
+            first_error
+        })
+    }
+
+    /// Issues every receive as one group; the group is always closed, even after an error.
+    fn issue_recvs(
+        &self,
+        raw: &RawComm,
+        s: &Arc<CudaStream>,
         incoming: &mut [(i32, CudaSlice<bf16>)],
     ) -> std::result::Result<(), String> {
         let stream = s.cu_stream() as sys::cudaStream_t;
-        // SAFETY: group calls are paired below whatever happens in between.
-        nccl_call("ncclGroupStart", unsafe { sys::ncclGroupStart() })?;
-        let mut first_error = Ok(());
-        for (peer, buf) in outgoing {
-            let (ptr, _sync) = buf.device_ptr(s);
-            // SAFETY: `buf` lives until the exchange completes (the caller waits on the stream).
-            let r = unsafe {
-                sys::ncclSend(
-                    ptr as *const _,
-                    buf.len(),
-                    sys::ncclDataType_t::ncclBfloat16,
-                    *peer,
-                    raw.comm,
-                    stream,
-                )
-            };
-            first_error = first_error.and(nccl_call("ncclSend", r));
-        }
-        for (peer, buf) in incoming.iter_mut() {
-            let len = buf.len();
-            let (ptr, _sync) = buf.device_ptr_mut(s);
-            // SAFETY: as above.
-            let r = unsafe {
-                sys::ncclRecv(
-                    ptr as *mut _,
-                    len,
-                    sys::ncclDataType_t::ncclBfloat16,
-                    *peer,
-                    raw.comm,
-                    stream,
-                )
-            };
-            first_error = first_error.and(nccl_call("ncclRecv", r));
-        }
-        // SAFETY: closes the group opened above.
-        let ended = nccl_call("ncclGroupEnd", unsafe { sys::ncclGroupEnd() });
-        first_error.and(ended)
+        group(|| {
+            let mut first_error = Ok(());
+            for (peer, buf) in incoming.iter_mut() {
+                let len = buf.len();
+                let (ptr, _sync) = buf.device_ptr_mut(s);
+                // SAFETY: as for the sends.
+                let r = unsafe {
+                    sys::ncclRecv(
+                        ptr as *mut _,
+                        len,
+                        sys::ncclDataType_t::ncclBfloat16,
+                        *peer,
+                        raw.comm,
+                        stream,
+                    )
+                };
+                first_error = first_error.and(nccl_call("ncclRecv", r));
+            }
+            first_error
+        })
     }
+}
+
+/// Runs `ops` between `ncclGroupStart` and `ncclGroupEnd`, closing the group whatever happens.
+fn group(ops: impl FnOnce() -> std::result::Result<(), String>) -> std::result::Result<(), String> {
+    // SAFETY: group calls are paired below whatever happens in between.
+    nccl_call("ncclGroupStart", unsafe { sys::ncclGroupStart() })?;
+    let issued = ops();
+    // SAFETY: closes the group opened above.
+    let ended = nccl_call("ncclGroupEnd", unsafe { sys::ncclGroupEnd() });
+    issued.and(ended)
 }
 
 impl Drop for NcclComm {
@@ -368,7 +398,7 @@ impl Drop for NcclComm {
         // Abort rather than destroy: destroying waits for pending operations, which may never
         // finish when a peer is gone.
         let raw = self.raw.get_mut().expect("NCCL communicator lock");
-        if raw.aborted.is_none() {
+        if !raw.aborted {
             // SAFETY: the communicator is live and not used after this.
             let _ = unsafe { sys::ncclCommAbort(raw.comm) };
         }

@@ -131,6 +131,10 @@ impl CudaDevice {
                 x.len()
             )));
         }
+        // No rows: nothing to launch (an empty grid and zero-byte buffers are errors in CUDA).
+        if x.is_empty() {
+            return Ok(Vec::new());
+        }
         let s = self.stream();
         let x_d = s.clone_htod(&narrow(x)).map_err(err("uploading"))?;
         let w_d = s.clone_htod(w).map_err(err("uploading"))?;
@@ -155,6 +159,9 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<Vec<f32>> {
         check_len("inverse frequencies", inv_freq.len(), head_dim / 2)?;
+        if pos.is_empty() && x.is_empty() {
+            return Ok(Vec::new());
+        }
         if head_dim == 0
             || !head_dim.is_multiple_of(2)
             || pos.is_empty()
@@ -198,6 +205,13 @@ impl CudaDevice {
             )));
         }
         let rows = logits.len() / num_experts;
+        if rows == 0 {
+            return Ok(Routing {
+                topk,
+                experts: Vec::new(),
+                weights: Vec::new(),
+            });
+        }
         let s = self.stream();
         let logits_d = s.clone_htod(logits).map_err(err("uploading"))?;
         let mut experts = s.alloc_zeros::<u32>(rows * topk).map_err(err("allocating"))?;

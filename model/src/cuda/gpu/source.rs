@@ -1,7 +1,11 @@
 //! The NVRTC kernel source and its compilation. Compiling needs only NVRTC (no GPU, no driver),
 //! so CI checks the source compiles (`scripts/install-nvrtc.sh` fetches NVRTC from PyPI).
 
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use std::ffi::CString;
+
+use cudarc::nvrtc::{Ptx, result, sys};
+
+use crate::cuda::target::KernelTarget;
 
 use super::device_err;
 use crate::{Error, Result};
@@ -16,40 +20,102 @@ pub const KERNELS: [&str; 7] = [
     "paged_attention",
     "router_topk",
     "swiglu",
-    "combine_add",
+    "combine_rows",
 ];
-
-/// NVRTC's `--gpu-architecture` for a compute capability; `None` leaves NVRTC's default PTX
-/// target, which the driver compiles for whatever GPU it finds.
-pub fn arch(major: i32, minor: i32) -> Option<&'static str> {
-    match (major, minor) {
-        (8, 0) => Some("compute_80"),
-        (8, 6) => Some("compute_86"),
-        (8, 9) => Some("compute_89"),
-        (9, 0) => Some("compute_90"),
-        _ => None,
-    }
-}
 
 pub fn nvrtc_present() -> bool {
     // SAFETY: only probes for the shared library.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles [`SOURCE`] to PTX for `arch` (precise division and square root: the CPU path's
-/// results are what the GPU is compared against).
-pub fn compile(arch: Option<&'static str>) -> Result<Ptx> {
+/// The architectures this NVRTC compiles for (`nvrtcGetSupportedArchs`, e.g. 75, 80, 90).
+pub fn supported_archs() -> Result<Vec<i32>> {
     if !nvrtc_present() {
         return Err(Error::Device("NVRTC (libnvrtc) not found".into()));
     }
-    let opts = CompileOptions {
-        arch,
-        prec_div: Some(true),
-        prec_sqrt: Some(true),
-        use_fast_math: Some(false),
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| device_err("compiling the CUDA kernels", e))
+    let mut n = 0;
+    // SAFETY: valid out pointer.
+    unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) }
+        .result()
+        .map_err(|e| device_err("asking NVRTC for its architectures", e))?;
+    let mut archs = vec![0i32; n.max(0) as usize];
+    // SAFETY: `archs` holds the `n` entries NVRTC writes.
+    unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+        .result()
+        .map_err(|e| device_err("asking NVRTC for its architectures", e))?;
+    Ok(archs)
+}
+
+/// NVRTC's options: precise division and square root, since the CPU path's results are what
+/// the GPU is compared against.
+fn options(target: KernelTarget) -> Vec<String> {
+    let mut o = vec!["--prec-sqrt=true".to_owned(), "--prec-div=true".to_owned()];
+    o.extend(target.nvrtc_arch().map(|a| format!("--gpu-architecture={a}")));
+    o
+}
+
+/// Compiles [`SOURCE`] for `target`: a CUBIN the driver loads as it is, or PTX it compiles.
+pub fn compile(target: KernelTarget) -> Result<Ptx> {
+    let image = compile_image(target)?;
+    Ok(match target {
+        KernelTarget::Cubin(_) => Ptx::from_binary(image),
+        KernelTarget::Ptx(_) => Ptx::from_src(String::from_utf8_lossy(&image)),
+    })
+}
+
+/// The compiled image: the CUBIN's bytes, or the PTX text.
+fn compile_image(target: KernelTarget) -> Result<Vec<u8>> {
+    if !nvrtc_present() {
+        return Err(Error::Device("NVRTC (libnvrtc) not found".into()));
+    }
+    let source = CString::new(SOURCE).expect("the kernel source has no NUL");
+    let prog = result::create_program(&source, None).map_err(|e| device_err("creating the NVRTC program", e))?;
+    let image = build(prog, target);
+    // SAFETY: `prog` was created above and is destroyed once.
+    let _ = unsafe { result::destroy_program(prog) };
+    image
+}
+
+/// NUL-terminated C characters as bytes, without the terminator.
+fn c_bytes(chars: Vec<std::ffi::c_char>) -> Vec<u8> {
+    chars.into_iter().take_while(|&c| c != 0).map(|c| c as u8).collect()
+}
+
+/// Compiles `prog` and takes its CUBIN or PTX out.
+fn build(prog: sys::nvrtcProgram, target: KernelTarget) -> Result<Vec<u8>> {
+    let arch = target.nvrtc_arch();
+    let what = format!(
+        "compiling the CUDA kernels for {}",
+        arch.as_deref().unwrap_or("NVRTC's default")
+    );
+    // SAFETY: `prog` is a live program (created by the caller, destroyed after this returns).
+    if let Err(e) = unsafe { result::compile_program(prog, &options(target)) } {
+        // SAFETY: as above.
+        let log = c_bytes(unsafe { result::get_program_log(prog) }.unwrap_or_default());
+        return Err(Error::Device(format!(
+            "{what}: {e:?}: {}",
+            String::from_utf8_lossy(&log)
+        )));
+    }
+    match target {
+        KernelTarget::Cubin(_) => {
+            let mut size = 0usize;
+            // SAFETY: compiled above; valid out pointer.
+            unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| device_err(&what, e))?;
+            let mut cubin = vec![0u8; size];
+            // SAFETY: `cubin` holds the `size` bytes NVRTC writes.
+            unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast()) }
+                .result()
+                .map_err(|e| device_err(&what, e))?;
+            Ok(cubin)
+        }
+        // SAFETY: compiled above.
+        KernelTarget::Ptx(_) => Ok(c_bytes(
+            unsafe { result::get_ptx(prog) }.map_err(|e| device_err(&what, e))?,
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -59,15 +125,28 @@ mod tests {
     /// Needs NVRTC, not a GPU: `.ci/run` installs it and runs this with `--ignored`.
     #[test]
     #[ignore = "needs NVRTC (scripts/install-nvrtc.sh); .ci/run runs it"]
-    fn every_kernel_compiles_for_ampere_and_hopper() {
-        for arch in [Some("compute_80"), Some("compute_90"), None] {
-            let ptx = compile(arch).unwrap_or_else(|e| panic!("{arch:?}: {e}"));
-            let text = ptx.to_src();
+    fn every_kernel_compiles_to_ptx_and_to_cubin_for_ampere_and_hopper() {
+        let archs = supported_archs().unwrap();
+        assert!(archs.contains(&80) && archs.contains(&90), "{archs:?}");
+        for target in [
+            KernelTarget::Ptx(Some(80)),
+            KernelTarget::Ptx(Some(90)),
+            KernelTarget::Ptx(None),
+        ] {
+            let text = compile(target).unwrap_or_else(|e| panic!("{target:?}: {e}")).to_src();
             for name in KERNELS {
                 assert!(
                     text.contains(&format!(".entry {name}(")),
-                    "{arch:?}: no entry point {name} in the PTX"
+                    "{target:?}: no entry point {name} in the PTX"
                 );
+            }
+        }
+        for target in [KernelTarget::Cubin(80), KernelTarget::Cubin(90)] {
+            let cubin = compile_image(target).unwrap_or_else(|e| panic!("{target:?}: {e}"));
+            assert_eq!(&cubin[..4], b"\x7fELF", "{target:?}: a CUBIN is an ELF image");
+            for name in KERNELS {
+                let found = cubin.windows(name.len()).any(|w| w == name.as_bytes());
+                assert!(found, "{target:?}: no symbol {name} in the CUBIN");
             }
         }
     }
