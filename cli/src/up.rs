@@ -260,7 +260,7 @@ impl LocalCluster {
             Some(f) => Some(moe_runtime::auth::read_token_file(f).with_context(|| format!("reading {}", f.display()))?),
             None => None,
         };
-        let tls = args.tls.load(false).map_err(anyhow::Error::msg)?.map(|t| t.client);
+        let tls = args.tls.load(false)?.map(|t| t.client);
         let mut client = ClusterClient::with_options(&endpoint, token.as_deref(), tls.as_ref())?;
         let detail = client.wait_ready(Duration::from_secs(args.ready_timeout)).await?;
         eprintln!("cluster ready: {detail}");

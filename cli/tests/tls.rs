@@ -106,9 +106,11 @@ fn unreadable_or_non_pem_tls_files_are_refused_with_the_file_named() {
     let dir = tempfile::tempdir().unwrap();
     let bogus = dir.path().join("ca.pem");
     std::fs::write(&bogus, "not a certificate").unwrap();
-    let err = ClientTls::from_files(&bogus, None).unwrap_err();
+    let err = ClientTls::from_files(&bogus, None).unwrap_err().to_string();
     assert!(err.contains("is not PEM") && err.contains("ca.pem"), "{err}");
-    let err = ClientTls::from_files(&dir.path().join("missing.pem"), None).unwrap_err();
+    let err = ClientTls::from_files(&dir.path().join("missing.pem"), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing.pem"), "{err}");
     // A coordinator given a broken CA refuses to start, saying why.
     let out = std::process::Command::new(moectl())

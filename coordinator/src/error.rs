@@ -4,8 +4,6 @@ pub enum Error {
     Model(#[from] moe_model::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("placement: {0}")]
-    Plan(String),
     #[error("etcd: {context}: {source}")]
     Etcd {
         context: String,
@@ -16,9 +14,9 @@ pub enum Error {
     #[error("{0}: refused, this coordinator is no longer the leader")]
     NotLeader(String),
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] moe_runtime::tls::TlsError),
     #[error("registry: {0}")]
-    Registry(String),
+    Registry(#[from] crate::registry::RegistryError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -62,7 +62,7 @@ pub enum PlacementError {
     NoLoad(Duration),
     /// The planner could not place the experts on the workers' slots.
     #[error(transparent)]
-    Plan(crate::Error),
+    Plan(#[from] crate::planner::TooFewSlots),
 }
 
 /// What the placement depends on besides the members and the load.

@@ -60,21 +60,31 @@ pub fn load_shares(placement: &PlacementView, load: &[Vec<f64>]) -> Vec<f64> {
 /// (same slots, new version): rebalancing costs expert loads, so balanced placements stay.
 ///
 /// Refused when the workers have fewer slots per layer than there are experts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{workers} expert workers with {slots} slots per layer in all cannot hold {experts} experts")]
+pub struct TooFewSlots {
+    pub workers: usize,
+    pub slots: usize,
+    pub experts: usize,
+}
+
+/// Plans a placement (see above); refused when the workers have too few slots.
 pub fn plan(
     version: u64,
     load: &[Vec<f64>],
     workers: &[WorkerSlots],
     current: Option<&PlacementView>,
     tolerance: f64,
-) -> Result<PlacementView, crate::Error> {
+) -> Result<PlacementView, TooFewSlots> {
     let num_layers = load.len();
     let num_experts = load.first().map_or(0, Vec::len);
     let total_slots: usize = workers.iter().map(|w| w.slots).sum();
     if total_slots < num_experts {
-        return Err(crate::Error::Plan(format!(
-            "{} expert workers with {total_slots} slots per layer in all cannot hold {num_experts} experts",
-            workers.len()
-        )));
+        return Err(TooFewSlots {
+            workers: workers.len(),
+            slots: total_slots,
+            experts: num_experts,
+        });
     }
     let refs: Vec<ExpertWorkerRef> = workers.iter().map(|w| w.worker.clone()).collect();
     if let Some(cur) = current

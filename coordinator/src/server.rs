@@ -129,9 +129,7 @@ impl EtcdArgs {
             return Ok(None);
         }
         if self.leader_ttl_s < 2 || self.member_ttl_s < 2 {
-            return Err(Error::Registry(
-                "--leader-ttl-s and --member-ttl-s must be at least 2 (etcd leases count seconds)".into(),
-            ));
+            return Err(crate::registry::RegistryError::TtlTooShort.into());
         }
         let credentials = match (&self.etcd_user, &self.etcd_password_file) {
             (Some(user), Some(path)) => {

@@ -56,9 +56,8 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Load(reply))
-            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?;
-        rx.await
-            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?
+            .map_err(|_| crate::registry::RegistryError::StoreStopped)?;
+        rx.await.map_err(|_| crate::registry::RegistryError::StoreStopped)?
     }
 
     /// Claims the prefix for `model_id` (again: etcd may have lost the claim with its data).
@@ -66,9 +65,8 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Claim(model_id.to_owned(), reply))
-            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?;
-        rx.await
-            .map_err(|_| crate::Error::Registry("the store task stopped".into()))?
+            .map_err(|_| crate::registry::RegistryError::StoreStopped)?;
+        rx.await.map_err(|_| crate::registry::RegistryError::StoreStopped)?
     }
 
     /// Fences later writes on `fence` (see [`Registry::set_fence`]); queued writes are dropped,

@@ -103,7 +103,7 @@ impl ClusterClient {
     /// process's installed TLS, else none.
     pub fn with_token(endpoints: &str, token: Option<&str>) -> Result<Self, Status> {
         let tls = ClientTls::from_env()
-            .map_err(Status::invalid_argument)?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
             .or_else(|| crate::tls::installed().map(|t| t.client.clone()));
         Self::with_options(endpoints, token, tls.as_ref())
     }

@@ -119,7 +119,7 @@ impl Membership {
             .coordinators
             .call(|mut c| async move { c.get_placement(GetPlacementRequest { target }).await })
             .await?;
-        PlacementView::from_proto(&p).map_err(Status::internal)
+        PlacementView::from_proto(&p).map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Tells the coordinator that `worker` failed (as seen from here).

@@ -5,6 +5,20 @@ use std::collections::HashMap;
 
 use moe_proto::v1::{ExpertWorkerSlots, Placement};
 
+/// A placement message that does not describe a usable placement.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidPlacement {
+    #[error("placement {version}: worker {worker} holds slot {slot} of {slots}")]
+    SlotOutOfRange {
+        version: u64,
+        worker: String,
+        slot: usize,
+        slots: usize,
+    },
+    #[error("placement {version}: expert {expert} of layer {layer} has no worker")]
+    Unserved { version: u64, layer: usize, expert: usize },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertWorkerRef {
     pub id: String,
@@ -77,7 +91,7 @@ impl PlacementView {
     }
 
     /// Parses and checks a placement: slots in range, every slot served by someone.
-    pub fn from_proto(p: &Placement) -> Result<Self, String> {
+    pub fn from_proto(p: &Placement) -> Result<Self, InvalidPlacement> {
         let (l, e) = (p.num_layers as usize, p.num_experts as usize);
         let mut owners = vec![Vec::new(); l * e];
         let mut workers = Vec::with_capacity(p.workers.len());
@@ -85,12 +99,12 @@ impl PlacementView {
             for &slot in &w.slots {
                 let slot = slot as usize;
                 if slot >= owners.len() {
-                    return Err(format!(
-                        "placement {}: worker {} holds slot {slot} of {}",
-                        p.version,
-                        w.worker_id,
-                        l * e
-                    ));
+                    return Err(InvalidPlacement::SlotOutOfRange {
+                        version: p.version,
+                        worker: w.worker_id.clone(),
+                        slot,
+                        slots: l * e,
+                    });
                 }
                 owners[slot].push(i);
             }
@@ -100,12 +114,11 @@ impl PlacementView {
             });
         }
         if let Some(slot) = owners.iter().position(Vec::is_empty) {
-            return Err(format!(
-                "placement {}: expert {} of layer {} has no worker",
-                p.version,
-                slot % e.max(1),
-                slot / e.max(1)
-            ));
+            return Err(InvalidPlacement::Unserved {
+                version: p.version,
+                layer: slot / e.max(1),
+                expert: slot % e.max(1),
+            });
         }
         Ok(PlacementView {
             version: p.version,
@@ -207,9 +220,19 @@ mod tests {
         assert_eq!(PlacementView::from_proto(&p.to_proto()).unwrap(), p);
         let mut proto = p.to_proto();
         proto.workers[0].slots.push(30);
-        assert!(PlacementView::from_proto(&proto).unwrap_err().contains("slot 30"));
+        assert!(
+            PlacementView::from_proto(&proto)
+                .unwrap_err()
+                .to_string()
+                .contains("slot 30")
+        );
         let mut proto = p.to_proto();
         proto.workers[1].slots.clear();
-        assert!(PlacementView::from_proto(&proto).unwrap_err().contains("has no worker"));
+        assert!(
+            PlacementView::from_proto(&proto)
+                .unwrap_err()
+                .to_string()
+                .contains("has no worker")
+        );
     }
 }

@@ -36,6 +36,23 @@ pub struct Tls {
     pub client: ClientTls,
 }
 
+/// Why TLS could not be set up; each names the file or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading the {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the {what} {} is not PEM", path.display())]
+    NotPem { what: &'static str, path: PathBuf },
+    #[error("set both {CERT_ENV} and {KEY_ENV}, or neither")]
+    HalfIdentity,
+    #[error("TLS was already configured in this process")]
+    AlreadyInstalled,
+}
+
 /// How a client connects: the CA it trusts, and its own certificate for mutual TLS.
 #[derive(Clone, Debug)]
 pub struct ClientTls {
@@ -49,20 +66,20 @@ impl ClientTls {
 
     /// From `MOECTL_TLS_CA` (and optionally `MOECTL_TLS_CERT` + `MOECTL_TLS_KEY`); `None` when
     /// `MOECTL_TLS_CA` is unset.
-    pub fn from_env() -> Result<Option<ClientTls>, String> {
+    pub fn from_env() -> Result<Option<ClientTls>, TlsError> {
         let Some(ca) = std::env::var_os(CA_ENV) else {
             return Ok(None);
         };
         let identity = match (std::env::var_os(CERT_ENV), std::env::var_os(KEY_ENV)) {
             (Some(c), Some(k)) => Some(identity(Path::new(&c), Path::new(&k))?),
             (None, None) => None,
-            _ => return Err(format!("set both {CERT_ENV} and {KEY_ENV}, or neither")),
+            _ => return Err(TlsError::HalfIdentity),
         };
         Ok(Some(ClientTls::new(Path::new(&ca), identity)?))
     }
 
     /// Trusting the CA in `ca`, presenting `cert_key` (PEM certificate and key) if given.
-    pub fn from_files(ca: &Path, cert_key: Option<(&Path, &Path)>) -> Result<ClientTls, String> {
+    pub fn from_files(ca: &Path, cert_key: Option<(&Path, &Path)>) -> Result<ClientTls, TlsError> {
         let id = match cert_key {
             Some((c, k)) => Some(identity(c, k)?),
             None => None,
@@ -70,7 +87,7 @@ impl ClientTls {
         ClientTls::new(ca, id)
     }
 
-    fn new(ca: &Path, identity: Option<Identity>) -> Result<ClientTls, String> {
+    fn new(ca: &Path, identity: Option<Identity>) -> Result<ClientTls, TlsError> {
         let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?));
         if let Some(id) = identity {
             config = config.identity(id);
@@ -79,15 +96,22 @@ impl ClientTls {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("reading the {what} {}: {e}", path.display()))?;
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
     if !bytes.starts_with(b"-----BEGIN") {
-        return Err(format!("the {what} {} is not PEM", path.display()));
+        return Err(TlsError::NotPem {
+            what,
+            path: path.to_owned(),
+        });
     }
     Ok(bytes)
 }
 
-fn identity(cert: &Path, key: &Path) -> Result<Identity, String> {
+fn identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
     Ok(Identity::from_pem(
         read(cert, "certificate")?,
         read(key, "private key")?,
@@ -99,7 +123,7 @@ impl TlsArgs {
     /// `clients_must_prove` the server requires client certificates on every connection;
     /// without it they are optional (the coordinator: API clients may come with only a token,
     /// and [`RequireClientCert`] guards its control plane).
-    pub fn load(&self, clients_must_prove: bool) -> Result<Option<Tls>, String> {
+    pub fn load(&self, clients_must_prove: bool) -> Result<Option<Tls>, TlsError> {
         let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else {
             return Ok(None);
         };
@@ -119,10 +143,8 @@ impl TlsArgs {
 static PROCESS_TLS: OnceLock<Tls> = OnceLock::new();
 
 /// Makes `tls` this process's transport security (once, at start-up).
-pub fn install(tls: Tls) -> Result<(), String> {
-    PROCESS_TLS
-        .set(tls)
-        .map_err(|_| "TLS was already configured in this process".to_owned())
+pub fn install(tls: Tls) -> Result<(), TlsError> {
+    PROCESS_TLS.set(tls).map_err(|_| TlsError::AlreadyInstalled)
 }
 
 /// The process's TLS, when installed.

@@ -83,7 +83,7 @@ pub enum WorkerError {
     #[error("coordinator: {0}")]
     Coordinator(#[from] Status),
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::tls::TlsError),
     #[error("NCCL: {0}")]
     Nccl(String),
 }

@@ -18,7 +18,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOpt
 use moe_proto::v1::Placement;
 use prost::Message;
 
-use super::{Fence, Member, Registry, Snapshot};
+use super::{Fence, Member, Registry, RegistryError, Snapshot};
 use crate::{Error, Result};
 
 /// How to reach etcd and where the cluster lives in it.
@@ -46,13 +46,10 @@ impl EtcdOptions {
     /// Connects (lazily: an etcd that is down now is retried by each call).
     pub async fn connect(&self) -> Result<Client> {
         if self.endpoints.is_empty() {
-            return Err(Error::Registry("no etcd endpoint given".into()));
+            return Err(RegistryError::NoEndpoint.into());
         }
         if !self.prefix.starts_with('/') {
-            return Err(Error::Registry(format!(
-                "etcd prefix `{}` must start with `/`",
-                self.prefix
-            )));
+            return Err(RegistryError::Prefix(self.prefix.clone()).into());
         }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.request_timeout)
@@ -69,11 +66,11 @@ impl EtcdOptions {
                 context: format!("connecting to {}", self.endpoints.join(",")),
                 source,
             }),
-            Err(_) => Err(Error::Registry(format!(
-                "etcd at {} did not answer within {:?}",
-                self.endpoints.join(","),
-                self.request_timeout
-            ))),
+            Err(_) => Err(RegistryError::NoAnswer {
+                context: format!("etcd at {}", self.endpoints.join(",")),
+                timeout: self.request_timeout,
+            }
+            .into()),
         }
     }
 }
@@ -89,7 +86,11 @@ pub(crate) async fn call<T>(
             context: context.to_owned(),
             source,
         }),
-        Err(_) => Err(Error::Registry(format!("{context}: no answer within {timeout:?}"))),
+        Err(_) => Err(RegistryError::NoAnswer {
+            context: context.to_string(),
+            timeout,
+        }
+        .into()),
     }
 }
 
@@ -102,9 +103,11 @@ pub(crate) async fn renew(client: &mut Client, lease: i64, timeout: Duration) ->
             context: format!("renewing lease {lease:x}"),
             source,
         }),
-        Err(_) => Err(Error::Registry(format!(
-            "renewing lease {lease:x}: no answer within {timeout:?}"
-        ))),
+        Err(_) => Err(RegistryError::NoAnswer {
+            context: format!("renewing lease {lease:x}"),
+            timeout,
+        }
+        .into()),
     }
 }
 
@@ -169,7 +172,7 @@ impl EtcdRegistry {
 
     async fn write_member(&mut self, member: &Member) -> Result<()> {
         let lease = self.member_lease().await?;
-        let value = serde_json::to_vec(member).map_err(|e| Error::Registry(e.to_string()))?;
+        let value = serde_json::to_vec(member).map_err(RegistryError::from)?;
         let put = TxnOp::put(
             self.member_key(&member.id),
             value,
@@ -196,11 +199,13 @@ impl Registry for EtcdRegistry {
         .await?;
         let held = held.kvs().first().map(|kv| kv.value().to_vec()).unwrap_or_default();
         if held != model_id.as_bytes() {
-            return Err(Error::Registry(format!(
-                "etcd prefix {} holds a cluster of model {}, not {model_id}: use another --etcd-prefix",
-                self.options.prefix,
-                String::from_utf8_lossy(&held)
-            )));
+            return Err(RegistryError::OtherModel {
+                place: format!("etcd prefix {}", self.options.prefix),
+                held: String::from_utf8_lossy(&held).into_owned(),
+                wanted: model_id.to_owned(),
+                hint: ": use another --etcd-prefix",
+            }
+            .into());
         }
         Ok(())
     }
@@ -229,10 +234,7 @@ impl Registry for EtcdRegistry {
         let key = self.options.key("placement");
         let resp = call(timeout, "reading the placement", self.client.get(key, None)).await?;
         let placement = match resp.kvs().first() {
-            Some(kv) => Some(
-                Placement::decode(kv.value())
-                    .map_err(|e| Error::Registry(format!("the recorded placement does not decode: {e}")))?,
-            ),
+            Some(kv) => Some(Placement::decode(kv.value()).map_err(RegistryError::from)?),
             None => None,
         };
         Ok(Snapshot { members, placement })

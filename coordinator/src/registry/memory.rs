@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use moe_proto::v1::Placement;
 
-use super::{Fence, Member, Registry, Snapshot};
-use crate::{Error, Result};
+use super::{Fence, Member, Registry, RegistryError, Snapshot};
+use crate::Result;
 
 #[derive(Debug, Default)]
 pub struct InMemoryRegistry {
@@ -19,9 +19,13 @@ pub struct InMemoryRegistry {
 impl Registry for InMemoryRegistry {
     async fn claim(&mut self, model_id: &str) -> Result<()> {
         match &self.model_id {
-            Some(held) if held != model_id => Err(Error::Registry(format!(
-                "this registry holds a cluster of model {held}, not {model_id}"
-            ))),
+            Some(held) if held != model_id => Err(RegistryError::OtherModel {
+                place: "this registry".into(),
+                held: held.clone(),
+                wanted: model_id.to_owned(),
+                hint: "",
+            }
+            .into()),
             _ => {
                 self.model_id = Some(model_id.to_owned());
                 Ok(())

@@ -18,6 +18,36 @@ use serde::{Deserialize, Serialize};
 
 use crate::Result;
 
+/// What a registry refuses or fails at, apart from etcd's own errors.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("no etcd endpoint given")]
+    NoEndpoint,
+    #[error("etcd prefix `{0}` must start with `/`")]
+    Prefix(String),
+    #[error("--leader-ttl-s and --member-ttl-s must be at least 2 (etcd leases count seconds)")]
+    TtlTooShort,
+    #[error("{context}: no answer within {timeout:?}")]
+    NoAnswer {
+        context: String,
+        timeout: std::time::Duration,
+    },
+    /// Two clusters must not share a prefix.
+    #[error("{place} holds a cluster of model {held}, not {wanted}{hint}")]
+    OtherModel {
+        place: String,
+        held: String,
+        wanted: String,
+        hint: &'static str,
+    },
+    #[error("encoding a member record: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the recorded placement does not decode: {0}")]
+    PlacementDecode(#[from] prost::DecodeError),
+    #[error("the store task stopped")]
+    StoreStopped,
+}
+
 /// One member as recorded: what a new leader needs to know it without the worker registering
 /// again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
