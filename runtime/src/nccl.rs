@@ -270,6 +270,10 @@ mod tests {
     struct Control {
         state: Mutex<(bool, usize, Option<String>)>, // (blocking, callers blocked, aborted)
         changed: Condvar,
+        /// The agent's state, to see from a communicator's drop whether its lock was held.
+        agent: std::sync::OnceLock<std::sync::Weak<Mutex<AgentState<Fake>>>>,
+        /// Per drop of a fake: was the agent's lock free then?
+        drops: Mutex<Vec<bool>>,
     }
 
     impl Control {
@@ -284,6 +288,15 @@ mod tests {
     }
 
     struct Fake(Arc<Control>);
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            if let Some(state) = self.0.agent.get().and_then(std::sync::Weak::upgrade) {
+                let free = state.try_lock().is_ok();
+                self.0.drops.lock().unwrap().push(free);
+            }
+        }
+    }
 
     impl Communicator for Fake {
         type Device = Arc<Control>;
@@ -340,6 +353,7 @@ mod tests {
     async fn a_communicator_call_that_blocks_does_not_stop_the_agent() {
         let control = Arc::new(Control::default());
         let agent = NcclAgent::<Fake>::on(control.clone());
+        let _ = control.agent.set(Arc::downgrade(&agent.state));
         assert_eq!(agent.apply_group(Some(group(7, 1, vec![1; 128]))), None);
         until("the fake never joined", || agent.ready_epoch() == 7);
         assert!(agent.ready().is_some());
@@ -365,6 +379,8 @@ mod tests {
         control.set_blocking(false);
         assert!(stuck.join().is_ok());
         assert_eq!(agent.ready_epoch(), 0, "the epoch-7 communicator was dropped");
+        // Its last handle went after the agent's lock was released (a real drop aborts NCCL).
+        assert_eq!(*control.drops.lock().unwrap(), [true]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,13 @@ use std::path::{Path, PathBuf};
 use moe_model::DType;
 use moe_model_tools::synthetic::{ModelShape, SynthOptions, write_random_model};
 
-/// `tests/fixtures` of this repository.
+/// `tests/fixtures` of this repository, or `MOE_FIXTURES_DIR` when set (test binaries built on
+/// one machine and run on another, as `scripts/gpu-check.sh` does on a GPU host).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    match std::env::var_os("MOE_FIXTURES_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
 }
 
 /// Every fixture directory that holds expected values.

@@ -22,9 +22,13 @@ fn two_ranks_join_through_a_unique_id_exchange_rows_and_abort_on_a_missing_peer(
         // Small integers are exact in bf16, the dtype on the wire.
         let values = |rank: usize| -> Vec<f32> { (0..1000).map(|i| ((rank * 7 + i) % 256) as f32).collect() };
         let id = NcclComm::unique_id().expect("NCCL present");
+        // Rank 1 keeps its communicator until rank 0 has seen its receive time out (dropping
+        // it would abort it, and rank 0 could see that instead of its own deadline).
+        let done = std::sync::Arc::new(std::sync::Barrier::new(2));
         let ranks: Vec<_> = (0..2usize)
             .map(|rank| {
                 let id = id.clone();
+                let done = done.clone();
                 std::thread::spawn(move || {
                     let Ok(Device::Cuda(gpu)) = Device::open(&format!("cuda:{rank}")) else {
                         panic!("GPU {rank} is needed");
@@ -53,6 +57,7 @@ fn two_ranks_join_through_a_unique_id_exchange_rows_and_abort_on_a_missing_peer(
                         let refused = comm.exchange(&[(peer, &mine)], &[], LONG).expect_err("aborted");
                         assert!(refused.to_string().contains("aborted"), "{refused}");
                     }
+                    done.wait();
                     got
                 })
             })

@@ -182,7 +182,9 @@ extern "C" __global__ void combine_rows(const bf16_t* y, const u32* starts, cons
     const u32 r = blockIdx.x;
     for (u32 c = threadIdx.x; c < hidden; c += blockDim.x) {
         float acc = 0.0f;
-        for (u32 j = starts[r]; j < starts[r + 1]; ++j) acc += weights[j] * bf2f(y[(size_t)slots[j] * hidden + c]);
+        // Product and sum rounded separately (no fused multiply-add), as the CPU's axpy does.
+        for (u32 j = starts[r]; j < starts[r + 1]; ++j)
+            acc = __fadd_rn(acc, __fmul_rn(weights[j], bf2f(y[(size_t)slots[j] * hidden + c])));
         out[(size_t)r * hidden + c] = acc;
     }
 }

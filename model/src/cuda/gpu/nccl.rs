@@ -217,13 +217,29 @@ impl NcclComm {
         let mut raw = RawComm { comm, aborted: false };
         let abort = AbortFlag::default();
         raw.wait_settled(&abort, &format!("joining as rank {rank} of {world_size}"), deadline)?;
-        Ok(NcclComm {
+        let comm = NcclComm {
             raw: Mutex::new(raw),
             abort,
             rank,
             world_size,
             stream,
-        })
+        };
+        comm.warm_up(deadline)?;
+        Ok(comm)
+    }
+
+    /// One value to and from every other rank in a single group, issued by every rank alike
+    /// right after joining: NCCL sets point-to-point connections up lazily, and setting them up
+    /// inside a data exchange can deadlock when several ranks wait on each other's first
+    /// exchange (two attention workers whose headers reached two expert workers in opposite
+    /// orders). Symmetric on every rank, this group always matches.
+    fn warm_up(&self, deadline: Instant) -> Result<()> {
+        let peers: Vec<usize> = (0..self.world_size).filter(|&p| p != self.rank).collect();
+        let ones = vec![1.0f32; 1];
+        let sends: Vec<(usize, &[f32])> = peers.iter().map(|&p| (p, ones.as_slice())).collect();
+        let recvs: Vec<(usize, usize)> = peers.iter().map(|&p| (p, 1)).collect();
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.run(&sends, &recvs, timeout, true).map(drop)
     }
 
     pub fn rank(&self) -> usize {
@@ -247,8 +263,11 @@ impl NcclComm {
     /// waits for an exchange in progress: that exchange aborts it at its next poll.
     pub fn abort(&self, why: &str) {
         self.abort.request(why);
-        if let Ok(mut raw) = self.raw.try_lock() {
-            raw.abort(why);
+        match self.raw.try_lock() {
+            Ok(mut raw) => raw.abort(why),
+            // A panic mid-call left the lock poisoned: the communicator still has to go.
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().abort(why),
+            Err(std::sync::TryLockError::WouldBlock) => {}
         }
     }
 
@@ -262,42 +281,75 @@ impl NcclComm {
         Ok(peer as i32)
     }
 
-    /// Sends each buffer to its peer and receives `len` values from each receive peer, all as
-    /// one NCCL group in bf16; returns the received values once everything has arrived. Not
-    /// done within `timeout`, or failed: the communicator is aborted and the error says why.
+    /// Sends each buffer to its peer and receives `len` values from each receive peer, in bf16:
+    /// the sends as one NCCL group, then the receives as another ([`exchange_groups`]); returns
+    /// the received values once everything has arrived. Not done within `timeout`, or failed:
+    /// the communicator is aborted and the error says why.
     pub fn exchange(
         &self,
         sends: &[(usize, &[f32])],
         recvs: &[(usize, usize)],
         timeout: Duration,
     ) -> Result<Vec<Vec<f32>>> {
+        self.run(sends, recvs, timeout, false)
+    }
+
+    /// An exchange; `one_group` issues sends and receives in a single group (the warm-up, which
+    /// every rank issues alike).
+    fn run(
+        &self,
+        sends: &[(usize, &[f32])],
+        recvs: &[(usize, usize)],
+        timeout: Duration,
+        one_group: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let deadline = Instant::now() + timeout;
+        for &(peer, _) in sends {
+            self.check_peer(peer)?;
+        }
+        for &(peer, _) in recvs {
+            self.check_peer(peer)?;
+        }
+        // Zero-length operations move nothing: they are left out (no zero-byte buffers).
+        let sends: Vec<(usize, &[f32])> = sends.iter().copied().filter(|(_, d)| !d.is_empty()).collect();
+        let wanted: Vec<(usize, usize)> = recvs.to_vec();
+        let recvs: Vec<(usize, usize)> = recvs.iter().copied().filter(|&(_, n)| n > 0).collect();
         let s = &self.stream;
         s.context().bind_to_thread().map_err(err("binding the CUDA context"))?;
-        let mut outgoing: Vec<(i32, CudaSlice<bf16>)> = Vec::with_capacity(sends.len());
-        for &(peer, data) in sends {
-            let narrowed: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
-            outgoing.push((
-                self.check_peer(peer)?,
-                s.clone_htod(&narrowed).map_err(err("uploading"))?,
-            ));
-        }
-        let mut incoming: Vec<(i32, CudaSlice<bf16>)> = Vec::with_capacity(recvs.len());
-        for &(peer, len) in recvs {
-            incoming.push((self.check_peer(peer)?, s.alloc_zeros(len).map_err(err("allocating"))?));
-        }
+        // Everything on this communicator's stream happens under its lock: a second exchange's
+        // uploads must not interleave with a group in progress.
         let mut raw = self.lock();
         if let Some(why) = self.abort.why() {
             raw.abort(why);
             return Err(Error::Device(format!("NCCL communicator was aborted ({why})")));
         }
+        let mut outgoing: Vec<(i32, CudaSlice<bf16>)> = Vec::with_capacity(sends.len());
+        for &(peer, data) in &sends {
+            let narrowed: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+            outgoing.push((peer as i32, s.clone_htod(&narrowed).map_err(err("uploading"))?));
+        }
+        let mut incoming: Vec<(i32, CudaSlice<bf16>)> = Vec::with_capacity(recvs.len());
+        for &(peer, len) in &recvs {
+            incoming.push((peer as i32, s.alloc_zeros(len).map_err(err("allocating"))?));
+        }
         let sizes =
             |bufs: &[(i32, CudaSlice<bf16>)]| bufs.iter().map(|(p, b)| (*p as usize, b.len())).collect::<Vec<_>>();
-        let groups = exchange_groups(&sizes(&outgoing), &sizes(&incoming));
-        for group in &groups {
-            let issued = match group[0].direction {
-                Direction::Send => self.issue_sends(&raw, s, &outgoing),
-                Direction::Recv => self.issue_recvs(&raw, s, &mut incoming),
+        let groups = if one_group {
+            vec![Direction::Send]
+        } else {
+            exchange_groups(&sizes(&outgoing), &sizes(&incoming))
+                .iter()
+                .map(|g| g[0].direction)
+                .collect()
+        };
+        for direction in groups {
+            let issued = match (one_group, direction) {
+                (true, _) => group(|| {
+                    self.issue_sends(&raw, s, &outgoing)?;
+                    self.issue_recvs(&raw, s, &mut incoming)
+                }),
+                (false, Direction::Send) => group(|| self.issue_sends(&raw, s, &outgoing)),
+                (false, Direction::Recv) => group(|| self.issue_recvs(&raw, s, &mut incoming)),
             };
             if let Err(e) = issued {
                 return Err(raw.fail(&self.abort, e));
@@ -305,25 +357,38 @@ impl NcclComm {
             raw.wait_settled(&self.abort, "issuing the exchange", deadline)?;
         }
         // The kernels are queued: wait for them (and watch for asynchronous errors and aborts).
-        let done = s.record_event(None).map_err(err("recording the exchange"))?;
+        let peers: Vec<i32> = outgoing.iter().chain(&incoming).map(|(p, _)| *p).collect();
+        let what = format!("exchange with ranks {peers:?}");
+        let done = match s.record_event(None) {
+            Ok(done) => done,
+            Err(e) => return Err(raw.fail(&self.abort, format!("{what}: recording its end: {e:?}"))),
+        };
         let waited = poll_until(deadline, &self.abort, || {
             raw.settled()?;
             done.try_is_complete()
                 .map_err(|e| format!("waiting for the exchange: {e:?}"))
         });
-        let peers: Vec<i32> = outgoing.iter().chain(&incoming).map(|(p, _)| *p).collect();
-        raw.finish(&self.abort, waited, &format!("exchange with ranks {peers:?}"))?;
+        raw.finish(&self.abort, waited, &what)?;
+        // An abort asked for while this held the lock takes effect before the lock goes.
+        if let Some(why) = self.abort.why() {
+            raw.abort(why);
+        }
         drop(raw);
-        incoming
+        let mut received = incoming.iter();
+        wanted
             .iter()
-            .map(|(_, buf)| {
+            .map(|&(_, len)| {
+                if len == 0 {
+                    return Ok(Vec::new());
+                }
+                let (_, buf) = received.next().expect("one buffer per non-empty receive");
                 let bits: Vec<bf16> = s.clone_dtoh(buf).map_err(err("downloading"))?;
                 Ok(bits.into_iter().map(bf16::to_f32).collect())
             })
             .collect()
     }
 
-    /// Issues every send as one group; the group is always closed, even after an error.
+    /// Issues a send per buffer (inside a group the caller opened).
     fn issue_sends(
         &self,
         raw: &RawComm,
@@ -331,28 +396,26 @@ impl NcclComm {
         outgoing: &[(i32, CudaSlice<bf16>)],
     ) -> std::result::Result<(), String> {
         let stream = s.cu_stream() as sys::cudaStream_t;
-        group(|| {
-            let mut first_error = Ok(());
-            for (peer, buf) in outgoing {
-                let (ptr, _sync) = buf.device_ptr(s);
-                // SAFETY: `buf` lives until the exchange completes (the caller waits on the stream).
-                let r = unsafe {
-                    sys::ncclSend(
-                        ptr as *const _,
-                        buf.len(),
-                        sys::ncclDataType_t::ncclBfloat16,
-                        *peer,
-                        raw.comm,
-                        stream,
-                    )
-                };
-                first_error = first_error.and(nccl_call("ncclSend", r));
-            }
-            first_error
-        })
+        let mut first_error = Ok(());
+        for (peer, buf) in outgoing {
+            let (ptr, _sync) = buf.device_ptr(s);
+            // SAFETY: `buf` lives until the exchange completes (the caller waits on the stream).
+            let r = unsafe {
+                sys::ncclSend(
+                    ptr as *const _,
+                    buf.len(),
+                    sys::ncclDataType_t::ncclBfloat16,
+                    *peer,
+                    raw.comm,
+                    stream,
+                )
+            };
+            first_error = first_error.and(nccl_call("ncclSend", r));
+        }
+        first_error
     }
 
-    /// Issues every receive as one group; the group is always closed, even after an error.
+    /// Issues a receive per buffer (inside a group the caller opened).
     fn issue_recvs(
         &self,
         raw: &RawComm,
@@ -360,26 +423,24 @@ impl NcclComm {
         incoming: &mut [(i32, CudaSlice<bf16>)],
     ) -> std::result::Result<(), String> {
         let stream = s.cu_stream() as sys::cudaStream_t;
-        group(|| {
-            let mut first_error = Ok(());
-            for (peer, buf) in incoming.iter_mut() {
-                let len = buf.len();
-                let (ptr, _sync) = buf.device_ptr_mut(s);
-                // SAFETY: as for the sends.
-                let r = unsafe {
-                    sys::ncclRecv(
-                        ptr as *mut _,
-                        len,
-                        sys::ncclDataType_t::ncclBfloat16,
-                        *peer,
-                        raw.comm,
-                        stream,
-                    )
-                };
-                first_error = first_error.and(nccl_call("ncclRecv", r));
-            }
-            first_error
-        })
+        let mut first_error = Ok(());
+        for (peer, buf) in incoming.iter_mut() {
+            let len = buf.len();
+            let (ptr, _sync) = buf.device_ptr_mut(s);
+            // SAFETY: as for the sends.
+            let r = unsafe {
+                sys::ncclRecv(
+                    ptr as *mut _,
+                    len,
+                    sys::ncclDataType_t::ncclBfloat16,
+                    *peer,
+                    raw.comm,
+                    stream,
+                )
+            };
+            first_error = first_error.and(nccl_call("ncclRecv", r));
+        }
+        first_error
     }
 }
 
@@ -397,7 +458,7 @@ impl Drop for NcclComm {
     fn drop(&mut self) {
         // Abort rather than destroy: destroying waits for pending operations, which may never
         // finish when a peer is gone.
-        let raw = self.raw.get_mut().expect("NCCL communicator lock");
+        let raw = self.raw.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !raw.aborted {
             // SAFETY: the communicator is live and not used after this.
             let _ = unsafe { sys::ncclCommAbort(raw.comm) };

@@ -97,7 +97,7 @@ impl CudaDevice {
     /// accumulation): `kernels::linear` on the device.
     pub fn linear(&self, x: &[f32], rows: usize, w: &DeviceMatrix) -> Result<Vec<f32>> {
         check_len("linear input", x.len(), rows * w.cols)?;
-        if rows == 0 {
+        if rows == 0 || w.rows == 0 {
             return Ok(Vec::new());
         }
         let s = self.stream();
@@ -159,7 +159,7 @@ impl CudaDevice {
         eps: f32,
     ) -> Result<Vec<f32>> {
         check_len("inverse frequencies", inv_freq.len(), head_dim / 2)?;
-        if pos.is_empty() && x.is_empty() {
+        if x.is_empty() {
             return Ok(Vec::new());
         }
         if head_dim == 0
@@ -239,6 +239,11 @@ impl CudaDevice {
     pub fn kv_cache(&self, num_blocks: usize, block_size: usize, kv_dim: usize) -> Result<DeviceKvCache> {
         let s = self.stream();
         let len = num_blocks * block_size * kv_dim;
+        if len == 0 {
+            return Err(Error::InvalidInput(format!(
+                "a KV cache of {num_blocks} blocks of {block_size} positions of {kv_dim} values holds nothing"
+            )));
+        }
         Ok(DeviceKvCache {
             keys: s.alloc_zeros::<bf16>(len).map_err(err("allocating the KV cache"))?,
             values: s.alloc_zeros::<bf16>(len).map_err(err("allocating the KV cache"))?,

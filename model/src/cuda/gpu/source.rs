@@ -33,6 +33,13 @@ pub fn supported_archs() -> Result<Vec<i32>> {
     if !nvrtc_present() {
         return Err(Error::Device("NVRTC (libnvrtc) not found".into()));
     }
+    // Before 11.2 NVRTC cannot list its architectures; cudarc would abort on the missing symbol.
+    // SAFETY: only looks the symbol up in the loaded library.
+    if unsafe { sys::culib().get::<*const ()>(b"nvrtcGetNumSupportedArchs") }.is_err() {
+        return Err(Error::Device(
+            "NVRTC is older than 11.2 (no nvrtcGetSupportedArchs): install a newer CUDA toolkit".into(),
+        ));
+    }
     let mut n = 0;
     // SAFETY: valid out pointer.
     unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) }
