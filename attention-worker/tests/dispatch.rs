@@ -72,6 +72,21 @@ impl Expert for Service {
     }
 }
 
+/// Serves `service` as the `Expert` service on a free port of 127.0.0.1; returns the address.
+fn serve_on_loopback<S: Expert>(runtime: &tokio::runtime::Runtime, service: S) -> String {
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let server = ExpertServer::new(service)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    address
+}
+
 struct Setup {
     runtime: tokio::runtime::Runtime,
     config: ModelConfig,
@@ -101,17 +116,7 @@ impl Setup {
             refuse,
             messages: messages.clone(),
         });
-        let listener = self
-            .runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        self.runtime.spawn(
-            tonic::transport::Server::builder()
-                .add_service(ExpertServer::new(Service(service)))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        (address, messages)
+        (serve_on_loopback(&self.runtime, Service(service)), messages)
     }
 
     fn remote(&self, recover_timeout: Duration) -> RemoteExperts {
@@ -342,21 +347,7 @@ mod link_failures {
                 hidden: self.hidden,
                 max_rows: 1 << 20,
             };
-            let listener = self
-                .runtime
-                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-                .unwrap();
-            let address = listener.local_addr().unwrap().to_string();
-            self.runtime.spawn(
-                tonic::transport::Server::builder()
-                    .add_service(
-                        ExpertServer::new(IdentityService(Arc::new(Identity { limits, how })))
-                            .max_decoding_message_size(usize::MAX)
-                            .max_encoding_message_size(usize::MAX),
-                    )
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
-            address
+            serve_on_loopback(&self.runtime, IdentityService(Arc::new(Identity { limits, how })))
         }
 
         /// One expert, every row a micro-batch of its own (`slot_capacity` 1).
