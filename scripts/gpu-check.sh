@@ -11,13 +11,15 @@
 #                                     # target/gpu-check/bin (carry that folder to the host)
 #   scripts/gpu-check.sh              # on the GPU host: uses target/gpu-check/bin if present,
 #                                     # else builds with cargo
-# MOE_GPU_STEP_TIMEOUT (default 120 s) bounds each step.
+# MOE_GPU_STEP_TIMEOUT (default 120 s) bounds each step; MOE_GPU_OUT moves the summary and logs
+# (e.g. to the device tool's $OUT), MOE_GPU_BIN the prebuilt binaries. The prebuilt folder is
+# about 35 MiB stripped, within what the device tool carries (64 MiB).
 set -uo pipefail
 script="$(realpath "$0")"
 cd "$(dirname "$script")/.."
 
 out="${MOE_GPU_OUT:-target/gpu-check}"
-bin="$out/bin"
+bin="${MOE_GPU_BIN:-target/gpu-check/bin}"
 summary="${MOE_GPU_SUMMARY:-$out/summary.txt}"
 step_timeout="${MOE_GPU_STEP_TIMEOUT:-120}"
 fixture="${MOE_GPU_FIXTURE:-tests/fixtures/hunyuan-tiny}"
@@ -52,7 +54,7 @@ skip() { note "SKIP  $(printf '%-22s' "$1") $2"; }
 # The test executables the steps run, by name: cargo's --no-run output gives their paths.
 prebuild() {
     set -e
-    mkdir -p "$bin"
+    mkdir -p "$bin" "$out"
     local json="$out/build.json"
     cargo build --release -p moectl --features cuda
     cp target/release/moectl "$bin/moectl"
@@ -104,7 +106,7 @@ link_cuda_libraries() {
     local dir="$out/lib"
     libraries=""
     mkdir -p "$dir"
-    local roots="/usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu"
+    local roots="${LD_LIBRARY_PATH//:/ } /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu"
     roots="$roots $(python3 -c 'import site; print(" ".join(p + "/nvidia" for p in site.getsitepackages()))' 2>/dev/null)"
     for lib in cublas cublasLt nvrtc nccl; do
         local hit
