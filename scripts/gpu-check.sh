@@ -106,7 +106,8 @@ link_cuda_libraries() {
     local dir="$out/lib"
     libraries=""
     mkdir -p "$dir"
-    local roots="${LD_LIBRARY_PATH//:/ } /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu"
+    local search="${LD_LIBRARY_PATH:-}"
+    local roots="${search//:/ } /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu"
     roots="$roots $(python3 -c 'import site; print(" ".join(p + "/nvidia" for p in site.getsitepackages()))' 2>/dev/null)"
     for lib in cublas cublasLt nvrtc nccl; do
         local hit
