@@ -11,6 +11,7 @@ mod gpu_bench;
 mod gpu_plan;
 mod machine;
 mod remote;
+mod supervise;
 mod up;
 
 use std::process::ExitCode;

@@ -90,19 +90,27 @@ pub struct Args {
     /// GPU); otherwise layers go over gRPC, and a `GPUS` line says which.
     #[arg(long, value_delimiter = ',')]
     gpus: Vec<String>,
+    /// Start a worker again when it exits (at most 3 times a minute each); every exit is
+    /// reported either way (an `EXITED` line).
+    #[arg(long)]
+    restart_workers: bool,
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
     #[arg(long, default_value_t = 1, value_parser = crate::flags::positive::<usize>())]
     coordinators: usize,
 }
 
-struct Proc {
-    role: &'static str,
-    child: Child,
-    address: SocketAddr,
+/// One child process of a local cluster, with what it takes to start it again.
+pub(crate) struct Proc {
+    pub role: &'static str,
+    pub child: Child,
+    pub pid: u32,
+    pub address: SocketAddr,
+    pub args: Vec<String>,
+    pub started: std::time::Instant,
 }
 
 /// Starts `moectl <role> <args> --watch-stdin` and waits for its `LISTENING` line.
-async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result<Proc> {
+pub(crate) async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result<Proc> {
     let exe = std::env::current_exe().context("locating the moectl binary")?;
     let mut child = Command::new(exe)
         .arg(role)
@@ -132,7 +140,14 @@ async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result<Proc> {
     .with_context(|| format!("{role} did not start listening"))??;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Proc { role, child, address })
+    Ok(Proc {
+        role,
+        pid: child.id().unwrap_or(0),
+        child,
+        address,
+        args: args.to_vec(),
+        started: std::time::Instant::now(),
+    })
 }
 
 /// A running local cluster.
@@ -249,12 +264,7 @@ impl LocalCluster {
             procs.push(spawn("attention-worker", &a).await?);
         }
         for p in &procs {
-            println!(
-                "PROCESS {} pid={} addr={}",
-                p.role,
-                p.child.id().unwrap_or(0),
-                p.address
-            );
+            println!("PROCESS {} pid={} addr={}", p.role, p.pid, p.address);
         }
         let token = match &args.auth_token_file {
             Some(f) => Some(moe_runtime::auth::read_token_file(f).with_context(|| format!("reading {}", f.display()))?),
@@ -285,7 +295,7 @@ impl LocalCluster {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let cluster = LocalCluster::start(&args).await?;
+    let mut cluster = LocalCluster::start(&args).await?;
     println!("READY {}", cluster.endpoint);
     eprintln!(
         "serving; try: moectl generate --endpoint {} --prompt-ids 5,6,7 --max-tokens 16  (Ctrl-C stops the cluster)",
@@ -295,6 +305,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => eprintln!("stopping the cluster (Ctrl-C)"),
         _ = term.recv() => eprintln!("stopping the cluster (SIGTERM)"),
+        _ = crate::supervise::watch(&mut cluster.procs, args.restart_workers) => {}
     }
     cluster.stop().await;
     Ok(())

@@ -4,8 +4,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessInfo {
@@ -20,6 +20,8 @@ pub struct LocalCluster {
     /// Where the coordinator serves metrics, when started with `--metrics-listen`.
     pub metrics: Option<String>,
     pub processes: Vec<ProcessInfo>,
+    /// What `moectl up` prints after `READY` (`EXITED`, `PROCESS` lines of restarts).
+    lines: Mutex<mpsc::Receiver<String>>,
 }
 
 impl LocalCluster {
@@ -80,6 +82,22 @@ impl LocalCluster {
             endpoint,
             metrics,
             processes,
+            lines: Mutex::new(rx),
+        }
+    }
+
+    /// The next line `moectl up` prints that starts with `prefix`, waiting at most `timeout`
+    /// (lines before it are passed over).
+    pub fn wait_for_line(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let lines = self.lines.lock().expect("lines lock");
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
         }
     }
 

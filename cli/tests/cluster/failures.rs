@@ -329,3 +329,44 @@ async fn a_frozen_expert_worker_loses_its_lease_and_rejoins() {
         assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moectl_up_reaps_and_reports_a_dead_worker_and_restarts_it_when_asked() {
+    // Proves: `moectl up` notices a child's death at once (an EXITED line naming it, how and
+    // when), leaves no zombie, and with --restart-workers starts a replacement that rejoins, so
+    // the cluster is whole again and serves.
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--restart-workers"]);
+    let killed = cluster.kill("expert-worker", 0);
+    let exited = cluster
+        .wait_for_line("EXITED ", Duration::from_secs(20))
+        .expect("no EXITED line for the killed worker");
+    assert!(
+        exited.starts_with(&format!("EXITED expert-worker pid={} signal 9 after=", killed.pid)),
+        "{exited}"
+    );
+    // Reaped: no zombie left behind (a zombie keeps its /proc entry).
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", killed.pid)).exists(),
+        "pid {} left a zombie",
+        killed.pid
+    );
+    let restarted = cluster
+        .wait_for_line("PROCESS expert-worker ", Duration::from_secs(60))
+        .expect("no replacement was started");
+    assert!(!restarted.contains(&format!("pid={} ", killed.pid)), "{restarted}");
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    eventually(Duration::from_secs(60), "the replacement never got experts", || {
+        let mut client = client.clone();
+        async move {
+            let s = client.status().await.unwrap();
+            let sizes = experts_per_layer(&s, 2);
+            if sizes.len() == 2 && sizes.iter().all(|&n| n > 0) {
+                Ok(())
+            } else {
+                Err(format!("{sizes:?} at v{}", s.placement_version))
+            }
+        }
+    })
+    .await;
+    assert_eq!(client.generate(&greedy(&[5, 6], 3)).await.unwrap().tokens.len(), 3);
+}
