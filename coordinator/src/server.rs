@@ -159,6 +159,15 @@ impl EtcdArgs {
     }
 }
 
+/// The largest client message the API takes: a batch of as many requests as may be in flight,
+/// each with a prompt as long as the context (an id takes at most 5 bytes on the wire) and a
+/// generous 64 KiB for the rest. Nothing valid is larger; a larger one is refused
+/// (OUT_OF_RANGE) before it is buffered, not decoded into memory first.
+fn client_message_limit(context: usize, max_in_flight: usize) -> usize {
+    let per_request = 5 * context + (64 << 10);
+    per_request.saturating_mul(max_in_flight).min(MAX_MESSAGE_BYTES)
+}
+
 pub async fn run(args: Args) -> Result<()> {
     let max_in_flight = args.max_in_flight.get();
     let token = match &args.auth_token_file {
@@ -175,6 +184,7 @@ pub async fn run(args: Args) -> Result<()> {
         moe_runtime::tls::install(tls).map_err(Error::Tls)?;
     }
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    let max_position_embeddings = config.max_position_embeddings;
     let ckpt = moe_model::checkpoint::Checkpoint::open(&args.model)?;
     let model_id = moe_model::identity::model_identity(&args.model, &ckpt)?;
     drop(ckpt);
@@ -253,7 +263,7 @@ pub async fn run(args: Args) -> Result<()> {
         .add_service(InterceptedService::new(
             InterceptedService::new(
                 InferenceServer::new(inference)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(client_message_limit(max_position_embeddings, max_in_flight))
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
                 RequireBearer::new(token),
             ),
@@ -277,4 +287,17 @@ pub async fn run(args: Args) -> Result<()> {
     }
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_message_limit_follows_the_context_and_the_admission_bound() {
+        // A13B: 256K context, 256 in flight: about 335 MB, far below the 1 GiB transport cap.
+        assert_eq!(client_message_limit(262_144, 1), 5 * 262_144 + 65_536);
+        assert_eq!(client_message_limit(262_144, 256), 256 * (5 * 262_144 + 65_536));
+        assert_eq!(client_message_limit(1 << 30, 1 << 20), MAX_MESSAGE_BYTES);
+    }
 }

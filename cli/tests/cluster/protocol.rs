@@ -86,6 +86,13 @@ async fn invalid_requests_get_invalid_argument_and_disturb_nothing() {
         .unwrap_err();
     assert!(err.message().contains("requests[1]"), "{}", err.message());
 
+    // A message larger than any valid one (a prompt far past the context: 2M ids, about 4 MB,
+    // against a limit of 8 requests of a 32K-token context) is refused before it is buffered.
+    let huge = with(&|r| r.prompt = (0..2_000_000u32).map(|i| 5 + i % 400).collect());
+    let err = client.generate(&huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+
     let got = bystander.await.unwrap().unwrap();
     assert_eq!(got.tokens, want, "the bystander request was disturbed");
     wait_idle(&client, "the cluster did not go idle after the bystander").await;
