@@ -23,6 +23,7 @@ impl RequireBearer {
 
 impl Interceptor for RequireBearer {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        crate::net::check_metadata(&req)?;
         let Some(expected) = &self.expected else { return Ok(req) };
         let given = req
             .metadata()

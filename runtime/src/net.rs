@@ -14,6 +14,32 @@ use crate::tls::ClientTls;
 /// Largest gRPC message (a prefill batch's activations or prompt logits): 1 GiB.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
+/// The HTTP/2 header list a server takes. Far above any real call's metadata, on purpose: h2
+/// answers a header block over this limit that spans CONTINUATION frames with a GOAWAY, which
+/// ends every other stream of the connection; below it, [`check_metadata`] refuses an oversize
+/// call on its own stream.
+pub const MAX_HEADER_LIST_BYTES: u32 = 256 << 10;
+
+/// Request metadata a call may carry (a token and a few tracing headers are well under 1 KiB).
+pub const MAX_METADATA_BYTES: usize = 16 << 10;
+
+/// Refuses a call whose metadata is over [`MAX_METADATA_BYTES`], on its own stream
+/// (INVALID_ARGUMENT); the connection and its other streams go on.
+pub fn check_metadata<T>(req: &tonic::Request<T>) -> Result<(), tonic::Status> {
+    let bytes: usize = req
+        .metadata()
+        .as_ref()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if bytes > MAX_METADATA_BYTES {
+        return Err(tonic::Status::invalid_argument(format!(
+            "request metadata is {bytes} bytes; at most {MAX_METADATA_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
 /// Binds `addr` (port 0 picks a free port) and returns the incoming stream and the address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpIncoming, SocketAddr)> {
     let listener = TcpListener::bind(addr).await?;
@@ -49,7 +75,7 @@ pub fn channel_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, toni
 
 /// A server builder with this process's TLS when one is installed.
 pub fn server() -> Result<Server, tonic::transport::Error> {
-    let builder = Server::builder();
+    let builder = Server::builder().http2_max_header_list_size(MAX_HEADER_LIST_BYTES);
     match crate::tls::installed().and_then(|t| t.server.clone()) {
         Some(config) => builder.tls_config(config),
         None => Ok(builder),

@@ -161,6 +161,7 @@ pub struct RequireClientCert {
 
 impl tonic::service::Interceptor for RequireClientCert {
     fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        crate::net::check_metadata(&request)?;
         if !self.enabled || request.peer_certs().is_some_and(|c| !c.is_empty()) {
             Ok(request)
         } else {

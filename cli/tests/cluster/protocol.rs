@@ -86,6 +86,38 @@ async fn invalid_requests_get_invalid_argument_and_disturb_nothing() {
         .unwrap_err();
     assert!(err.message().contains("requests[1]"), "{}", err.message());
 
+    // Metadata far over any real call's (64 KiB) is refused on its own stream; a stream on
+    // the same HTTP/2 connection goes on to its end.
+    let channel = moe_runtime::net::channel(&cluster.endpoint).unwrap();
+    let mut neighbour = moe_proto::v1::inference_client::InferenceClient::new(channel.clone());
+    let mut tokens = neighbour
+        .generate(moe_runtime::convert::generate_request(&greedy(&[5, 6, 7], 30)))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokens.next().await.expect("a first event").unwrap();
+    let mut oversize = tonic::Request::new(moe_runtime::convert::generate_request(&base));
+    oversize
+        .metadata_mut()
+        .insert("x-padding", "p".repeat(64 << 10).parse().unwrap());
+    let err = moe_proto::v1::inference_client::InferenceClient::new(channel)
+        .generate(oversize)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("metadata"), "{}", err.message());
+    let mut events = vec![first];
+    while let Some(e) = tokens.next().await {
+        events.push(e.expect("the neighbouring stream broke"));
+    }
+    let streamed: usize = events
+        .iter()
+        .filter(|e| matches!(e.event, Some(moe_proto::v1::generate_response::Event::Token(_))))
+        .count();
+    assert_eq!(
+        streamed, 30,
+        "the neighbouring stream on the same connection was cut: {events:?}"
+    );
     // A message larger than any valid one (a prompt far past the context: 2M ids, about 4 MB,
     // against a limit of 8 requests of a 32K-token context) is refused before it is buffered.
     let huge = with(&|r| r.prompt = (0..2_000_000u32).map(|i| 5 + i % 400).collect());
