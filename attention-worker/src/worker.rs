@@ -90,7 +90,7 @@ pub enum CapacityPolicy {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    args.worker.install_tls()?;
+    args.worker.install_credentials()?;
     let nccl = args.worker.nccl_agent()?;
     // A GPU that cannot be used stops the worker before any weight is read.
     let device = moe_model::device::Device::open(&args.device)?;

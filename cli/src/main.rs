@@ -55,7 +55,8 @@ enum Command {
     Bench(bench::Args),
     /// Measure a GPU (bf16 matmul rate, memory bandwidth) and the grouped expert GEMM; JSON.
     GpuBench(gpu_bench::Args),
-    /// Take a worker out of service without losing work, then let it leave.
+    /// Take a worker out of service without losing work, then let it leave. Presents the
+    /// cluster token from `MOECTL_CLUSTER_TOKEN` when the cluster has one.
     Drain {
         #[arg(long, default_value = "127.0.0.1:50051")]
         endpoint: String,
@@ -67,7 +68,8 @@ enum Command {
         wait_s: u64,
     },
     /// Fit the expert placement to the recent load (replicas for hot experts, even expected
-    /// load per expert worker); the switch happens once the new slots are loaded.
+    /// load per expert worker); the switch happens once the new slots are loaded. Presents the
+    /// cluster token from `MOECTL_CLUSTER_TOKEN` when the cluster has one.
     Rebalance {
         #[arg(long, default_value = "127.0.0.1:50051")]
         endpoint: String,
@@ -120,6 +122,13 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
+        }
+        // Operator commands (`drain`, `rebalance`) present the cluster token on the control plane.
+        if let Ok(token) = std::env::var(moe_runtime::auth::CLUSTER_TOKEN_ENV)
+            && let Err(e) = moe_runtime::auth::install_cluster_token(token)
+        {
+            eprintln!("error: {}: {e}", moe_runtime::auth::CLUSTER_TOKEN_ENV);
+            return ExitCode::from(2);
         }
     }
     let result: anyhow::Result<ExitCode> = moe_runtime::worker::block_on(async {

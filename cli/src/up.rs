@@ -42,6 +42,11 @@ pub struct Args {
     /// `MOECTL_TOKEN`.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    /// The cluster token (read from this file) every component presents on the control plane
+    /// and to the workers; operators pass it to `moectl drain`/`rebalance` in
+    /// `MOECTL_CLUSTER_TOKEN`. Default: the `--auth-token-file` token.
+    #[arg(long)]
+    cluster_token_file: Option<PathBuf>,
     /// Capacity policy of the attention workers: exact (default), drop or recycle.
     #[arg(long, default_value = "exact", value_parser = ["exact", "drop", "recycle"])]
     capacity_policy: String,
@@ -188,13 +193,17 @@ impl LocalCluster {
                 args.coordinators
             );
         }
-        let mut tls_args = Vec::new();
+        // What every component is given to prove itself to the others.
+        let mut credential_args = Vec::new();
         if let (Some(c), Some(k), Some(ca)) = (&args.tls.tls_cert, &args.tls.tls_key, &args.tls.tls_ca) {
             for (flag, path) in [("--tls-cert", c), ("--tls-key", k), ("--tls-ca", ca)] {
-                tls_args.extend([flag.to_owned(), path.to_string_lossy().into_owned()]);
+                credential_args.extend([flag.to_owned(), path.to_string_lossy().into_owned()]);
             }
         }
-        coordinator_args.extend(tls_args.iter().cloned());
+        if let Some(f) = args.cluster_token_file.as_ref().or(args.auth_token_file.as_ref()) {
+            credential_args.extend(["--cluster-token-file".into(), f.to_string_lossy().into_owned()]);
+        }
+        coordinator_args.extend(credential_args.iter().cloned());
         if !args.etcd.is_empty() {
             coordinator_args.extend([
                 "--etcd".into(),
@@ -233,7 +242,7 @@ impl LocalCluster {
             "--coordinator".to_owned(),
             endpoint.clone(),
         ];
-        common.extend(tls_args);
+        common.extend(credential_args);
         let gpus = gpu_plan::plan(&args.gpus, args.expert_workers, args.attention_workers);
         if let Some(line) = gpus.summary() {
             println!("{line}");

@@ -15,6 +15,8 @@ pub enum Error {
     NotLeader(String),
     #[error("TLS: {0}")]
     Tls(#[from] moe_runtime::tls::TlsError),
+    #[error("cluster token: {0}")]
+    Token(#[from] moe_runtime::auth::TokenError),
     #[error("registry: {0}")]
     Registry(#[from] crate::registry::RegistryError),
     #[error("{context}: {source}")]

@@ -15,12 +15,12 @@ use moe_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse, HealthRequest, HealthResponse,
     SubmitBatchRequest, SubmitBatchResponse,
 };
+use moe_runtime::net::ClusterChannel;
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use moe_runtime::resume::Progress;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -40,7 +40,7 @@ pub struct Handoff {
     pub state: StateHandle,
     /// How long a request waits for the cluster to become ready (placement, attention worker).
     pub ready_timeout: Duration,
-    pub channels: Mutex<HashMap<String, Channel>>,
+    pub channels: Mutex<HashMap<String, ClusterChannel>>,
 }
 
 /// Times a request is moved to another attention worker before its error reaches the client.
@@ -71,7 +71,7 @@ impl InferenceService {
 }
 
 impl Handoff {
-    fn channel(&self, address: &str) -> Result<Channel, Status> {
+    fn channel(&self, address: &str) -> Result<ClusterChannel, Status> {
         let mut channels = self.channels.lock().expect("lock");
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());

@@ -9,10 +9,10 @@ use std::time::Duration;
 use moe_model::ModelConfig;
 use moe_proto::v1::control_server::ControlServer;
 use moe_proto::v1::inference_server::InferenceServer;
-use moe_runtime::auth::RequireBearer;
+use moe_runtime::auth::{RequireBearer, RequireCluster};
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use moe_runtime::shutdown;
-use moe_runtime::tls::{ClientTls, RequireClientCert, TlsArgs};
+use moe_runtime::tls::{ClientTls, TlsArgs};
 use tokio::sync::Semaphore;
 
 use crate::cluster::ClusterConfig;
@@ -51,6 +51,12 @@ pub struct Args {
     /// Off by default (local use); for production put the API behind this and TLS.
     #[arg(long)]
     pub auth_token_file: Option<PathBuf>,
+    /// The cluster token: required on every control-plane call (workers registering and
+    /// heartbeating, operators' `drain` and `rebalance`) and presented to the workers. Without
+    /// it the control plane takes the `--auth-token-file` token; with neither (and no TLS) it
+    /// is open, for local use only.
+    #[arg(long)]
+    pub cluster_token_file: Option<PathBuf>,
     /// Serve Prometheus metrics (`/metrics`) and a health probe (`/healthz`) over HTTP here.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -168,21 +174,46 @@ fn client_message_limit(context: usize, max_in_flight: usize) -> usize {
     per_request.saturating_mul(max_in_flight).min(MAX_MESSAGE_BYTES)
 }
 
+fn read_token(path: Option<&PathBuf>, what: &str) -> Result<Option<String>> {
+    path.map(|path| {
+        moe_runtime::auth::read_token_file(path).map_err(|source| Error::Io {
+            context: format!("reading the {what} file {}", path.display()),
+            source,
+        })
+    })
+    .transpose()
+}
+
+/// The credentials of the two planes: the client API's guard, and the control plane's (which
+/// also installs the cluster token this coordinator presents to the workers).
+fn credentials(args: &Args, tls_on: bool) -> Result<(RequireBearer, RequireCluster)> {
+    let client_token = read_token(args.auth_token_file.as_ref(), "token")?;
+    let cluster_token = match read_token(args.cluster_token_file.as_ref(), "cluster token")? {
+        Some(t) => Some(t),
+        None => client_token.clone(),
+    };
+    if let Some(t) = &cluster_token {
+        moe_runtime::auth::install_cluster_token(t.clone())?;
+    }
+    let control = RequireCluster::new(cluster_token, tls_on);
+    if control.is_open() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "the control plane is open (no --cluster-token-file, --auth-token-file or TLS): anyone who reaches this port can register or drain workers"
+        );
+    }
+    Ok((RequireBearer::new(client_token), control))
+}
+
 pub async fn run(args: Args) -> Result<()> {
     let max_in_flight = args.max_in_flight.get();
-    let token = match &args.auth_token_file {
-        Some(path) => Some(moe_runtime::auth::read_token_file(path).map_err(|source| Error::Io {
-            context: format!("reading the token file {}", path.display()),
-            source,
-        })?),
-        None => None,
-    };
     let tls = args.tls.load(false).map_err(Error::Tls)?;
     let tls_on = tls.is_some();
     if let Some(tls) = tls {
         tracing::info!("TLS on: mutual TLS on the control plane");
         moe_runtime::tls::install(tls).map_err(Error::Tls)?;
     }
+    let (client_guard, control_guard) = credentials(&args, tls_on)?;
     let config = ModelConfig::from_file(&args.model.join("config.json"))?;
     let max_position_embeddings = config.max_position_embeddings;
     let ckpt = moe_model::checkpoint::Checkpoint::open(&args.model)?;
@@ -265,15 +296,12 @@ pub async fn run(args: Args) -> Result<()> {
                 InferenceServer::new(inference)
                     .max_decoding_message_size(client_message_limit(max_position_embeddings, max_in_flight))
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                RequireBearer::new(token),
+                client_guard,
             ),
             gate.clone(),
         ))
         .add_service(InterceptedService::new(
-            InterceptedService::new(
-                ControlServer::new(ControlService { state }),
-                RequireClientCert { enabled: tls_on },
-            ),
+            InterceptedService::new(ControlServer::new(ControlService { state }), control_guard),
             gate,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());

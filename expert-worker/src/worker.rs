@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    args.worker.install_tls()?;
+    args.worker.install_credentials()?;
     let nccl = args.worker.nccl_agent()?;
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
     let ckpt = Checkpoint::open(&args.worker.model)?;

@@ -12,13 +12,12 @@ use moe_proto::v1::{
     ReportFailureRequest, Role, WorkerStatus,
 };
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::failover::{self, Failover};
 use crate::placement::PlacementView;
 
 pub struct Membership {
-    coordinators: Failover<ControlClient<Channel>>,
+    coordinators: Failover<ControlClient<crate::net::ClusterChannel>>,
     role: Role,
     address: String,
     model_id: String,

@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 
+use crate::auth::AddBearer;
 use crate::tls::ClientTls;
 
 /// Largest gRPC message (a prefill batch's activations or prompt logits): 1 GiB.
@@ -47,10 +49,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpIncoming, SocketAddr)
     Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
 }
 
-/// A lazily connecting channel to `addr` (`host:port` or a URL), with this process's TLS
-/// when one is installed ([`crate::tls::install`]).
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    channel_with(addr, crate::tls::installed().map(|t| &t.client))
+/// A channel to another component of the cluster: it presents this process's cluster token,
+/// when one is installed ([`crate::auth::install_cluster_token`]), on every call.
+pub type ClusterChannel = InterceptedService<Channel, AddBearer>;
+
+/// A lazily connecting channel to `addr` (`host:port` or a URL) of another component, with this
+/// process's TLS ([`crate::tls::install`]) and cluster token when installed.
+pub fn channel(addr: &str) -> Result<ClusterChannel, tonic::transport::Error> {
+    let channel = channel_with(addr, crate::tls::installed().map(|t| &t.client))?;
+    Ok(InterceptedService::new(channel, crate::auth::present_cluster_token()))
 }
 
 /// A channel with explicit TLS settings (`None`: plain HTTP/2).

@@ -122,7 +122,7 @@ impl TlsArgs {
     /// The configuration these flags describe, or `None` when TLS is off. With
     /// `clients_must_prove` the server requires client certificates on every connection;
     /// without it they are optional (the coordinator: API clients may come with only a token,
-    /// and [`RequireClientCert`] guards its control plane).
+    /// and [`crate::auth::RequireCluster`] guards its control plane).
     pub fn load(&self, clients_must_prove: bool) -> Result<Option<Tls>, TlsError> {
         let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else {
             return Ok(None);
@@ -150,24 +150,4 @@ pub fn install(tls: Tls) -> Result<(), TlsError> {
 /// The process's TLS, when installed.
 pub fn installed() -> Option<&'static Tls> {
     PROCESS_TLS.get()
-}
-
-/// Refuses calls that did not present a certificate the server verified: the control plane of
-/// a coordinator whose TLS lets API clients in without one.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequireClientCert {
-    pub enabled: bool,
-}
-
-impl tonic::service::Interceptor for RequireClientCert {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        crate::net::check_metadata(&request)?;
-        if !self.enabled || request.peer_certs().is_some_and(|c| !c.is_empty()) {
-            Ok(request)
-        } else {
-            Err(tonic::Status::unauthenticated(
-                "the control plane needs a client certificate signed by the cluster CA (mutual TLS)",
-            ))
-        }
-    }
 }

@@ -15,6 +15,8 @@ use crate::net;
 use crate::shutdown::Shutdown;
 
 /// Binds `listen`, serves `routes` until `stop` resolves, and announces the bound address.
+/// Only members of the cluster get through: every call must carry the cluster token when one
+/// is installed (and, with TLS, the handshake already asked for a certificate).
 pub async fn serve(
     role: &str,
     listen: SocketAddr,
@@ -24,7 +26,8 @@ pub async fn serve(
     let builder = net::server().map_err(std::io::Error::other)?;
     let (incoming, local) = net::bind(listen).await?;
     let server = tokio::spawn(async move {
-        let mut builder = builder;
+        let guard = crate::auth::RequireCluster::new(crate::auth::cluster_token().map(str::to_owned), false);
+        let mut builder = builder.layer(tonic::service::InterceptorLayer::new(guard));
         builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, stop)
@@ -86,6 +89,14 @@ pub enum WorkerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("NCCL: {0}")]
     Nccl(String),
+    #[error("reading the cluster token file {}: {source}", path.display())]
+    TokenFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Token(#[from] crate::auth::TokenError),
 }
 
 /// Flags every worker process takes.
@@ -113,15 +124,27 @@ pub struct WorkerArgs {
     /// communicator is set up through the coordinator; gRPC stays the fallback.
     #[arg(long)]
     pub nccl_device: Option<String>,
+    /// The cluster token (a file holding one line): presented on every call to the
+    /// coordinator and the other workers, and required on every call to this worker.
+    #[arg(long)]
+    pub cluster_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
 
 impl WorkerArgs {
-    /// Installs this worker's TLS (every connection it serves must present a certificate).
-    pub fn install_tls(&self) -> Result<(), WorkerError> {
+    /// Installs this worker's credentials: its TLS (every connection it serves must present a
+    /// certificate) and the cluster token.
+    pub fn install_credentials(&self) -> Result<(), WorkerError> {
         if let Some(tls) = self.tls.load(true).map_err(WorkerError::Tls)? {
             crate::tls::install(tls).map_err(WorkerError::Tls)?;
+        }
+        if let Some(path) = &self.cluster_token_file {
+            let token = crate::auth::read_token_file(path).map_err(|source| WorkerError::TokenFile {
+                path: path.clone(),
+                source,
+            })?;
+            crate::auth::install_cluster_token(token)?;
         }
         Ok(())
     }
