@@ -132,6 +132,37 @@ async fn the_control_plane_and_the_workers_ask_for_the_cluster_token() {
         .into_inner();
     assert_eq!(placement.workers.len(), 2, "nothing registered by the refused calls");
 
+    // Even with the token, a failure report counts only from an attention worker of the
+    // cluster: an expert worker (or a stranger) cannot drop its peers.
+    let experts: Vec<String> = client
+        .status()
+        .await
+        .unwrap()
+        .workers
+        .into_iter()
+        .filter(|w| w.role == Role::Expert as i32)
+        .map(|w| w.worker_id)
+        .collect();
+    for reporter in [experts[0].as_str(), "stranger"] {
+        let report = ReportFailureRequest {
+            reporter_id: reporter.into(),
+            worker_id: experts[1].clone(),
+            reason: "test".into(),
+        };
+        let answer = control(&cluster.endpoint, Some(CLUSTER_TOKEN))
+            .report_failure(report)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!answer.removed, "a report from {reporter} dropped {}", experts[1]);
+    }
+    let after = control(&cluster.endpoint, Some(CLUSTER_TOKEN))
+        .get_placement(GetPlacementRequest { target: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.version, placement.version, "the placement did not move");
+
     // The workers' own ports: refused without the cluster token.
     let expert = cluster.addresses("expert-worker")[0].clone();
     let channel = moe_runtime::net::channel_with(&expert, None).unwrap();

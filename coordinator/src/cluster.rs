@@ -182,6 +182,12 @@ impl Cluster {
 
     /// Drops a worker another one saw fail; true when it was a member.
     pub fn report_failure(&mut self, reporter: &str, worker: &str, reason: &str) -> bool {
+        // Only attention workers dispatch to others, so only their reports count: anything
+        // else reporting is a confused or hostile caller, and a report drops a worker.
+        if self.members.get(reporter).is_none_or(|m| m.role != Role::Attention) {
+            tracing::warn!(%reporter, %worker, "failure report from no attention worker of the cluster: ignored");
+            return false;
+        }
         let removed = self.forget(worker);
         if removed {
             tracing::warn!(%worker, %reporter, %reason, "worker reported failed: dropped");
