@@ -162,7 +162,7 @@ pub async fn run(args: Args) -> Result<()> {
         model_id,
         Duration::from_secs(5),
         nccl,
-    );
+    )?;
     let status = || {
         let s = &scheduler.stats;
         WorkerStatus {

@@ -204,8 +204,10 @@ impl LocalCluster {
             credential_args.extend(["--cluster-token-file".into(), f.to_string_lossy().into_owned()]);
         }
         coordinator_args.extend(credential_args.iter().cloned());
+        // Coordinators and workers alike: the workers record themselves in etcd.
+        let mut etcd_args: Vec<String> = Vec::new();
         if !args.etcd.is_empty() {
-            coordinator_args.extend([
+            etcd_args.extend([
                 "--etcd".into(),
                 args.etcd.join(","),
                 "--etcd-prefix".into(),
@@ -217,10 +219,11 @@ impl LocalCluster {
                 ("--etcd-key", &args.etcd_key),
             ] {
                 if let Some(p) = path {
-                    coordinator_args.extend([flag.to_owned(), p.to_string_lossy().into_owned()]);
+                    etcd_args.extend([flag.to_owned(), p.to_string_lossy().into_owned()]);
                 }
             }
         }
+        coordinator_args.extend(etcd_args.iter().cloned());
         let mut endpoints = Vec::new();
         for i in 0..args.coordinators {
             let mut a = coordinator_args.clone();
@@ -243,6 +246,7 @@ impl LocalCluster {
             endpoint.clone(),
         ];
         common.extend(credential_args);
+        common.extend(etcd_args);
         let gpus = gpu_plan::plan(&args.gpus, args.expert_workers, args.attention_workers);
         if let Some(line) = gpus.summary() {
             println!("{line}");

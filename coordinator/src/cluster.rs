@@ -16,7 +16,8 @@ use crate::load::LoadWindow;
 use crate::members::{DrainError, Members};
 use crate::nccl::{NcclPlane, PublishError};
 use crate::placements::{BalanceConfig, PlacementConfig, PlacementError, Placements};
-use crate::registry::Snapshot;
+use crate::registry::watch::MemberEvent;
+use crate::registry::{Member, Snapshot};
 use crate::requests::{InFlight, PickError};
 use crate::store::Store;
 
@@ -44,6 +45,8 @@ pub enum RegisterError {
     },
     #[error("address `{0}` is not host:port")]
     Address(String),
+    #[error(transparent)]
+    Id(#[from] moe_runtime::member::BadWorkerId),
 }
 
 pub struct Cluster {
@@ -89,32 +92,69 @@ impl Cluster {
         &self.config.model_id
     }
 
-    pub fn register(
-        &mut self,
-        role: Role,
-        address: String,
-        model_id: String,
-        nccl: bool,
-    ) -> Result<String, RegisterError> {
-        if role == Role::Unspecified {
+    /// A worker joining through the control plane; returns its id. The same id and incarnation
+    /// again (a worker registering twice, or its record seen first) is the same member; the same
+    /// id from another process replaces the member it names, which held what that process had.
+    pub fn register(&mut self, joining: Member) -> Result<String, RegisterError> {
+        self.check_joining(&joining)?;
+        if let Some(known) = self.members.get(&joining.id) {
+            if known.incarnation == joining.incarnation && known.address == joining.address {
+                return Ok(joining.id);
+            }
+            tracing::warn!(worker = %joining.id, "a new process took this worker id: replacing the member");
+            self.forget(&joining.id);
+        }
+        let member = self.members.add(joining);
+        tracing::info!(worker = %member.id, role = ?member.role, address = %member.address, nccl = member.nccl, "worker registered");
+        self.reconcile();
+        Ok(member.id)
+    }
+
+    fn check_joining(&self, m: &Member) -> Result<(), RegisterError> {
+        if m.role == Role::Unspecified {
             return Err(RegisterError::NoRole);
         }
-        if model_id != self.config.model_id {
+        if m.model_id != self.config.model_id {
             return Err(RegisterError::OtherModel {
-                address,
-                theirs: model_id,
+                address: m.address.clone(),
+                theirs: m.model_id.clone(),
                 ours: self.config.model_id.clone(),
             });
         }
-        if address.parse::<std::net::SocketAddr>().is_err() && !address.contains(':') {
-            return Err(RegisterError::Address(address));
+        if m.address.parse::<std::net::SocketAddr>().is_err() && !m.address.contains(':') {
+            return Err(RegisterError::Address(m.address.clone()));
         }
-        let member = self.members.add(role, address.clone(), model_id, nccl);
-        let id = member.id.clone();
-        self.store.put_member(member);
-        tracing::info!(worker = %id, ?role, %address, nccl, "worker registered");
-        self.reconcile();
-        Ok(id)
+        if !m.id.is_empty() {
+            moe_runtime::member::check_worker_id(&m.id)?;
+        }
+        Ok(())
+    }
+
+    /// A change of the workers' own records in etcd: a new record is a worker joining (it is
+    /// given experts like one that registered); a record that is gone drops its member unless
+    /// the member is still heartbeating (it lost its lease to an etcd outage and records itself
+    /// again).
+    pub fn member_event(&mut self, event: MemberEvent) {
+        match event {
+            MemberEvent::Recorded(m) => {
+                let id = m.id.clone();
+                if self.members.get(&id).is_some_and(|k| k.incarnation == m.incarnation) {
+                    return;
+                }
+                if let Err(why) = self.register(m) {
+                    tracing::warn!(worker = %id, %why, "member record refused");
+                }
+            }
+            MemberEvent::Gone(id) => {
+                let Some(known) = self.members.get(&id) else { return };
+                if known.last_seen.elapsed() < self.config.heartbeat_timeout {
+                    tracing::info!(worker = %id, "member record gone, but the worker heartbeats: keeping it");
+                } else if self.forget(&id) {
+                    tracing::warn!(worker = %id, "member record gone (its lease ended): dropped");
+                    self.reconcile();
+                }
+            }
+        }
     }
 
     /// Takes in a worker's status; the reply says which placements are active and loading,
@@ -260,11 +300,8 @@ impl Cluster {
         self.reconcile();
     }
 
-    /// Records every member and the active placement under this leader's term.
-    fn record_all(&mut self) {
-        for w in self.members.iter() {
-            self.store.put_member(w.member());
-        }
+    /// Records the active placement under this leader's term.
+    pub fn record_all(&mut self) {
         if let Some(p) = self.placements.active() {
             self.store.put_placement(p.to_proto());
         }
@@ -294,7 +331,7 @@ impl Cluster {
         }
     }
 
-    /// Drops a member from the view and the registry; true when it was one.
+    /// Drops a member from the view; true when it was one.
     fn forget(&mut self, id: &str) -> bool {
         let known = self.members.remove(id).is_some();
         if known {
@@ -307,6 +344,5 @@ impl Cluster {
     fn forget_removed(&mut self, id: &str) {
         self.inflight.forget(id);
         self.load.forget(id);
-        self.store.remove_member(id.to_owned());
     }
 }

@@ -13,7 +13,9 @@ impl From<RegisterError> for Status {
     fn from(e: RegisterError) -> Self {
         match e {
             RegisterError::OtherModel { .. } => Status::failed_precondition(e.to_string()),
-            RegisterError::NoRole | RegisterError::Address(_) => Status::invalid_argument(e.to_string()),
+            RegisterError::NoRole | RegisterError::Address(_) | RegisterError::Id(_) => {
+                Status::invalid_argument(e.to_string())
+            }
         }
     }
 }

@@ -4,12 +4,8 @@ pub enum Error {
     Model(#[from] moe_model::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("etcd: {context}: {source}")]
-    Etcd {
-        context: String,
-        #[source]
-        source: etcd_client::Error,
-    },
+    #[error(transparent)]
+    Etcd(#[from] moe_runtime::etcd::EtcdError),
     /// A registry write refused because this coordinator lost leadership since.
     #[error("{0}: refused, this coordinator is no longer the leader")]
     NotLeader(String),

@@ -1,8 +1,14 @@
 //! Leadership. With etcd, coordinators campaign on `{prefix}/leader` (etcd's election API, each
-//! candidate on its own lease); the winner takes over the recorded state and serves, the others
-//! stand by and answer UNAVAILABLE so clients and workers move on to the leader. A leader that
-//! cannot renew its lease within the TTL stops serving at once (fail fast): by then a standby
-//! may have won. Without etcd the single coordinator leads from the start.
+//! candidate on its own lease); the winner takes over the recorded state, follows the workers'
+//! records and serves, the others stand by and answer UNAVAILABLE so clients and workers move on
+//! to the leader. Without etcd the single coordinator leads from the start.
+//!
+//! Serving does not depend on etcd being up. A leader that cannot reach etcd keeps serving on
+//! the placement it has (nobody can be elected while etcd is away); it steps down only once etcd
+//! answers that its lease is gone *and* another candidate has won meanwhile. If nobody has, it
+//! wins again on a new lease and goes on, its state unchanged. (A leader cut off from an etcd
+//! that the others still reach serves on until it reaches etcd again, beside the new leader;
+//! its registry writes are fenced, so etcd keeps the successor's state.)
 
 use std::time::{Duration, Instant};
 
@@ -11,22 +17,24 @@ use moe_runtime::shutdown::Shutdown;
 use tokio::sync::watch;
 use tonic::{Request, Status};
 
+use crate::registry::watch::follow;
 use crate::registry::{EtcdOptions, Fence};
 use crate::state::StateHandle;
+use moe_runtime::etcd::{call, renew};
 
 /// Why a term ended (or never began) before shutdown; the candidate campaigns again.
 #[derive(Debug, thiserror::Error)]
 enum TermEnded {
     #[error(transparent)]
-    Lease(crate::Error),
+    Lease(moe_runtime::etcd::EtcdError),
     #[error("campaign: {0}")]
     Campaign(etcd_client::Error),
     #[error("campaign won without a leader key")]
     NoLeaderKey,
     #[error("etcd no longer has lease {0:x}")]
     LeaseGone(i64),
-    #[error("lease {lease:x} could not be renewed within its TTL: {source}")]
-    NotRenewed { lease: i64, source: crate::Error },
+    #[error("lease {0:x} expired and another coordinator was elected meanwhile")]
+    Succeeded(i64),
 }
 
 /// Whether this coordinator serves; read by [`LeaderGate`].
@@ -96,8 +104,77 @@ impl Election {
         }
     }
 
-    /// One term: campaign on a fresh lease, lead while the lease holds. Ok at shutdown (after
-    /// resigning, so a standby takes over at once); Err when the lease or campaign failed.
+    async fn grant(&self, client: &mut Client) -> Result<i64, TermEnded> {
+        let ttl_s = self.ttl.as_secs().max(2) as i64;
+        let granted = call(
+            self.etcd.request_timeout,
+            "granting the election lease",
+            client.lease_grant(ttl_s, None),
+        )
+        .await
+        .map_err(TermEnded::Lease)?;
+        Ok(granted.id())
+    }
+
+    /// Grants a lease and campaigns on it: the lease and the won election key, or `None` at
+    /// shutdown.
+    async fn campaign(&self, client: &mut Client, shutdown: &Shutdown) -> Result<Option<(i64, Fence)>, TermEnded> {
+        let lease = self.grant(client).await?;
+        self.campaign_on(client, lease, shutdown).await
+    }
+
+    async fn campaign_on(
+        &self,
+        client: &mut Client,
+        lease: i64,
+        shutdown: &Shutdown,
+    ) -> Result<Option<(i64, Fence)>, TermEnded> {
+        let timeout = self.etcd.request_timeout;
+        let mut campaigner = client.clone();
+        let campaign = campaigner.campaign(self.etcd.key("leader"), self.candidate.clone(), lease);
+        tracing::info!(candidate = %self.candidate, "campaigning for leadership");
+        // The lease must stay alive while the campaign waits on the current leader.
+        let holding = hold(client.clone(), lease, self.ttl, timeout);
+        let won = tokio::select! {
+            r = campaign => r.map_err(TermEnded::Campaign)?,
+            why = holding => return Err(why),
+            _ = shutdown.clone().wait() => {
+                let _ = client.lease_revoke(lease).await;
+                return Ok(None);
+            }
+        };
+        let key = won.leader().ok_or(TermEnded::NoLeaderKey)?;
+        let fence = Fence {
+            key: key.key().to_vec(),
+            create_revision: key.rev(),
+        };
+        Ok(Some((lease, fence)))
+    }
+
+    /// After the lease was lost while leading: wins again at once if nobody else has been
+    /// elected meanwhile (the campaign returns without waiting), else gives up the new lease.
+    async fn win_again(
+        &self,
+        client: &mut Client,
+        lost: i64,
+        shutdown: &Shutdown,
+    ) -> Result<Option<(i64, Fence)>, TermEnded> {
+        let timeout = self.etcd.request_timeout;
+        let lease = self.grant(client).await?;
+        match tokio::time::timeout(timeout, self.campaign_on(client, lease, shutdown)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Still waiting: another candidate leads. Withdraw (revoking the lease deletes
+                // our candidate key) and stand by.
+                let _ = tokio::time::timeout(timeout, client.lease_revoke(lease)).await;
+                Err(TermEnded::Succeeded(lost))
+            }
+        }
+    }
+
+    /// One term: campaign on a fresh lease, lead while it holds (or while etcd cannot say it
+    /// does not). Ok at shutdown (after resigning, so a standby takes over at once); Err when
+    /// the campaign failed or another coordinator leads now.
     async fn term(
         &self,
         mut client: Client,
@@ -106,66 +183,77 @@ impl Election {
         shutdown: &Shutdown,
     ) -> Result<(), TermEnded> {
         let timeout = self.etcd.request_timeout;
-        let ttl_s = self.ttl.as_secs().max(2) as i64;
-        let lease =
-            crate::registry::etcd::call(timeout, "granting the election lease", client.lease_grant(ttl_s, None))
-                .await
-                .map_err(TermEnded::Lease)?
-                .id();
-        let name = self.etcd.key("leader");
-        let mut campaigner = client.clone();
-        let campaign = campaigner.campaign(name.clone(), self.candidate.clone(), lease);
-        tracing::info!(candidate = %self.candidate, "campaigning for leadership");
-        // One renewal loop for the whole term: the lease must stay alive while the campaign
-        // waits on the current leader, while the state is taken over, and while leading.
-        let holding = hold(client.clone(), lease, self.ttl, timeout);
-        tokio::pin!(holding);
-        let won = tokio::select! {
-            r = campaign => r.map_err(TermEnded::Campaign)?,
-            why = &mut holding => return Err(why),
-            _ = shutdown.clone().wait() => {
-                let _ = client.lease_revoke(lease).await;
-                return Ok(());
-            }
-        };
-        let key = won.leader().ok_or(TermEnded::NoLeaderKey)?;
-        let fence = Fence {
-            key: key.key().to_vec(),
-            create_revision: key.rev(),
+        let Some((mut lease, fence)) = self.campaign(&mut client, shutdown).await? else {
+            return Ok(());
         };
         tracing::info!(candidate = %self.candidate, "elected leader");
-        tokio::select! {
-            () = state.lead(Some(fence)) => {}
-            why = &mut holding => return Err(why),
+        {
+            let holding = hold(client.clone(), lease, self.ttl, timeout);
+            tokio::select! {
+                () = state.lead(Some(fence)) => {}
+                why = holding => return Err(why),
+            }
         }
         serving.send_replace(true);
-        tokio::select! {
-            why = &mut holding => Err(why),
-            _ = shutdown.clone().wait() => {
-                serving.send_replace(false);
-                // Revoking deletes the election key: a standby wins without waiting a TTL.
-                let _ = tokio::time::timeout(timeout, client.lease_revoke(lease)).await;
-                tracing::info!("resigned leadership");
-                Ok(())
+        // The workers' records, followed for as long as this term lasts.
+        let follower = {
+            let state = state.clone();
+            tokio::spawn(follow(self.etcd.clone(), move |event| state.member_event(event)))
+        };
+        let _stop_following = AbortOnDrop(follower);
+        loop {
+            tokio::select! {
+                why = hold(client.clone(), lease, self.ttl, timeout) => {
+                    tracing::warn!(%why, "leadership lease lost; winning again unless another coordinator was elected");
+                    let TermEnded::LeaseGone(lost) = why else { return Err(why) };
+                    let Some((renewed, fence)) = self.win_again(&mut client, lost, shutdown).await? else {
+                        return Ok(());
+                    };
+                    lease = renewed;
+                    state.refence(fence).await;
+                    tracing::info!(lease = format!("{lease:x}"), "leading again on a new lease, state unchanged");
+                }
+                _ = shutdown.clone().wait() => {
+                    serving.send_replace(false);
+                    // Revoking deletes the election key: a standby wins without waiting a TTL.
+                    let _ = tokio::time::timeout(timeout, client.lease_revoke(lease)).await;
+                    tracing::info!("resigned leadership");
+                    return Ok(());
+                }
             }
         }
     }
 }
 
-/// Keeps `lease` alive; returns why once it can no longer be trusted: etcd says it is gone, or
-/// it could not be renewed before it would have expired.
+/// Aborts the task when dropped (the end of a term, however it ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps `lease` alive; returns only once etcd *answers* that the lease is gone. While etcd
+/// cannot be reached the lease may expire unseen; nobody can be elected then either, so the
+/// holder goes on (and learns the outcome when etcd is back).
 async fn hold(mut client: Client, lease: i64, ttl: Duration, timeout: Duration) -> TermEnded {
-    let mut valid_until = Instant::now() + ttl;
+    let mut unreachable_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(ttl / 4).await;
-        let sent = Instant::now();
-        match crate::registry::etcd::renew(&mut client, lease, timeout.min(ttl / 4)).await {
-            Ok(true) => valid_until = sent + ttl,
-            Ok(false) => return TermEnded::LeaseGone(lease),
-            Err(source) if Instant::now() + ttl / 4 >= valid_until => {
-                return TermEnded::NotRenewed { lease, source };
+        match renew(&mut client, lease, timeout.min(ttl / 4)).await {
+            Ok(true) => {
+                if let Some(since) = unreachable_since.take() {
+                    tracing::info!(after = ?since.elapsed(), "etcd reachable again; lease still held");
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "renewing the leadership lease failed; retrying"),
+            Ok(false) => return TermEnded::LeaseGone(lease),
+            Err(e) => {
+                if unreachable_since.is_none() {
+                    tracing::error!(error = %e, "etcd unreachable: serving on with the current placement");
+                    unreachable_since = Some(Instant::now());
+                }
+            }
         }
     }
 }

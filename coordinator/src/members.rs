@@ -1,6 +1,6 @@
 //! The leader's live view of membership: who is in the cluster, what each last reported, when
-//! it was last heard from, and whether it is draining. Heartbeats land here, never in etcd; the
-//! registry only records who the members are.
+//! it was last heard from, and whether it is draining. Heartbeats land here, never in etcd; in
+//! etcd each worker keeps its own record of who it is.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ pub struct Live {
     pub model_id: String,
     pub seq: u64,
     pub nccl: bool,
+    /// Which process of this id (see [`Member::incarnation`]).
+    pub incarnation: u64,
     pub last_seen: Instant,
     pub status: WorkerStatus,
     /// Leaving: takes no new requests (attention) or no slots in new placements (expert).
@@ -32,6 +34,7 @@ impl Live {
             model_id: self.model_id.clone(),
             seq: self.seq,
             nccl: self.nccl,
+            incarnation: self.incarnation,
         }
     }
 }
@@ -65,17 +68,24 @@ fn role_prefix(role: Role) -> &'static str {
 }
 
 impl Members {
-    /// Adds a new member and returns its record.
-    pub fn add(&mut self, role: Role, address: String, model_id: String, nccl: bool) -> Member {
+    /// Adds a new member (its id unknown here) in the next place of the registration order and
+    /// returns its record. A member that proposes no id is given `{role}-{seq}`.
+    pub fn add(&mut self, m: Member) -> Member {
         self.next_seq += 1;
         let seq = self.next_seq;
+        let id = if m.id.is_empty() {
+            format!("{}-{seq}", role_prefix(m.role))
+        } else {
+            m.id
+        };
         let live = Live {
-            id: format!("{}-{seq}", role_prefix(role)),
-            role,
-            address,
-            model_id,
+            id,
+            role: m.role,
+            address: m.address,
+            model_id: m.model_id,
             seq,
-            nccl,
+            nccl: m.nccl,
+            incarnation: m.incarnation,
             last_seen: Instant::now(),
             status: WorkerStatus::default(),
             draining: false,
@@ -85,27 +95,13 @@ impl Members {
         member
     }
 
-    /// Takes in a member recorded by an earlier leader, as if it had just been heard from (it
-    /// has a heartbeat timeout to show up); false when already known.
+    /// Takes in a member recorded by an earlier leader or by the worker itself, as if it had
+    /// just been heard from (it has a heartbeat timeout to show up); false when already known.
     pub fn adopt(&mut self, m: Member) -> bool {
-        self.next_seq = self.next_seq.max(m.seq);
-        if self.get(&m.id).is_some() || self.by_seq.contains_key(&m.seq) {
+        if self.get(&m.id).is_some() {
             return false;
         }
-        self.by_seq.insert(
-            m.seq,
-            Live {
-                id: m.id,
-                role: m.role,
-                address: m.address,
-                model_id: m.model_id,
-                seq: m.seq,
-                nccl: m.nccl,
-                last_seen: Instant::now(),
-                status: WorkerStatus::default(),
-                draining: false,
-            },
-        );
+        self.add(m);
         true
     }
 
@@ -170,39 +166,55 @@ impl Members {
     }
 }
 
+/// A worker of model `x` joining at `address`, no id proposed (tests).
+#[cfg(test)]
+pub(crate) fn joining(role: Role, address: &str) -> Member {
+    Member {
+        id: String::new(),
+        role,
+        address: address.into(),
+        model_id: "x".into(),
+        seq: 0,
+        nccl: false,
+        incarnation: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn ids_continue_after_adopted_members_and_heartbeats_check_the_address() {
+    fn members_keep_their_own_ids_in_registration_order_and_heartbeats_check_the_address() {
         let mut m = Members::default();
         let adopted = Member {
             id: "expert-7".into(),
-            role: Role::Expert,
-            address: "10.0.0.1:1".into(),
-            model_id: "x".into(),
-            seq: 7,
-            nccl: false,
+            seq: 900,
+            ..joining(Role::Expert, "10.0.0.1:1")
         };
         assert!(m.adopt(adopted.clone()));
         assert!(!m.adopt(adopted), "adopting twice adds nothing");
-        let new = m.add(Role::Attention, "10.0.0.2:1".into(), "x".into(), false);
-        assert_eq!(new.id, "attn-8");
+        let new = m.add(joining(Role::Attention, "10.0.0.2:1"));
+        assert_eq!(new.id, "attn-2", "no id proposed: one is given");
+        let own = m.add(Member {
+            id: "moe-expert-0".into(),
+            ..joining(Role::Expert, "10.0.0.3:1")
+        });
+        assert_eq!((own.id.as_str(), own.seq), ("moe-expert-0", 3));
         assert!(m.heartbeat("expert-7", "10.0.0.1:1", WorkerStatus::default()));
         // Same id, another address: not the member this id names.
         assert!(!m.heartbeat("expert-7", "10.0.0.9:1", WorkerStatus::default()));
         assert!(!m.heartbeat("expert-1", "10.0.0.1:1", WorkerStatus::default()));
         let order: Vec<_> = m.iter().map(|w| w.id.as_str()).collect();
-        assert_eq!(order, ["expert-7", "attn-8"]);
+        assert_eq!(order, ["expert-7", "attn-2", "moe-expert-0"]);
     }
 
     #[test]
     fn the_last_staying_worker_of_a_role_cannot_drain() {
         let mut m = Members::default();
-        let e1 = m.add(Role::Expert, "a:1".into(), "x".into(), false).id;
-        let e2 = m.add(Role::Expert, "a:2".into(), "x".into(), false).id;
-        let a = m.add(Role::Attention, "a:3".into(), "x".into(), false).id;
+        let e1 = m.add(joining(Role::Expert, "a:1")).id;
+        let e2 = m.add(joining(Role::Expert, "a:2")).id;
+        let a = m.add(joining(Role::Attention, "a:3")).id;
         let err = m.drain(&a).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -226,7 +238,7 @@ mod tests {
     #[test]
     fn members_not_heard_from_expire() {
         let mut m = Members::default();
-        m.add(Role::Expert, "a:1".into(), "x".into(), false);
+        m.add(joining(Role::Expert, "a:1"));
         assert!(m.expire(Duration::from_secs(60)).is_empty());
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(m.expire(Duration::from_millis(1)).len(), 1);

@@ -69,8 +69,8 @@ mod tests {
     #[test]
     fn the_least_busy_routing_worker_is_picked_and_counted() {
         let mut m = Members::default();
-        let a1 = m.add(Role::Attention, "h:1".into(), "x".into(), false).id;
-        let a2 = m.add(Role::Attention, "h:2".into(), "x".into(), false).id;
+        let a1 = m.add(crate::members::joining(Role::Attention, "h:1")).id;
+        let a2 = m.add(crate::members::joining(Role::Attention, "h:2")).id;
         let mut inflight = InFlight::default();
         assert_eq!(inflight.pick(&m, &[]), Err(PickError::NoAttentionWorker));
         let routing = WorkerStatus {

@@ -12,7 +12,7 @@ use moe_proto::v1::inference_server::InferenceServer;
 use moe_runtime::auth::{RequireBearer, RequireCluster};
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
 use moe_runtime::shutdown;
-use moe_runtime::tls::{ClientTls, TlsArgs};
+use moe_runtime::tls::TlsArgs;
 use tokio::sync::Semaphore;
 
 use crate::cluster::ClusterConfig;
@@ -93,30 +93,13 @@ fn rebalance_threshold(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
-/// Where membership is recorded. Without `--etcd` the coordinator keeps it in memory (one
-/// coordinator, nothing to install); with it, several coordinators elect a leader through etcd
-/// and a standby takes over what the leader recorded.
+/// Where the cluster is recorded. Without `--etcd` the coordinator keeps it in memory (one
+/// coordinator, nothing to install); with it, several coordinators elect a leader through etcd,
+/// a standby takes over what the leader recorded, and workers record themselves.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EtcdArgs {
-    /// etcd client endpoints (comma-separated, e.g. `http://127.0.0.1:2379`).
-    #[arg(long, value_delimiter = ',')]
-    pub etcd: Vec<String>,
-    /// Key prefix of this cluster in etcd; clusters sharing an etcd use different prefixes.
-    #[arg(long, default_value = "/hunyuan-moe/default")]
-    pub etcd_prefix: String,
-    /// etcd user, when etcd has authentication on (password from `--etcd-password-file`).
-    #[arg(long, requires = "etcd_password_file")]
-    pub etcd_user: Option<String>,
-    #[arg(long, requires = "etcd_user")]
-    pub etcd_password_file: Option<PathBuf>,
-    /// CA certificate (PEM) of etcd's TLS (`https://` endpoints).
-    #[arg(long)]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate and key (PEM) for etcd's client certificate authentication.
-    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
-    pub etcd_cert: Option<PathBuf>,
-    #[arg(long, requires = "etcd_cert")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd: moe_runtime::etcd::EtcdArgs,
     /// Address workers and clients reach this coordinator at, announced in the election
     /// (default: the bound listen address).
     #[arg(long)]
@@ -124,44 +107,15 @@ pub struct EtcdArgs {
     /// Leadership lease: a dead leader is replaced after at most this long.
     #[arg(long, default_value_t = 5)]
     pub leader_ttl_s: u64,
-    /// Lease of the member records: how long they outlive the last coordinator.
-    #[arg(long, default_value_t = 30)]
-    pub member_ttl_s: u64,
 }
 
 impl EtcdArgs {
     fn options(&self) -> Result<Option<EtcdOptions>> {
-        if self.etcd.is_empty() {
-            return Ok(None);
-        }
-        if self.leader_ttl_s < 2 || self.member_ttl_s < 2 {
+        let options = self.etcd.options()?;
+        if options.is_some() && self.leader_ttl_s < 2 {
             return Err(crate::registry::RegistryError::TtlTooShort.into());
         }
-        let credentials = match (&self.etcd_user, &self.etcd_password_file) {
-            (Some(user), Some(path)) => {
-                let password = moe_runtime::auth::read_token_file(path).map_err(|source| Error::Io {
-                    context: format!("reading the etcd password file {}", path.display()),
-                    source,
-                })?;
-                Some((user.clone(), password))
-            }
-            _ => None,
-        };
-        let tls = match &self.etcd_ca {
-            Some(ca) => {
-                let pair = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
-                Some(ClientTls::from_files(ca, pair).map_err(Error::Tls)?)
-            }
-            None => None,
-        };
-        Ok(Some(EtcdOptions {
-            endpoints: self.etcd.clone(),
-            prefix: self.etcd_prefix.clone(),
-            member_ttl: Duration::from_secs(self.member_ttl_s),
-            request_timeout: Duration::from_secs(2),
-            credentials,
-            tls,
-        }))
+        Ok(options)
     }
 }
 
@@ -220,12 +174,9 @@ pub async fn run(args: Args) -> Result<()> {
     let model_id = moe_model::identity::model_identity(&args.model, &ckpt)?;
     drop(ckpt);
     let etcd = args.etcd.options()?;
-    let (mut registry, tick): (Box<dyn Registry>, Duration) = match &etcd {
-        Some(options) => (
-            Box::new(EtcdRegistry::connect(options.clone()).await?),
-            options.member_ttl / 4,
-        ),
-        None => (Box::new(InMemoryRegistry::default()), Duration::from_secs(1)),
+    let mut registry: Box<dyn Registry> = match &etcd {
+        Some(options) => Box::new(EtcdRegistry::connect(options.clone()).await?),
+        None => Box::new(InMemoryRegistry::default()),
     };
     registry.claim(&model_id).await?;
     let state = state::spawn(
@@ -241,7 +192,7 @@ pub async fn run(args: Args) -> Result<()> {
                 ..BalanceConfig::default()
             },
         },
-        Store::spawn(registry, tick),
+        Store::spawn(registry, Duration::from_secs(1)),
     );
     let admission = Arc::new(Semaphore::new(max_in_flight));
     let inference = InferenceService {

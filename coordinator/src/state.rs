@@ -8,13 +8,14 @@
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use moe_proto::v1::{ClusterStatusResponse, HeartbeatResponse, Placement, RebalanceResponse, Role, WorkerStatus};
+use moe_proto::v1::{ClusterStatusResponse, HeartbeatResponse, Placement, RebalanceResponse, WorkerStatus};
 
 use crate::cluster::{Cluster, ClusterConfig, RegisterError};
 use crate::members::DrainError;
 use crate::nccl::PublishError;
 use crate::placements::PlacementError;
-use crate::registry::Fence;
+use crate::registry::watch::MemberEvent;
+use crate::registry::{Fence, Member};
 use crate::requests::PickError;
 use crate::store::Store;
 
@@ -87,8 +88,13 @@ impl StateHandle {
         lock(&self.shared.cluster)
     }
 
-    pub fn register(&self, role: Role, address: String, model_id: String, nccl: bool) -> Result<String, RegisterError> {
-        self.cluster().register(role, address, model_id, nccl)
+    pub fn register(&self, joining: Member) -> Result<String, RegisterError> {
+        self.cluster().register(joining)
+    }
+
+    /// A change of the workers' own records in etcd.
+    pub fn member_event(&self, event: MemberEvent) {
+        self.cluster().member_event(event)
     }
 
     /// Rank 0's NCCL unique id for `epoch`.
@@ -132,6 +138,21 @@ impl StateHandle {
     /// Plans a placement for the load of the window and makes it the target.
     pub fn rebalance(&self, force: bool) -> Result<RebalanceResponse, PlacementError> {
         self.cluster().rebalance(force)
+    }
+
+    /// Goes on leading under a new election key (the old lease was lost while nobody else won):
+    /// later writes are fenced on it, the prefix is claimed again (etcd may have lost its data)
+    /// and the placement recorded again. The state itself is kept as it is.
+    pub async fn refence(&self, fence: Fence) {
+        let (store, model_id) = {
+            let cluster = self.cluster();
+            (cluster.store().clone(), cluster.model_id().to_owned())
+        };
+        store.set_fence(Some(fence)).await;
+        if let Err(e) = store.claim(&model_id).await {
+            tracing::error!(error = %e, "claiming the cluster prefix again failed");
+        }
+        self.cluster().record_all();
     }
 
     /// Makes this coordinator's state the cluster's: loads what earlier leaders recorded, merges

@@ -1,25 +1,19 @@
 //! Write-behind access to the [`Registry`]: the cluster state hands writes over and goes on, so a
 //! slow or unreachable etcd never stalls heartbeats, request placement or serving. Writes are
 //! applied in order; one that fails for a transient reason stays queued and is retried (with
-//! everything after it) on the next tick. The same task keeps the member lease alive.
+//! everything after it) on the next tick. Only the latest placement matters, so a newer one
+//! replaces a queued older one.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use moe_proto::v1::Placement;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Result;
-use crate::registry::{Fence, Member, Registry, Snapshot};
-
-enum Write {
-    Member(Member),
-    Remove(String),
-    Placement(Placement),
-}
+use crate::registry::{Fence, Registry, Snapshot};
 
 enum Op {
-    Write(Write),
+    Placement(Placement),
     Load(oneshot::Sender<Result<Snapshot>>),
     Claim(String, oneshot::Sender<Result<()>>),
     Fence(Option<Fence>, oneshot::Sender<()>),
@@ -39,16 +33,8 @@ impl Store {
         Store { tx }
     }
 
-    pub fn put_member(&self, m: Member) {
-        let _ = self.tx.send(Op::Write(Write::Member(m)));
-    }
-
-    pub fn remove_member(&self, id: String) {
-        let _ = self.tx.send(Op::Write(Write::Remove(id)));
-    }
-
     pub fn put_placement(&self, p: Placement) {
-        let _ = self.tx.send(Op::Write(Write::Placement(p)));
+        let _ = self.tx.send(Op::Placement(p));
     }
 
     /// Reads what is recorded, after every write handed over before this call.
@@ -79,68 +65,46 @@ impl Store {
     }
 }
 
-async fn apply(registry: &mut dyn Registry, w: &Write) -> Result<()> {
-    match w {
-        Write::Member(m) => registry.put_member(m).await,
-        Write::Remove(id) => registry.remove_member(id).await,
-        Write::Placement(p) => registry.put_placement(p).await,
-    }
-}
-
-/// Applies queued writes in order until one fails for a reason worth retrying.
-async fn drain(registry: &mut dyn Registry, queue: &mut VecDeque<Write>) {
-    while let Some(w) = queue.front() {
-        match apply(registry, w).await {
-            Ok(()) => {}
-            Err(e @ crate::Error::NotLeader(_)) => {
-                tracing::warn!(error = %e, "registry write dropped");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, queued = queue.len(), "registry write failed; will retry");
-                return;
-            }
+/// Writes the queued placement unless it fails for a reason worth retrying.
+async fn drain(registry: &mut dyn Registry, queued: &mut Option<Placement>) {
+    let Some(p) = queued else { return };
+    match registry.put_placement(p).await {
+        Ok(()) => {}
+        Err(e @ crate::Error::NotLeader(_)) => tracing::warn!(error = %e, "registry write dropped"),
+        Err(e) => {
+            tracing::warn!(error = %e, version = p.version, "recording the placement failed; will retry");
+            return;
         }
-        queue.pop_front();
     }
+    *queued = None;
 }
 
 async fn run(mut registry: Box<dyn Registry>, mut rx: mpsc::UnboundedReceiver<Op>, tick: Duration) {
-    let mut queue = VecDeque::new();
+    let mut queued: Option<Placement> = None;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             op = rx.recv() => match op {
                 None => return,
-                Some(Op::Write(w)) => {
-                    queue.push_back(w);
-                    if queue.len() == 1 {
-                        drain(registry.as_mut(), &mut queue).await;
-                    }
+                Some(Op::Placement(p)) => {
+                    queued = Some(p);
+                    drain(registry.as_mut(), &mut queued).await;
                 }
                 Some(Op::Load(reply)) => {
-                    drain(registry.as_mut(), &mut queue).await;
+                    drain(registry.as_mut(), &mut queued).await;
                     let _ = reply.send(registry.load().await);
                 }
                 Some(Op::Claim(model_id, reply)) => {
                     let _ = reply.send(registry.claim(&model_id).await);
                 }
                 Some(Op::Fence(fence, reply)) => {
-                    queue.clear();
+                    queued = None;
                     registry.set_fence(fence);
                     let _ = reply.send(());
                 }
             },
-            _ = ticker.tick() => {
-                drain(registry.as_mut(), &mut queue).await;
-                match registry.keep_alive().await {
-                    Ok(again) if !again.is_empty() => {
-                        tracing::warn!(members = again.len(), "member lease was lost: members recorded again");
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "renewing the member lease failed; will retry"),
-                }
-            }
+            _ = ticker.tick() => drain(registry.as_mut(), &mut queued).await,
         }
     }
 }

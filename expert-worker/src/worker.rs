@@ -53,7 +53,7 @@ pub async fn run(args: Args) -> Result<()> {
     // Dispatch streams are long-lived; give in-flight messages a moment after shutdown.
     let spec = args
         .worker
-        .spec("expert-worker", Role::Expert, model_id, Duration::from_secs(2), nccl);
+        .spec("expert-worker", Role::Expert, model_id, Duration::from_secs(2), nccl)?;
     let status = || WorkerStatus {
         expert_slots: state.held_slots(),
         rows_served: state.rows_served.load(Ordering::Relaxed),

@@ -9,33 +9,25 @@ use moe_proto::PROTOCOL_VERSION;
 use moe_proto::v1::control_client::ControlClient;
 use moe_proto::v1::{
     DrainRequest, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, PublishNcclIdRequest, RegisterRequest,
-    ReportFailureRequest, Role, WorkerStatus,
+    ReportFailureRequest, WorkerStatus,
 };
 use tonic::Status;
 
 use crate::failover::{self, Failover};
+use crate::member::Member;
 use crate::placement::PlacementView;
 
 pub struct Membership {
     coordinators: Failover<ControlClient<crate::net::ClusterChannel>>,
-    role: Role,
-    address: String,
-    model_id: String,
-    nccl: bool,
-    worker_id: String,
+    /// Who this worker is: its id (kept across registrations, so a coordinator that forgot it,
+    /// or a new leader, knows it by the same id), role, address and incarnation.
+    me: Member,
 }
 
 impl Membership {
-    /// Registers, retrying while the coordinator is not reachable yet (up to `wait`). A refusal
-    /// (a different model, a bad request) is returned at once.
-    pub async fn register(
-        coordinators: &[String],
-        role: Role,
-        address: String,
-        model_id: String,
-        nccl: bool,
-        wait: Duration,
-    ) -> Result<Self, Status> {
+    /// Registers `me`, retrying while the coordinator is not reachable yet (up to `wait`). A
+    /// refusal (a different model, a bad request) is returned at once.
+    pub async fn register(coordinators: &[String], me: Member, wait: Duration) -> Result<Self, Status> {
         let mut targets = Vec::new();
         for coordinator in coordinators {
             let channel = crate::net::channel(coordinator)
@@ -47,11 +39,7 @@ impl Membership {
         }
         let mut m = Membership {
             coordinators: Failover::new(targets)?,
-            role,
-            address,
-            model_id,
-            nccl,
-            worker_id: String::new(),
+            me,
         };
         let deadline = Instant::now() + wait;
         loop {
@@ -68,10 +56,12 @@ impl Membership {
     async fn register_once(&mut self) -> Result<(), Status> {
         let request = RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
-            role: self.role as i32,
-            address: self.address.clone(),
-            model_id: self.model_id.clone(),
-            nccl: self.nccl,
+            role: self.me.role as i32,
+            address: self.me.address.clone(),
+            model_id: self.me.model_id.clone(),
+            nccl: self.me.nccl,
+            worker_id: self.me.id.clone(),
+            incarnation: self.me.incarnation,
         };
         let resp = self
             .coordinators
@@ -80,22 +70,22 @@ impl Membership {
                 async move { c.register(r).await }
             })
             .await?;
-        tracing::info!(worker_id = %resp.worker_id, role = ?self.role, "registered with the coordinator");
-        self.worker_id = resp.worker_id;
+        tracing::info!(worker_id = %resp.worker_id, role = ?self.me.role, "registered with the coordinator");
+        self.me.id = resp.worker_id;
         Ok(())
     }
 
     pub fn worker_id(&self) -> &str {
-        &self.worker_id
+        &self.me.id
     }
 
     /// One heartbeat; registers again if the coordinator no longer knows this worker.
     pub async fn heartbeat(&mut self, mut status: WorkerStatus) -> Result<HeartbeatResponse, Status> {
-        status.worker_id = self.worker_id.clone();
-        status.role = self.role as i32;
-        status.address = self.address.clone();
+        status.worker_id = self.me.id.clone();
+        status.role = self.me.role as i32;
+        status.address = self.me.address.clone();
         let request = HeartbeatRequest {
-            worker_id: self.worker_id.clone(),
+            worker_id: self.me.id.clone(),
             status: Some(status),
         };
         let resp = self
@@ -106,7 +96,7 @@ impl Membership {
             })
             .await?;
         if !resp.known {
-            tracing::warn!(worker_id = %self.worker_id, "coordinator forgot this worker; registering again");
+            tracing::warn!(worker_id = %self.me.id, "coordinator forgot this worker; registering again");
             self.register_once().await?;
         }
         Ok(resp)
@@ -124,7 +114,7 @@ impl Membership {
     /// Tells the coordinator that `worker` failed (as seen from here).
     pub async fn report_failure(&mut self, worker: &str, reason: &str) -> Result<bool, Status> {
         let request = ReportFailureRequest {
-            reporter_id: self.worker_id.clone(),
+            reporter_id: self.me.id.clone(),
             worker_id: worker.to_owned(),
             reason: reason.to_owned(),
         };
@@ -141,7 +131,7 @@ impl Membership {
     /// As rank 0 of NCCL group `epoch`, hands the communicator's unique id to the coordinator.
     pub async fn publish_nccl_id(&mut self, epoch: u64, unique_id: Vec<u8>) -> Result<(), Status> {
         let request = PublishNcclIdRequest {
-            worker_id: self.worker_id.clone(),
+            worker_id: self.me.id.clone(),
             epoch,
             unique_id,
         };
@@ -157,7 +147,7 @@ impl Membership {
     /// Asks the coordinator to drain this worker.
     pub async fn drain_self(&mut self) -> Result<String, Status> {
         let request = DrainRequest {
-            worker_id: self.worker_id.clone(),
+            worker_id: self.me.id.clone(),
         };
         let resp = self
             .coordinators

@@ -10,8 +10,10 @@ use tonic::Status;
 use tonic::service::Routes;
 
 use crate::control::Membership;
+use crate::member::Member;
 use crate::nccl::NcclAgent;
 use crate::net;
+use crate::record::RecordKeeper;
 use crate::shutdown::Shutdown;
 
 /// Binds `listen`, serves `routes` until `stop` resolves, and announces the bound address.
@@ -97,6 +99,10 @@ pub enum WorkerError {
     },
     #[error(transparent)]
     Token(#[from] crate::auth::TokenError),
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+    #[error(transparent)]
+    Id(#[from] crate::member::BadWorkerId),
 }
 
 /// Flags every worker process takes.
@@ -124,6 +130,14 @@ pub struct WorkerArgs {
     /// communicator is set up through the coordinator; gRPC stays the fallback.
     #[arg(long)]
     pub nccl_device: Option<String>,
+    /// This worker's id, kept for its whole life (e.g. the pod name); default: its role and a
+    /// random suffix.
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Record this worker in etcd under its own lease (`--etcd` etc.), so that coordinators
+    /// find it there and its record goes when it does.
+    #[command(flatten)]
+    pub etcd: crate::etcd::EtcdArgs,
     /// The cluster token (a file holding one line): presented on every call to the
     /// coordinator and the other workers, and required on every call to this worker.
     #[arg(long)]
@@ -165,10 +179,19 @@ impl WorkerArgs {
         model_id: String,
         grace: Duration,
         nccl: Option<NcclAgent>,
-    ) -> WorkerSpec {
-        WorkerSpec {
+    ) -> Result<WorkerSpec, WorkerError> {
+        let worker_id = match &self.worker_id {
+            Some(id) => {
+                crate::member::check_worker_id(id)?;
+                id.clone()
+            }
+            None => crate::member::generated_worker_id(role),
+        };
+        Ok(WorkerSpec {
             name,
             role,
+            worker_id,
+            etcd: self.etcd.options()?,
             listen: self.listen,
             advertise: self.advertise.clone(),
             coordinator: self.coordinator.clone(),
@@ -176,7 +199,7 @@ impl WorkerArgs {
             nccl,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             grace,
-        }
+        })
     }
 }
 
@@ -186,6 +209,10 @@ pub struct WorkerSpec {
     /// Name printed in the `LISTENING` line.
     pub name: &'static str,
     pub role: moe_proto::v1::Role,
+    /// Kept for the life of the process.
+    pub worker_id: String,
+    /// Where this worker records itself, when the cluster lives in etcd.
+    pub etcd: Option<crate::etcd::EtcdOptions>,
     pub listen: SocketAddr,
     /// Address others reach this worker at; default the bound address.
     pub advertise: Option<String>,
@@ -242,16 +269,20 @@ pub async fn run_worker(
             addr: spec.listen,
             source,
         })?;
-    let address = spec.advertise.clone().unwrap_or_else(|| local.to_string());
-    let mut membership = Membership::register(
-        &spec.coordinator,
-        spec.role,
-        address,
-        spec.model_id,
-        spec.nccl.is_some(),
-        Duration::from_secs(30),
-    )
-    .await?;
+    let me = Member {
+        id: spec.worker_id.clone(),
+        role: spec.role,
+        address: spec.advertise.clone().unwrap_or_else(|| local.to_string()),
+        model_id: spec.model_id.clone(),
+        seq: 0,
+        nccl: spec.nccl.is_some(),
+        incarnation: crate::member::random_u64(),
+    };
+    let record = spec
+        .etcd
+        .clone()
+        .map(|options| RecordKeeper::spawn(options, me.clone()));
+    let mut membership = Membership::register(&spec.coordinator, me, Duration::from_secs(30)).await?;
     let drain_asked = tokio::select! {
         r = heartbeat_loop(&mut membership, spec.heartbeat, shutdown.clone(), &mut status, &mut on_answer) => {
             r?;
@@ -278,6 +309,9 @@ pub async fn run_worker(
             }
             Err(s) => tracing::warn!(status = %s, "the coordinator refused the drain; leaving now"),
         }
+    }
+    if let Some(record) = record {
+        record.remove().await;
     }
     let _ = leave.send(());
     let _ = tokio::time::timeout(spec.grace, server).await;

@@ -39,7 +39,7 @@ fn window_with(tokens: u64, hot: &[usize]) -> LoadWindow {
 /// An expert worker joins; returns its id.
 fn join(m: &mut Members) -> String {
     let address = format!("127.0.0.1:{}", 7000 + m.iter().count());
-    m.add(Role::Expert, address, "model".into(), false).id
+    m.add(crate::members::joining(Role::Expert, &address)).id
 }
 
 /// `worker`'s heartbeat, changed by `f`.

@@ -1,17 +1,16 @@
 //! The embedded registry: records live as long as the coordinator process. Nothing to install,
-//! nothing survives a restart; the default for a single-command local cluster.
-
-use std::collections::BTreeMap;
+//! nothing survives a restart; the default for a single-command local cluster. Workers keep no
+//! records of their own here (they have no etcd): the one coordinator knows them from their
+//! registrations.
 
 use moe_proto::v1::Placement;
 
-use super::{Fence, Member, Registry, RegistryError, Snapshot};
+use super::{Fence, Registry, RegistryError, Snapshot};
 use crate::Result;
 
 #[derive(Debug, Default)]
 pub struct InMemoryRegistry {
     model_id: Option<String>,
-    members: BTreeMap<String, Member>,
     placement: Option<Placement>,
 }
 
@@ -34,26 +33,10 @@ impl Registry for InMemoryRegistry {
     }
 
     async fn load(&mut self) -> Result<Snapshot> {
-        let mut members: Vec<Member> = self.members.values().cloned().collect();
-        members.sort_by_key(|m| m.seq);
         Ok(Snapshot {
-            members,
+            members: Vec::new(),
             placement: self.placement.clone(),
         })
-    }
-
-    async fn put_member(&mut self, member: &Member) -> Result<()> {
-        self.members.insert(member.id.clone(), member.clone());
-        Ok(())
-    }
-
-    async fn keep_alive(&mut self) -> Result<Vec<String>> {
-        Ok(Vec::new())
-    }
-
-    async fn remove_member(&mut self, id: &str) -> Result<()> {
-        self.members.remove(id);
-        Ok(())
     }
 
     async fn put_placement(&mut self, placement: &Placement) -> Result<()> {
