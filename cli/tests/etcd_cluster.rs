@@ -45,6 +45,23 @@ fn up_args(etcd: &Etcd, coordinators: usize) -> Vec<String> {
     ]
 }
 
+/// The flags of a worker started beside the cluster, so it records itself in the same etcd.
+fn worker_etcd_flags(etcd: &Etcd) -> Vec<String> {
+    vec![
+        "--etcd".into(),
+        etcd.endpoint.clone(),
+        "--etcd-prefix".into(),
+        PREFIX.into(),
+    ]
+}
+
+fn start_recorded_expert_worker(etcd: &Etcd, endpoint: &str, extra: &[&str]) -> Joiner {
+    let mut flags = worker_etcd_flags(etcd);
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    start_expert_worker(endpoint, &flags)
+}
+
 fn start(etcd: &Etcd, coordinators: usize, experts: usize) -> LocalCluster {
     let args = up_args(etcd, coordinators);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -127,8 +144,9 @@ async fn killing_the_leader_coordinator_mid_stream_loses_no_token() {
 async fn etcd_restarts_and_data_loss_do_not_stop_serving() {
     // Proves: (1) etcd killed and restarted on its data while requests stream: zero failed
     // requests, identical tokens, and the registry works afterwards (a joining worker is
-    // recorded); (2) etcd restarted empty (its data lost): the coordinator's lease is gone, it
-    // steps down, wins again, records every member and the placement again, and serves.
+    // recorded); (2) etcd restarted empty (its data lost): every lease is gone; each worker
+    // records itself again, the coordinator wins again at once (nobody else campaigns),
+    // records the placement again, and serves.
     const STEPS: u32 = 150;
     let mut etcd = Etcd::start();
     let prompts = prompts_with_gap(&tiny(), &[6, 13, 29], STEPS as usize, 2e-4);
@@ -141,7 +159,7 @@ async fn etcd_restarts_and_data_loss_do_not_stop_serving() {
     tokio::time::sleep(Duration::from_millis(500)).await; // down for a while, not just a blip
     etcd.restart();
     assert_streams_match(streams, &prompts).await;
-    let joiner = start_expert_worker(&cluster.endpoint, &[]);
+    let joiner = start_recorded_expert_worker(&etcd, &cluster.endpoint, &[]);
     wait_recorded(&etcd, "the joiner recorded after the restart", |s| s.members.len() == 4).await;
 
     etcd.restart_empty();
@@ -207,7 +225,7 @@ async fn bench_fails_nothing_while_an_expert_worker_dies_and_another_joins() {
     })
     .await;
     cluster.kill("expert-worker", 0);
-    let joiner = start_expert_worker(&cluster.endpoint, &[]);
+    let joiner = start_recorded_expert_worker(&etcd, &cluster.endpoint, &[]);
     assert!(
         client.status().await.unwrap().running_requests > 0,
         "bench finished before the disruption; the test proved nothing"
@@ -290,4 +308,149 @@ async fn a_cluster_on_an_etcd_that_requires_tls_and_client_certificates() {
     );
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     assert_eq!(client.generate(&greedy(&[5, 6, 7], 4)).await.unwrap().tokens.len(), 4);
+}
+
+/// Worker ids and the placement version, as the leader reports them.
+async fn membership(client: &mut ClusterClient) -> (Vec<String>, u64) {
+    let s = client.status().await.unwrap();
+    let mut ids: Vec<String> = s.workers.into_iter().map(|w| w.worker_id).collect();
+    ids.sort();
+    (ids, s.placement_version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10_s_etcd_outage_fails_no_request_and_changes_no_id_or_placement() {
+    // Proves: serving does not depend on etcd. With etcd killed for 10 s under a steady load,
+    // no request fails, the leader keeps leading, no worker changes id and the placement keeps
+    // its version; after etcd is back (on its data) every record is still there.
+    let mut etcd = Etcd::start();
+    let cluster = start(&etcd, 1, 2);
+    wait_recorded(&etcd, "members recorded", |s| s.members.len() == 3).await;
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let before = membership(&mut client).await;
+    let prompts = decisive_prompts(&tiny(), &[7], 24);
+    let (prompt, want) = prompts[0].clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, mut client) = (stop.clone(), client.clone());
+        tokio::spawn(async move {
+            let (mut served, mut failed) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match client.generate(&greedy(&prompt, 24)).await {
+                    Ok(g) if g.tokens == want => served += 1,
+                    Ok(g) => failed.push(format!("wrong tokens {:?}", g.tokens)),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (served, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    etcd.kill();
+    let outage = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = membership(&mut client).await;
+    etcd.restart();
+    let down = outage.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (served, failed) = load.await.unwrap();
+    eprintln!(
+        "etcd down for {down:?}: {served} requests served, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(
+        served > 10,
+        "only {served} requests served: the load did not run through the outage"
+    );
+    assert_eq!(during, before, "ids or placement changed while etcd was down");
+    assert_eq!(
+        membership(&mut client).await,
+        before,
+        "ids or placement changed after etcd came back"
+    );
+    let s = recorded(&etcd).await;
+    let mut ids: Vec<String> = s.members.into_iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, before.0, "every worker's record survived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_records_come_and_go_with_them_and_a_recorded_worker_gets_experts() {
+    // Proves: a worker's etcd record is its own. A new worker's record appears and the worker
+    // gets experts; killed (-9), its record vanishes within its TTL (2 s here); a record
+    // written in etcd alone is how the leader learns of a worker (it lists it as a member).
+    let etcd = Etcd::start();
+    let cluster = start(&etcd, 1, 1);
+    wait_recorded(&etcd, "members recorded", |s| s.members.len() == 2).await;
+    let client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let mut joiner = start_recorded_expert_worker(
+        &etcd,
+        &cluster.endpoint,
+        &["--member-ttl-s", "2", "--worker-id", "expert-joiner"],
+    );
+    wait_recorded(&etcd, "the joiner recorded", |s| {
+        s.members.iter().any(|m| m.id == "expert-joiner")
+    })
+    .await;
+    eventually(Duration::from_secs(60), "the joiner holds experts", || {
+        let mut client = client.clone();
+        async move {
+            let s = client.status().await.unwrap();
+            match s.workers.iter().find(|w| w.worker_id == "expert-joiner") {
+                Some(w) if !w.expert_slots.is_empty() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+
+    joiner.kill();
+    let died = std::time::Instant::now();
+    wait_recorded(&etcd, "the killed worker's record gone", |s| {
+        s.members.iter().all(|m| m.id != "expert-joiner")
+    })
+    .await;
+    let vanished = died.elapsed();
+    eprintln!("a killed worker's record vanished {vanished:?} after kill -9 (TTL 2 s)");
+    assert!(vanished < Duration::from_secs(5), "{vanished:?} for a 2 s TTL");
+
+    // A record written straight into etcd (no registration call): the leader takes the worker
+    // in. Nothing answers at its address, so it then expires for want of heartbeats.
+    let mut etcd_client = etcd_client::Client::connect([&etcd.endpoint], None).await.unwrap();
+    let model_id = recorded(&etcd).await.members[0].model_id.clone();
+    let record = serde_json::json!({
+        "id": "expert-recorded-only", "role": "ROLE_EXPERT", "address": "127.0.0.1:9",
+        "model_id": model_id, "incarnation": 1,
+    });
+    etcd_client
+        .put(
+            format!("{PREFIX}/members/expert-recorded-only"),
+            record.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the leader takes in the recorded worker",
+        || {
+            let mut client = client.clone();
+            async move {
+                let ids = membership(&mut client).await.0;
+                if ids.iter().any(|id| id == "expert-recorded-only") {
+                    Ok(())
+                } else {
+                    Err(ids)
+                }
+            }
+        },
+    )
+    .await;
 }

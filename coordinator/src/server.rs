@@ -64,7 +64,7 @@ pub struct Args {
     #[arg(long)]
     pub watch_stdin: bool,
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: ElectionArgs,
     /// TLS: the client API then takes clients with or without a certificate (they have the
     /// bearer token); the control plane requires one (mutual TLS with the workers).
     #[command(flatten)]
@@ -97,7 +97,7 @@ fn rebalance_threshold(s: &str) -> std::result::Result<f64, String> {
 /// coordinator, nothing to install); with it, several coordinators elect a leader through etcd,
 /// a standby takes over what the leader recorded, and workers record themselves.
 #[derive(clap::Args, Debug, Clone)]
-pub struct EtcdArgs {
+pub struct ElectionArgs {
     #[command(flatten)]
     pub etcd: moe_runtime::etcd::EtcdArgs,
     /// Address workers and clients reach this coordinator at, announced in the election
@@ -109,7 +109,7 @@ pub struct EtcdArgs {
     pub leader_ttl_s: u64,
 }
 
-impl EtcdArgs {
+impl ElectionArgs {
     fn options(&self) -> Result<Option<EtcdOptions>> {
         let options = self.etcd.options()?;
         if options.is_some() && self.leader_ttl_s < 2 {

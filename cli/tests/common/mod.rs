@@ -221,6 +221,14 @@ pub fn start_expert_worker(endpoint: &str, extra: &[&str]) -> Joiner {
     Joiner { child }
 }
 
+impl Joiner {
+    /// `kill -9`: the worker dies without leaving.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Joiner {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
