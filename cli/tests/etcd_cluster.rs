@@ -322,7 +322,8 @@ async fn membership(client: &mut ClusterClient) -> (Vec<String>, u64) {
 async fn a_10_s_etcd_outage_fails_no_request_and_changes_no_id_or_placement() {
     // Proves: serving does not depend on etcd. With etcd killed for 10 s under a steady load,
     // no request fails, the leader keeps leading, no worker changes id and the placement keeps
-    // its version; after etcd is back (on its data) every record is still there.
+    // its version; a rebalance asked for meanwhile waits for etcd (UNAVAILABLE); after etcd is
+    // back (on its data) every record is still there.
     let mut etcd = Etcd::start();
     let cluster = start(&etcd, 1, 2);
     wait_recorded(&etcd, "members recorded", |s| s.members.len() == 3).await;
@@ -348,7 +349,17 @@ async fn a_10_s_etcd_outage_fails_no_request_and_changes_no_id_or_placement() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     etcd.kill();
     let outage = std::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // Changes wait for etcd: an operator's rebalance is turned away (UNAVAILABLE, saying why).
+    let mut control =
+        moe_proto::v1::control_client::ControlClient::new(moe_runtime::net::channel(&cluster.endpoint).unwrap());
+    let err = control
+        .rebalance(moe_proto::v1::RebalanceRequest { force: true })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("etcd is unreachable"), "{err}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let during = membership(&mut client).await;
     etcd.restart();
     let down = outage.elapsed();

@@ -47,7 +47,15 @@ pub enum RegisterError {
     Address(String),
     #[error(transparent)]
     Id(#[from] moe_runtime::member::BadWorkerId),
+    #[error(transparent)]
+    Away(#[from] RegistryAway),
 }
+
+/// etcd is unreachable: a change whose outcome a successor could not read waits until it is
+/// back. Serving goes on meanwhile; only dropping failed workers does not wait (serving needs it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("etcd is unreachable: membership and placement changes wait until it is back (serving goes on)")]
+pub struct RegistryAway;
 
 pub struct Cluster {
     config: ClusterConfig,
@@ -57,6 +65,8 @@ pub struct Cluster {
     inflight: InFlight,
     load: LoadWindow,
     nccl: NcclPlane,
+    /// The leader reaches etcd (always, with the in-memory registry).
+    registry_reachable: bool,
 }
 
 impl Cluster {
@@ -81,6 +91,27 @@ impl Cluster {
             inflight: InFlight::default(),
             load,
             nccl: NcclPlane::starting_after(millis),
+            registry_reachable: true,
+        }
+    }
+
+    /// Told by the leadership loop whether etcd answers.
+    pub fn set_registry_reachable(&mut self, reachable: bool) {
+        if reachable != self.registry_reachable {
+            tracing::warn!(
+                reachable,
+                "etcd reachability changed: membership and placement changes {}",
+                if reachable { "resume" } else { "wait" }
+            );
+        }
+        self.registry_reachable = reachable;
+    }
+
+    fn changes_allowed(&self) -> Result<(), RegistryAway> {
+        if self.registry_reachable {
+            Ok(())
+        } else {
+            Err(RegistryAway)
         }
     }
 
@@ -101,8 +132,11 @@ impl Cluster {
             if known.incarnation == joining.incarnation && known.address == joining.address {
                 return Ok(joining.id);
             }
+            self.changes_allowed()?;
             tracing::warn!(worker = %joining.id, "a new process took this worker id: replacing the member");
             self.forget(&joining.id);
+        } else {
+            self.changes_allowed()?;
         }
         let member = self.members.add(joining);
         tracing::info!(worker = %member.id, role = ?member.role, address = %member.address, nccl = member.nccl, "worker registered");
@@ -209,6 +243,7 @@ impl Cluster {
 
     /// Starts draining a worker; returns what will happen.
     pub fn drain(&mut self, worker: &str) -> Result<String, DrainError> {
+        self.changes_allowed()?;
         let role = self.members.drain(worker)?;
         tracing::info!(%worker, ?role, "draining");
         self.reconcile();
@@ -238,6 +273,7 @@ impl Cluster {
 
     /// Plans a placement for the load of the window and makes it the target.
     pub fn rebalance(&mut self, force: bool) -> Result<RebalanceResponse, PlacementError> {
+        self.changes_allowed()?;
         let r = self
             .placements
             .rebalance(force, &self.members, &self.load, Instant::now())?;
@@ -265,9 +301,10 @@ impl Cluster {
             self.forget_removed(&w.id);
         }
         self.reconcile();
-        if self
-            .placements
-            .auto_rebalance(&self.members, &self.load, Instant::now())
+        if self.registry_reachable
+            && self
+                .placements
+                .auto_rebalance(&self.members, &self.load, Instant::now())
         {
             self.reconcile();
         }

@@ -16,6 +16,7 @@ impl From<RegisterError> for Status {
             RegisterError::NoRole | RegisterError::Address(_) | RegisterError::Id(_) => {
                 Status::invalid_argument(e.to_string())
             }
+            RegisterError::Away(_) => Status::unavailable(e.to_string()),
         }
     }
 }
@@ -24,6 +25,7 @@ impl From<DrainError> for Status {
     fn from(e: DrainError) -> Self {
         match e {
             DrainError::Unknown(_) => Status::not_found(e.to_string()),
+            DrainError::Away(_) => Status::unavailable(e.to_string()),
             DrainError::LastWorker { .. } => Status::failed_precondition(e.to_string()),
         }
     }
@@ -33,7 +35,7 @@ impl From<PlacementError> for Status {
     fn from(e: PlacementError) -> Self {
         match e {
             // Passes by itself once expert workers have loaded a placement: retry later.
-            PlacementError::NoPlacement => Status::unavailable(e.to_string()),
+            PlacementError::NoPlacement | PlacementError::Away(_) => Status::unavailable(e.to_string()),
             PlacementError::StillLoading(_) | PlacementError::NoLoad(_) | PlacementError::Plan(_) => {
                 Status::failed_precondition(e.to_string())
             }

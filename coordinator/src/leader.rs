@@ -134,7 +134,7 @@ impl Election {
         let campaign = campaigner.campaign(self.etcd.key("leader"), self.candidate.clone(), lease);
         tracing::info!(candidate = %self.candidate, "campaigning for leadership");
         // The lease must stay alive while the campaign waits on the current leader.
-        let holding = hold(client.clone(), lease, self.ttl, timeout);
+        let holding = hold(client.clone(), lease, self.ttl, timeout, |_| {});
         let won = tokio::select! {
             r = campaign => r.map_err(TermEnded::Campaign)?,
             why = holding => return Err(why),
@@ -188,12 +188,13 @@ impl Election {
         };
         tracing::info!(candidate = %self.candidate, "elected leader");
         {
-            let holding = hold(client.clone(), lease, self.ttl, timeout);
+            let holding = hold(client.clone(), lease, self.ttl, timeout, |_| {});
             tokio::select! {
                 () = state.lead(Some(fence)) => {}
                 why = holding => return Err(why),
             }
         }
+        state.set_registry_reachable(true);
         serving.send_replace(true);
         // The workers' records, followed for as long as this term lasts.
         let follower = {
@@ -203,7 +204,7 @@ impl Election {
         let _stop_following = AbortOnDrop(follower);
         loop {
             tokio::select! {
-                why = hold(client.clone(), lease, self.ttl, timeout) => {
+                why = hold(client.clone(), lease, self.ttl, timeout, |up| state.set_registry_reachable(up)) => {
                     tracing::warn!(%why, "leadership lease lost; winning again unless another coordinator was elected");
                     let TermEnded::LeaseGone(lost) = why else { return Err(why) };
                     let Some((renewed, fence)) = self.win_again(&mut client, lost, shutdown).await? else {
@@ -237,21 +238,26 @@ impl Drop for AbortOnDrop {
 /// Keeps `lease` alive; returns only once etcd *answers* that the lease is gone. While etcd
 /// cannot be reached the lease may expire unseen; nobody can be elected then either, so the
 /// holder goes on (and learns the outcome when etcd is back).
-async fn hold(mut client: Client, lease: i64, ttl: Duration, timeout: Duration) -> TermEnded {
+/// `reachable` hears whether etcd answers, each time that changes.
+async fn hold(mut client: Client, lease: i64, ttl: Duration, timeout: Duration, reachable: impl Fn(bool)) -> TermEnded {
     let mut unreachable_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(ttl / 4).await;
-        match renew(&mut client, lease, timeout.min(ttl / 4)).await {
-            Ok(true) => {
-                if let Some(since) = unreachable_since.take() {
-                    tracing::info!(after = ?since.elapsed(), "etcd reachable again; lease still held");
-                }
-            }
+        let renewed = renew(&mut client, lease, timeout.min(ttl / 4)).await;
+        if renewed.is_ok()
+            && let Some(since) = unreachable_since.take()
+        {
+            tracing::info!(after = ?since.elapsed(), "etcd reachable again");
+            reachable(true);
+        }
+        match renewed {
+            Ok(true) => {}
             Ok(false) => return TermEnded::LeaseGone(lease),
             Err(e) => {
                 if unreachable_since.is_none() {
                     tracing::error!(error = %e, "etcd unreachable: serving on with the current placement");
                     unreachable_since = Some(Instant::now());
+                    reachable(false);
                 }
             }
         }

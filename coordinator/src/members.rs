@@ -46,6 +46,8 @@ pub enum DrainError {
     Unknown(String),
     #[error("`{worker}` is the last {} worker; draining it would stop the cluster", role_noun(.role))]
     LastWorker { worker: String, role: Role },
+    #[error(transparent)]
+    Away(#[from] crate::cluster::RegistryAway),
 }
 
 fn role_noun(role: &Role) -> &'static str {

@@ -63,6 +63,8 @@ pub enum PlacementError {
     /// The planner could not place the experts on the workers' slots.
     #[error(transparent)]
     Plan(#[from] crate::planner::TooFewSlots),
+    #[error(transparent)]
+    Away(#[from] crate::cluster::RegistryAway),
 }
 
 /// What the placement depends on besides the members and the load.

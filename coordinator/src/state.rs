@@ -92,6 +92,11 @@ impl StateHandle {
         self.cluster().register(joining)
     }
 
+    /// Whether etcd answers the leader (see [`crate::cluster::RegistryAway`]).
+    pub fn set_registry_reachable(&self, reachable: bool) {
+        self.cluster().set_registry_reachable(reachable)
+    }
+
     /// A change of the workers' own records in etcd.
     pub fn member_event(&self, event: MemberEvent) {
         self.cluster().member_event(event)
