@@ -353,6 +353,22 @@ async fn a_configured_bearer_token_guards_the_client_api() {
     }
     let mut client = ClusterClient::with_token(&cluster.endpoint, Some("s3cret-token")).unwrap();
     assert_eq!(client.generate(&greedy(&[5, 6], 2)).await.unwrap().tokens.len(), 2);
+    // The one token closes the control plane too: without it, no placement, no drain.
+    let mut control = moe_proto::v1::control_client::ControlClient::new(
+        moe_runtime::net::channel_with(&cluster.endpoint, None).unwrap(),
+    );
+    let err = control
+        .get_placement(moe_proto::v1::GetPlacementRequest { target: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let err = control
+        .drain(moe_proto::v1::DrainRequest {
+            worker_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     // moectl reads the token from MOECTL_TOKEN.
     let out = std::process::Command::new(moectl())
         .args(["status", "--endpoint", &cluster.endpoint])
