@@ -42,6 +42,8 @@ async fn every_control_call(c: &mut Control) -> Vec<(&'static str, Result<(), St
         address: "127.0.0.1:9".into(),
         model_id: "not-this-model".into(),
         nccl: false,
+        worker_id: "expert-intruder".into(),
+        incarnation: 1,
     };
     let heartbeat = HeartbeatRequest {
         worker_id: "nobody".into(),

@@ -9,23 +9,25 @@ use std::time::Duration;
 use moe_model::checkpoint::Checkpoint;
 use moe_proto::v1::{HeartbeatResponse, NcclGroup, Role, WorkerStatus};
 use moe_runtime::control::Membership;
+use moe_runtime::member::Member;
 use moe_tests::cluster::LocalCluster;
 
 mod common;
 use common::*;
 
 async fn join(endpoint: &str, model_id: &str, role: Role, port: u16) -> Membership {
-    let address = format!("127.0.0.1:{port}");
-    Membership::register(
-        &[endpoint.to_owned()],
+    let me = Member {
+        id: moe_runtime::member::generated_worker_id(role),
         role,
-        address,
-        model_id.to_owned(),
-        true,
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("registering")
+        address: format!("127.0.0.1:{port}"),
+        model_id: model_id.to_owned(),
+        seq: 0,
+        nccl: true,
+        incarnation: moe_runtime::member::random_u64(),
+    };
+    Membership::register(&[endpoint.to_owned()], me, Duration::from_secs(10))
+        .await
+        .expect("registering")
 }
 
 async fn beat(m: &mut Membership, ready_epoch: u64) -> HeartbeatResponse {

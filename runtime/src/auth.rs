@@ -89,7 +89,7 @@ impl RequireCluster {
 impl Interceptor for RequireCluster {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         crate::net::check_metadata(&req)?;
-        if self.cert && !req.peer_certs().is_some_and(|c| !c.is_empty()) {
+        if self.cert && req.peer_certs().is_none_or(|c| c.is_empty()) {
             return Err(Status::unauthenticated(
                 "this port needs a client certificate signed by the cluster CA (mutual TLS)",
             ));
