@@ -6,6 +6,8 @@
 //! on.
 
 mod status;
+#[cfg(test)]
+mod tests;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -167,13 +169,18 @@ impl Cluster {
     /// A change of the workers' own records in etcd: a new record is a worker joining (it is
     /// given experts like one that registered); a record that is gone drops its member unless
     /// the member is still heartbeating (it lost its lease to an etcd outage and records itself
-    /// again).
+    /// again). Records never override a member that heartbeats: heartbeats are the fresher word.
     pub fn member_event(&mut self, event: MemberEvent) {
         match event {
             MemberEvent::Recorded(m) => {
                 let id = m.id.clone();
-                if self.members.get(&id).is_some_and(|k| k.incarnation == m.incarnation) {
-                    return;
+                if let Some(known) = self.members.get(&id) {
+                    // The record of another process with this id replaces the member only once
+                    // the member is silent: a live member's record may simply be older (the
+                    // previous process's, not yet expired) than its registration.
+                    if known.incarnation == m.incarnation || known.last_seen.elapsed() < self.config.heartbeat_timeout {
+                        return;
+                    }
                 }
                 if let Err(why) = self.register(m) {
                     tracing::warn!(worker = %id, %why, "member record refused");
