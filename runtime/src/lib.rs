@@ -6,6 +6,7 @@ pub mod control;
 pub mod convert;
 pub mod dispatch;
 pub mod failover;
+pub mod fdlimit;
 pub mod nccl;
 pub mod net;
 pub mod placement;

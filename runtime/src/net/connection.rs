@@ -1,0 +1,168 @@
+//! One accepted connection as the servers see it: a TCP stream that must complete its
+//! handshake before a deadline, may be evicted while it has not, and holds a slot of its
+//! listener's connection bound until it is dropped.
+//!
+//! "Handshake" here is protocol-agnostic: the client has sent at least [`HANDSHAKE_BYTES`]
+//! (the HTTP/2 client preface; a TLS ClientHello is longer) and the server has answered
+//! (written) after that. Plain HTTP/2: the preface and the client's SETTINGS, then the server's
+//! SETTINGS ack. TLS: a whole ClientHello, then the ServerHello. A socket that sends nothing,
+//! a partial preface or a partial ClientHello never gets that answer and is closed at the
+//! deadline. Afterwards the wrapper is a plain pass-through: an idle but established HTTP/2
+//! connection (a client's pooled channel) is legitimate and is never timed out here.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::time::Sleep;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Bytes a client must send before the handshake can count as done: the HTTP/2 client preface
+/// (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+pub const HANDSHAKE_BYTES: usize = 24;
+
+/// A connection still in its handshake phase.
+struct Handshake {
+    deadline: Pin<Box<Sleep>>,
+    limit: Duration,
+    /// Resolves (with an error) when the accept loop drops the sender to evict this connection.
+    evicted: oneshot::Receiver<()>,
+    read: usize,
+}
+
+/// An accepted connection; see the module documentation.
+pub struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    handshake: Option<Handshake>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    pub(super) fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+        deadline: Duration,
+        evicted: oneshot::Receiver<()>,
+    ) -> Connection {
+        Connection {
+            stream,
+            peer,
+            handshake: Some(Handshake {
+                deadline: Box::pin(tokio::time::sleep(deadline)),
+                limit: deadline,
+                evicted,
+                read: 0,
+            }),
+            _slot: slot,
+        }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Whether the handshake is still under way (for tests and logs).
+    pub fn handshaking(&self) -> bool {
+        self.handshake.is_some()
+    }
+
+    /// An error once the deadline has passed or the connection was evicted; registers `cx` for
+    /// both otherwise.
+    fn check_handshake(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(h) = &mut self.handshake else { return Ok(()) };
+        if h.deadline.as_mut().poll(cx).is_ready() {
+            tracing::debug!(peer = %self.peer, limit = ?h.limit, read = h.read, "closing a connection that did not complete its handshake in time");
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no handshake within {:?}", h.limit),
+            ));
+        }
+        if Pin::new(&mut h.evicted).poll(cx).is_ready() {
+            tracing::debug!(peer = %self.peer, read = h.read, "evicting a connection still in its handshake: the listener is at its bound");
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "evicted before completing the handshake: the server is at its connection bound",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The server wrote: once the client has sent enough, that answer ends the handshake.
+    fn wrote(&mut self, n: usize) {
+        if n > 0 && self.handshake.as_ref().is_some_and(|h| h.read >= HANDSHAKE_BYTES) {
+            // Dropping the receiver tells the accept loop this one is no longer evictable.
+            self.handshake = None;
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        // Data already there wins over the deadline; the deadline is checked whenever a read
+        // would wait, so a client trickling bytes cannot outlast it either.
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if let Some(h) = &mut this.handshake {
+                    h.read += buf.filled().len() - before;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                this.check_handshake(cx)?;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.stream).poll_write(cx, buf))?;
+        this.wrote(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))?;
+        this.wrote(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The TCP connect info tonic expects: `Request::remote_addr` and, under TLS,
+/// `Request::peer_certs` (client certificates) look for exactly `TcpConnectInfo`.
+impl Connected for Connection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
