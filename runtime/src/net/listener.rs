@@ -172,7 +172,11 @@ impl Slots {
                 "at the connection bound: evicting the oldest connection still in its handshake, or waiting for one to close"
             );
         }
-        self.pool.clone().acquire_owned().await.expect("the pool is never closed")
+        self.pool
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool is never closed")
     }
 
     fn evict_oldest(&mut self) -> bool {

@@ -24,7 +24,9 @@ async fn echo_server(max_connections: usize, handshake_deadline: Duration) -> (S
         max_connections,
         handshake_deadline,
     };
-    let (mut incoming, addr) = crate::net::bind_with("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let (mut incoming, addr) = crate::net::bind_with("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
     tokio::spawn(async move {
@@ -66,7 +68,10 @@ async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
 async fn round_trip(stream: &mut TcpStream, bytes: &[u8]) {
     stream.write_all(bytes).await.unwrap();
     let mut echo = vec![0u8; bytes.len()];
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut echo)).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(echo, bytes);
 }
 
@@ -126,7 +131,10 @@ async fn at_the_bound_with_nothing_to_evict_a_new_connection_waits_for_a_slot() 
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
     drop(first);
-    tokio::time::timeout(PATIENCE, waiting.read_exact(&mut echo)).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, waiting.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&echo, PREFACE);
 }
 
