@@ -29,6 +29,7 @@ pub struct MetricsSource {
 const LISTEN: ListenConfig = ListenConfig {
     max_connections: 64,
     handshake_deadline: HANDSHAKE_DEADLINE,
+    handshake_exchanges: 1,
 };
 
 /// Serves `/metrics` and `/healthz` on `incoming` until the task is dropped.

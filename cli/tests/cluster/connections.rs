@@ -1,7 +1,7 @@
 //! Idle connections do not starve the servers: sockets that connect and never send a byte,
 //! more of them than the process has descriptors, do not lock out a real client.
 
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use moe_proto::v1::DispatchRequest;
@@ -19,12 +19,23 @@ const IDLE: usize = 600;
 /// servers close idle sockets after 5 s.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Opens `n` TCP connections to `addr` that never send anything (the kernel completes them
-/// from the listen backlog whether or not the server accepts).
+/// Opens up to `n` TCP connections to `addr` that never send anything. The kernel completes
+/// them from the listen backlog whether or not the server accepts; once a connect times out,
+/// the backlog is full because the server accepts nothing any more, and opening stops there.
 fn idle_connections(addr: &str, n: usize) -> Vec<TcpStream> {
-    (0..n)
-        .map(|i| TcpStream::connect(addr).unwrap_or_else(|e| panic!("idle connection {i} to {addr}: {e}")))
-        .collect()
+    let addr: SocketAddr = addr.parse().unwrap();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => held.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                eprintln!("idle connection {i} to {addr} timed out: the server no longer accepts");
+                break;
+            }
+            Err(e) => panic!("idle connection {i} to {addr}: {e}"),
+        }
+    }
+    held
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,10 +55,12 @@ async fn idle_connections_beyond_the_open_file_limit_do_not_lock_out_clients() {
         .expect("a new client's status call was not served beside the idle connections")
         .unwrap();
     eprintln!(
-        "coordinator under `ulimit -n {FD_LIMIT}` with {IDLE} idle connections: a new client's status served in {:?}",
+        "coordinator under `ulimit -n {FD_LIMIT}` with {} idle connections: a new client's status served in {:?}",
+        idle.len(),
         start.elapsed()
     );
     assert_eq!(status.workers.len(), 2);
+    assert!(idle.len() as u64 > FD_LIMIT, "only {} idle connections", idle.len());
     let generated = tokio::time::timeout(PATIENCE, fresh.generate(&greedy(&[5, 6, 7], 4)))
         .await
         .expect("a generation was not served beside the idle connections")
@@ -64,8 +77,14 @@ async fn idle_connections_beyond_the_open_file_limit_do_not_lock_out_clients() {
         .expect("a new dispatch stream was not served beside the idle connections")
         .unwrap();
     eprintln!(
-        "expert worker under `ulimit -n {FD_LIMIT}` with {IDLE} idle connections: a new dispatch stream opened in {:?}",
+        "expert worker under `ulimit -n {FD_LIMIT}` with {} idle connections: a new dispatch stream opened in {:?}",
+        idle_on_worker.len(),
         start.elapsed()
+    );
+    assert!(
+        idle_on_worker.len() as u64 > FD_LIMIT,
+        "only {} idle connections",
+        idle_on_worker.len()
     );
 
     // And the cluster as a whole still serves, with every idle socket still held by this side.

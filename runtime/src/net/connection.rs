@@ -2,13 +2,15 @@
 //! handshake before a deadline, may be evicted while it has not, and holds a slot of its
 //! listener's connection bound until it is dropped.
 //!
-//! "Handshake" here is protocol-agnostic: the client has sent at least [`HANDSHAKE_BYTES`]
-//! (the HTTP/2 client preface; a TLS ClientHello is longer) and the server has answered
-//! (written) after that. Plain HTTP/2: the preface and the client's SETTINGS, then the server's
-//! SETTINGS ack. TLS: a whole ClientHello, then the ServerHello. A socket that sends nothing,
-//! a partial preface or a partial ClientHello never gets that answer and is closed at the
-//! deadline. Afterwards the wrapper is a plain pass-through: an idle but established HTTP/2
-//! connection (a client's pooled channel) is legitimate and is never timed out here.
+//! "Handshake" here is protocol-agnostic: one *exchange* is the client sending at least
+//! [`HANDSHAKE_BYTES`] (the HTTP/2 client preface; a TLS ClientHello is longer) and the server
+//! answering (writing) after that. Plain HTTP/2 needs one: the preface and the client's
+//! SETTINGS, then the server's SETTINGS ack. TLS needs two: a whole ClientHello, the server's
+//! flight; the client's Finished, then the server's tickets or HTTP/2 SETTINGS. A socket that
+//! sends nothing, a partial preface, or stops anywhere in the TLS handshake never gets the last
+//! answer and is closed at the deadline. Afterwards the wrapper is a plain pass-through: an idle
+//! but established connection (a client's pooled channel) is legitimate and is never timed out
+//! here.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use super::ListenConfig;
+
 /// Bytes a client must send before the handshake can count as done: the HTTP/2 client preface
 /// (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 pub const HANDSHAKE_BYTES: usize = 24;
@@ -32,6 +36,9 @@ struct Handshake {
     limit: Duration,
     /// Resolves (with an error) when the accept loop drops the sender to evict this connection.
     evicted: oneshot::Receiver<()>,
+    /// Exchanges still to complete.
+    exchanges: u8,
+    /// Bytes read since the last completed exchange.
     read: usize,
 }
 
@@ -48,16 +55,17 @@ impl Connection {
         stream: TcpStream,
         peer: SocketAddr,
         slot: OwnedSemaphorePermit,
-        deadline: Duration,
+        config: &ListenConfig,
         evicted: oneshot::Receiver<()>,
     ) -> Connection {
         Connection {
             stream,
             peer,
             handshake: Some(Handshake {
-                deadline: Box::pin(tokio::time::sleep(deadline)),
-                limit: deadline,
+                deadline: Box::pin(tokio::time::sleep(config.handshake_deadline)),
+                limit: config.handshake_deadline,
                 evicted,
+                exchanges: config.handshake_exchanges,
                 read: 0,
             }),
             _slot: slot,
@@ -94,9 +102,16 @@ impl Connection {
         Ok(())
     }
 
-    /// The server wrote: once the client has sent enough, that answer ends the handshake.
+    /// The server wrote: once the client has sent enough, that answer completes an exchange,
+    /// and the last one ends the handshake.
     fn wrote(&mut self, n: usize) {
-        if n > 0 && self.handshake.as_ref().is_some_and(|h| h.read >= HANDSHAKE_BYTES) {
+        let Some(h) = &mut self.handshake else { return };
+        if n == 0 || h.read < HANDSHAKE_BYTES {
+            return;
+        }
+        h.read = 0;
+        h.exchanges = h.exchanges.saturating_sub(1);
+        if h.exchanges == 0 {
             // Dropping the receiver tells the accept loop this one is no longer evictable.
             self.handshake = None;
         }

@@ -39,15 +39,21 @@ const MIN_CONNECTIONS: usize = 16;
 pub struct ListenConfig {
     pub max_connections: usize,
     pub handshake_deadline: Duration,
+    /// Exchanges of the handshake (see [`Connection`]): 1 for plain HTTP/2 (or HTTP/1), 2
+    /// under TLS.
+    pub handshake_exchanges: u8,
 }
 
 impl ListenConfig {
-    /// For this process: bounded by [`MAX_CONNECTIONS`] and by three quarters of the soft
-    /// open-file limit less a reserve, so accepting never exhausts the descriptors.
+    /// For this process's gRPC servers: bounded by [`MAX_CONNECTIONS`] and by three quarters of
+    /// the soft open-file limit less a reserve, so accepting never exhausts the descriptors;
+    /// the TLS handshake when this process serves TLS ([`crate::tls::installed`]).
     pub fn for_this_process() -> ListenConfig {
+        let tls = crate::tls::installed().is_some_and(|t| t.server.is_some());
         ListenConfig {
             max_connections: connection_bound(crate::fdlimit::soft()),
             handshake_deadline: HANDSHAKE_DEADLINE,
+            handshake_exchanges: if tls { 2 } else { 1 },
         }
     }
 }
@@ -117,7 +123,7 @@ async fn accept_loop(listener: TcpListener, config: ListenConfig, tx: mpsc::Send
         let slot = slots.take(&stream).await;
         let (evict, evicted) = oneshot::channel();
         slots.handshaking(evict);
-        let connection = Connection::new(stream, peer, slot, config.handshake_deadline, evicted);
+        let connection = Connection::new(stream, peer, slot, &config, evicted);
         if tx.send(Ok(connection)).await.is_err() {
             return; // the server stopped
         }

@@ -20,10 +20,15 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 /// An echo server behind the accept loop; returns its address and how many connections it took.
 async fn echo_server(max_connections: usize, handshake_deadline: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-    let config = ListenConfig {
+    echo_server_with(ListenConfig {
         max_connections,
         handshake_deadline,
-    };
+        handshake_exchanges: 1,
+    })
+    .await
+}
+
+async fn echo_server_with(config: ListenConfig) -> (SocketAddr, Arc<AtomicUsize>) {
     let (mut incoming, addr) = crate::net::bind_with("127.0.0.1:0".parse().unwrap(), config)
         .await
         .unwrap();
@@ -99,6 +104,27 @@ async fn a_connection_that_completed_its_handshake_may_stay_idle() {
     let (addr, _) = echo_server(8, deadline).await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     round_trip(&mut client, PREFACE).await;
+    assert!(!closed_within(&mut client, deadline * 4).await);
+    round_trip(&mut client, b"still here").await;
+}
+
+#[tokio::test]
+async fn under_tls_one_answered_exchange_is_not_enough() {
+    // A whole ClientHello answered by the server's flight, then nothing: closed; a client that
+    // goes on (its Finished, answered) is established.
+    let deadline = Duration::from_millis(200);
+    let (addr, _) = echo_server_with(ListenConfig {
+        max_connections: 8,
+        handshake_deadline: deadline,
+        handshake_exchanges: 2,
+    })
+    .await;
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    round_trip(&mut stalled, PREFACE).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    round_trip(&mut client, PREFACE).await;
+    round_trip(&mut client, PREFACE).await;
+    assert!(closed_within(&mut stalled, PATIENCE).await);
     assert!(!closed_within(&mut client, deadline * 4).await);
     round_trip(&mut client, b"still here").await;
 }
