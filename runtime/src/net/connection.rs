@@ -47,6 +47,8 @@ pub struct Connection {
     stream: TcpStream,
     peer: SocketAddr,
     handshake: Option<Handshake>,
+    /// Why the handshake failed (deadline, eviction): every later read or write fails alike.
+    failed: Option<(io::ErrorKind, String)>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -68,6 +70,7 @@ impl Connection {
                 exchanges: config.handshake_exchanges,
                 read: 0,
             }),
+            failed: None,
             _slot: slot,
         }
     }
@@ -76,30 +79,29 @@ impl Connection {
         self.peer
     }
 
-    /// Whether the handshake is still under way (for tests and logs).
-    pub fn handshaking(&self) -> bool {
-        self.handshake.is_some()
-    }
-
-    /// An error once the deadline has passed or the connection was evicted; registers `cx` for
-    /// both otherwise.
+    /// An error once the deadline has passed or the connection was evicted (from then on);
+    /// registers `cx` for both otherwise.
     fn check_handshake(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if let Some((kind, why)) = &self.failed {
+            return Err(io::Error::new(*kind, why.clone()));
+        }
         let Some(h) = &mut self.handshake else { return Ok(()) };
-        if h.deadline.as_mut().poll(cx).is_ready() {
+        let failure = if h.deadline.as_mut().poll(cx).is_ready() {
             tracing::debug!(peer = %self.peer, limit = ?h.limit, read = h.read, "closing a connection that did not complete its handshake in time");
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no handshake within {:?}", h.limit),
-            ));
-        }
-        if Pin::new(&mut h.evicted).poll(cx).is_ready() {
+            (io::ErrorKind::TimedOut, format!("no handshake within {:?}", h.limit))
+        } else if Pin::new(&mut h.evicted).poll(cx).is_ready() {
             tracing::debug!(peer = %self.peer, read = h.read, "evicting a connection still in its handshake: the listener is at its bound");
-            return Err(io::Error::new(
+            (
                 io::ErrorKind::ConnectionAborted,
-                "evicted before completing the handshake: the server is at its connection bound",
-            ));
-        }
-        Ok(())
+                "evicted before completing the handshake: the server is at its connection bound".to_owned(),
+            )
+        } else {
+            return Ok(());
+        };
+        // Neither the timer nor the receiver is polled again (a finished oneshot must not be).
+        self.handshake = None;
+        self.failed = Some(failure);
+        self.check_handshake(cx)
     }
 
     /// The server wrote: once the client has sent enough, that answer completes an exchange,
@@ -121,6 +123,9 @@ impl Connection {
 impl AsyncRead for Connection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.failed.is_some() {
+            return Poll::Ready(this.check_handshake(cx));
+        }
         let before = buf.filled().len();
         // Data already there wins over the deadline; the deadline is checked whenever a read
         // would wait, so a client trickling bytes cannot outlast it either.
