@@ -1,7 +1,8 @@
 //! Listening sockets and client channels with the settings the cluster needs everywhere:
 //! TCP_NODELAY (small per-layer messages must not wait for Nagle, ~44 ms per round trip
-//! otherwise), message limits large enough for a layer's activations, and (the [`listener`])
-//! a bound on connections with a handshake deadline, so idle sockets cannot starve a server.
+//! otherwise), message limits large enough for a layer's activations, and (the accept loop,
+//! [`Incoming`]) a bound on connections with a handshake deadline, so idle sockets cannot starve
+//! a server.
 
 use std::net::SocketAddr;
 use std::time::Duration;
