@@ -112,6 +112,11 @@ fn main() -> ExitCode {
         cli.command,
         Command::Up(_) | Command::Coordinator(_) | Command::AttentionWorker(_) | Command::ExpertWorker(_)
     );
+    if serves || matches!(cli.command, Command::Demo { .. }) {
+        // Each connection served is a descriptor, and the bound on them follows this limit;
+        // `up` and `demo` pass theirs on to the processes they start.
+        moe_runtime::fdlimit::raise();
+    }
     if !serves {
         match moe_runtime::tls::ClientTls::from_env() {
             Ok(Some(client)) => {

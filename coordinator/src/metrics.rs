@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use moe_proto::v1::{ClusterStatusResponse, Role};
+use moe_runtime::net::{HANDSHAKE_DEADLINE, Incoming, ListenConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_stream::StreamExt;
 
 use crate::state::StateHandle;
 
@@ -23,10 +24,18 @@ pub struct MetricsSource {
     pub serving: crate::leader::Serving,
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, source: MetricsSource) {
-    loop {
-        let Ok((mut socket, _)) = listener.accept().await else {
+/// A scrape endpoint needs few connections; the same handshake deadline (a request head of 24
+/// bytes or more, then the answer) closes sockets that never send one.
+const LISTEN: ListenConfig = ListenConfig {
+    max_connections: 64,
+    handshake_deadline: HANDSHAKE_DEADLINE,
+    handshake_exchanges: 1,
+};
+
+/// Serves `/metrics` and `/healthz` on `incoming` until the task is dropped.
+pub async fn serve(mut incoming: Incoming, source: MetricsSource) {
+    while let Some(connection) = incoming.next().await {
+        let Ok(mut socket) = connection else {
             continue;
         };
         let source = source.clone();
@@ -64,10 +73,8 @@ pub async fn serve(listener: TcpListener, source: MetricsSource) {
 }
 
 /// Binds `addr` for metrics; returns the bound address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(Incoming, SocketAddr)> {
+    moe_runtime::net::bind_with(addr, LISTEN).await
 }
 
 fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {

@@ -222,14 +222,14 @@ pub async fn run(args: Args) -> Result<()> {
         None => leader::lead_alone(&state).await,
     };
     if let Some(addr) = args.metrics_listen {
-        let (listener, local) = metrics::bind(addr).await.map_err(|source| Error::Io {
+        let (incoming, local) = metrics::bind(addr).await.map_err(|source| Error::Io {
             context: format!("binding the metrics address {addr}"),
             source,
         })?;
         // Not a `LISTENING` line: launchers take the first of those as the API address.
         println!("METRICS {local}");
         tokio::spawn(metrics::serve(
-            listener,
+            incoming,
             metrics::MetricsSource {
                 state: state.clone(),
                 admission: admission.clone(),

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod dispatch;
 pub mod etcd;
 pub mod failover;
+pub mod fdlimit;
 pub mod member;
 pub mod nccl;
 pub mod net;

@@ -27,7 +27,31 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `moectl up` and waits (bounded) until it prints `READY`.
     pub fn start(moectl: &Path, model: &Path, attention: usize, experts: usize, extra: &[&str]) -> Self {
-        let mut child = Command::new(moectl)
+        Self::spawn(Command::new(moectl), model, attention, experts, extra)
+    }
+
+    /// [`LocalCluster::start`] with every process of the cluster limited to `limit` open files
+    /// (soft and hard limit, so that none can raise it).
+    pub fn start_with_fd_limit(
+        limit: u64,
+        moectl: &Path,
+        model: &Path,
+        attention: usize,
+        experts: usize,
+        extra: &[&str],
+    ) -> Self {
+        let mut shell = Command::new("sh");
+        // `ulimit -n` without -S/-H sets both; `$0 "$@"` is moectl and the arguments below.
+        shell
+            .arg("-c")
+            .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+            .arg(moectl);
+        Self::spawn(shell, model, attention, experts, extra)
+    }
+
+    /// Runs `moectl up` with `command` (moectl itself, or a wrapper that execs it).
+    fn spawn(mut command: Command, model: &Path, attention: usize, experts: usize, extra: &[&str]) -> Self {
+        let mut child = command
             .args(["up", "--listen", "127.0.0.1:0", "--ready-timeout", "120"])
             .arg("--model")
             .arg(model)

@@ -11,6 +11,7 @@ mod common;
 use common::*;
 
 mod balancing;
+mod connections;
 mod failures;
 mod parity;
 mod protocol;

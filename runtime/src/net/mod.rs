@@ -1,17 +1,25 @@
 //! Listening sockets and client channels with the settings the cluster needs everywhere:
 //! TCP_NODELAY (small per-layer messages must not wait for Nagle, ~44 ms per round trip
-//! otherwise) and message limits large enough for a layer's activations.
+//! otherwise), message limits large enough for a layer's activations, and (the accept loop,
+//! [`Incoming`]) a bound on connections with a handshake deadline, so idle sockets cannot starve
+//! a server.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 
 use crate::auth::AddBearer;
 use crate::tls::ClientTls;
+
+mod backoff;
+mod connection;
+mod listener;
+
+pub use connection::{Connection, HANDSHAKE_BYTES};
+pub use listener::{HANDSHAKE_DEADLINE, Incoming, ListenConfig, MAX_CONNECTIONS};
 
 /// Largest gRPC message (a prefill batch's activations or prompt logits): 1 GiB.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
@@ -42,11 +50,17 @@ pub fn check_metadata<T>(req: &tonic::Request<T>) -> Result<(), tonic::Status> {
     Ok(())
 }
 
-/// Binds `addr` (port 0 picks a free port) and returns the incoming stream and the address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpIncoming, SocketAddr)> {
+/// Binds `addr` (port 0 picks a free port) and returns the incoming connections, bounded for
+/// this process ([`ListenConfig::for_this_process`]), and the address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(Incoming, SocketAddr)> {
+    bind_with(addr, ListenConfig::for_this_process()).await
+}
+
+/// [`bind`] with an explicit bound and handshake deadline.
+pub async fn bind_with(addr: SocketAddr, config: ListenConfig) -> std::io::Result<(Incoming, SocketAddr)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    Ok((TcpIncoming::from(listener).with_nodelay(Some(true)), local))
+    Ok((listener::incoming(listener, config), local))
 }
 
 /// A channel to another component of the cluster: it presents this process's cluster token,
