@@ -44,6 +44,7 @@ async fn every_control_call(c: &mut Control) -> Vec<(&'static str, Result<(), St
         nccl: false,
         worker_id: "expert-intruder".into(),
         incarnation: 1,
+        recorded: false,
     };
     let heartbeat = HeartbeatRequest {
         worker_id: "nobody".into(),

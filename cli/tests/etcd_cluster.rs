@@ -396,11 +396,12 @@ async fn a_10_s_etcd_outage_fails_no_request_and_changes_no_id_or_placement() {
 async fn workers_records_come_and_go_with_them_and_a_recorded_worker_gets_experts() {
     // Proves: a worker's etcd record is its own. A new worker's record appears and the worker
     // gets experts; killed (-9), its record vanishes within its TTL (2 s here); a record
-    // written in etcd alone is how the leader learns of a worker (it lists it as a member).
+    // written in etcd alone makes the leader list the worker, pending (no experts) until it
+    // heartbeats.
     let etcd = Etcd::start();
     let cluster = start(&etcd, 1, 1);
     wait_recorded(&etcd, "members recorded", |s| s.members.len() == 2).await;
-    let client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     let mut joiner = start_recorded_expert_worker(
         &etcd,
         &cluster.endpoint,
@@ -433,7 +434,9 @@ async fn workers_records_come_and_go_with_them_and_a_recorded_worker_gets_expert
     assert!(vanished < Duration::from_secs(5), "{vanished:?} for a 2 s TTL");
 
     // A record written straight into etcd (no registration call): the leader takes the worker
-    // in. Nothing answers at its address, so it then expires for want of heartbeats.
+    // in as pending: listed, but given no experts until it heartbeats with the cluster
+    // credential. Nothing answers at its address, so it then expires for want of heartbeats.
+    let version = client.status().await.unwrap().placement_version;
     let mut etcd_client = etcd_client::Client::connect([&etcd.endpoint], None).await.unwrap();
     let model_id = recorded(&etcd).await.members[0].model_id.clone();
     let record = serde_json::json!({
@@ -464,4 +467,15 @@ async fn workers_records_come_and_go_with_them_and_a_recorded_worker_gets_expert
         },
     )
     .await;
+    let s = client.status().await.unwrap();
+    let pending = s
+        .workers
+        .iter()
+        .find(|w| w.worker_id == "expert-recorded-only")
+        .unwrap();
+    assert!(
+        pending.expert_slots.is_empty(),
+        "experts for a worker that never heartbeated"
+    );
+    assert_eq!(s.placement_version, version, "a record alone moved the placement");
 }

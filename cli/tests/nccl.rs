@@ -25,7 +25,7 @@ async fn join(endpoint: &str, model_id: &str, role: Role, port: u16) -> Membersh
         nccl: true,
         incarnation: moe_runtime::member::random_u64(),
     };
-    Membership::register(&[endpoint.to_owned()], me, Duration::from_secs(10))
+    Membership::register(&[endpoint.to_owned()], me, false, Duration::from_secs(10))
         .await
         .expect("registering")
 }

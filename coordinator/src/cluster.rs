@@ -31,6 +31,9 @@ pub struct ClusterConfig {
     pub min_expert_workers: usize,
     /// A worker not heard from for this long is dropped.
     pub heartbeat_timeout: Duration,
+    /// Members keep their own records in etcd: every worker must (else a successor could not
+    /// know it).
+    pub members_in_etcd: bool,
     pub balance: BalanceConfig,
 }
 
@@ -51,6 +54,14 @@ pub enum RegisterError {
     Id(#[from] moe_runtime::member::BadWorkerId),
     #[error(transparent)]
     Away(#[from] RegistryAway),
+    #[error(
+        "worker id `{id}` is in use by a live worker at {address}; retry once it is gone, or give this one another --worker-id"
+    )]
+    IdInUse { id: String, address: String },
+    #[error(
+        "this cluster keeps its members in etcd: start the worker with --etcd and --etcd-prefix (as the coordinators) so that it records itself"
+    )]
+    NotRecorded,
 }
 
 /// etcd is unreachable: a change whose outcome a successor could not read waits until it is
@@ -126,13 +137,28 @@ impl Cluster {
     }
 
     /// A worker joining through the control plane; returns its id. The same id and incarnation
-    /// again (a worker registering twice, or its record seen first) is the same member; the same
-    /// id from another process replaces the member it names, which held what that process had.
-    pub fn register(&mut self, joining: Member) -> Result<String, RegisterError> {
+    /// again (a worker registering twice, or one known from its record) is the same member; the
+    /// same id from another process replaces the member once that member is silent (a restarted
+    /// worker, which holds nothing yet), and is refused while it still heartbeats (two workers
+    /// given one id would otherwise take turns replacing each other).
+    pub fn register(&mut self, joining: Member, recorded: bool) -> Result<String, RegisterError> {
+        if self.config.members_in_etcd && !recorded {
+            return Err(RegisterError::NotRecorded);
+        }
         self.check_joining(&joining)?;
         if let Some(known) = self.members.get(&joining.id) {
             if known.incarnation == joining.incarnation && known.address == joining.address {
+                if !known.proven {
+                    self.members.prove(&joining.id);
+                    self.reconcile();
+                }
                 return Ok(joining.id);
+            }
+            if known.proven && known.last_seen.elapsed() < self.config.heartbeat_timeout {
+                return Err(RegisterError::IdInUse {
+                    id: joining.id,
+                    address: known.address.clone(),
+                });
             }
             self.changes_allowed()?;
             tracing::warn!(worker = %joining.id, "a new process took this worker id: replacing the member");
@@ -166,14 +192,16 @@ impl Cluster {
         Ok(())
     }
 
-    /// A change of the workers' own records in etcd: a new record is a worker joining (it is
-    /// given experts like one that registered); a record that is gone drops its member unless
-    /// the member is still heartbeating (it lost its lease to an etcd outage and records itself
-    /// again). Records never override a member that heartbeats: heartbeats are the fresher word.
+    /// A change of the workers' own records in etcd: a new record is a worker joining, pending
+    /// until it proves itself with a heartbeat (then it is given experts or requests); a record
+    /// that is gone drops its member unless the member still heartbeats (it lost its lease to an
+    /// etcd outage and records itself again). Records never override a member that heartbeats:
+    /// heartbeats are the fresher word.
     pub fn member_event(&mut self, event: MemberEvent) {
         match event {
             MemberEvent::Recorded(m) => {
                 let id = m.id.clone();
+                let mut replaced = false;
                 if let Some(known) = self.members.get(&id) {
                     // The record of another process with this id replaces the member only once
                     // the member is silent: a live member's record may simply be older (the
@@ -181,9 +209,16 @@ impl Cluster {
                     if known.incarnation == m.incarnation || known.last_seen.elapsed() < self.config.heartbeat_timeout {
                         return;
                     }
+                    replaced = self.forget(&id);
                 }
-                if let Err(why) = self.register(m) {
+                if let Err(why) = self.check_joining(&m) {
                     tracing::warn!(worker = %id, %why, "member record refused");
+                } else {
+                    self.members.add_pending(m);
+                    tracing::info!(worker = %id, "worker recorded in etcd: it serves once it heartbeats");
+                }
+                if replaced {
+                    self.reconcile();
                 }
             }
             MemberEvent::Gone(id) => {

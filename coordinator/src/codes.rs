@@ -12,7 +12,8 @@ use crate::requests::PickError;
 impl From<RegisterError> for Status {
     fn from(e: RegisterError) -> Self {
         match e {
-            RegisterError::OtherModel { .. } => Status::failed_precondition(e.to_string()),
+            RegisterError::OtherModel { .. } | RegisterError::NotRecorded => Status::failed_precondition(e.to_string()),
+            RegisterError::IdInUse { .. } => Status::unavailable(e.to_string()),
             RegisterError::NoRole | RegisterError::Address(_) | RegisterError::Id(_) => {
                 Status::invalid_argument(e.to_string())
             }

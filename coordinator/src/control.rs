@@ -28,15 +28,18 @@ impl Control for ControlService {
         moe_runtime::convert::check_version(req.protocol_version)?;
         let role =
             Role::try_from(req.role).map_err(|_| Status::invalid_argument(format!("unknown role {}", req.role)))?;
-        let worker_id = self.state.register(Member {
-            id: req.worker_id,
-            role,
-            address: req.address,
-            model_id: req.model_id,
-            seq: 0,
-            nccl: req.nccl,
-            incarnation: req.incarnation,
-        })?;
+        let worker_id = self.state.register(
+            Member {
+                id: req.worker_id,
+                role,
+                address: req.address,
+                model_id: req.model_id,
+                seq: 0,
+                nccl: req.nccl,
+                incarnation: req.incarnation,
+            },
+            req.recorded,
+        )?;
         let placement = self.state.placement(false);
         Ok(Response::new(RegisterResponse { worker_id, placement }))
     }

@@ -91,7 +91,10 @@ impl Election {
                 }
             };
             match self.term(client, &state, &serving, &shutdown).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    serving.send_replace(false);
+                    return;
+                }
                 Err(why) => {
                     if serving.send_replace(false) {
                         tracing::error!(%why, "lost leadership: standing by");
@@ -151,8 +154,10 @@ impl Election {
         Ok(Some((lease, fence)))
     }
 
-    /// After the lease was lost while leading: wins again at once if nobody else has been
-    /// elected meanwhile (the campaign returns without waiting), else gives up the new lease.
+    /// After the lease was lost while leading (etcd answers again): who leads now? Another
+    /// coordinator: stand by. Nobody: campaign, which returns at once, and go on leading on the
+    /// new lease. Meanwhile this coordinator serves on, as through an outage; an etcd that
+    /// answers unreliably is asked again rather than taken as a successor.
     async fn win_again(
         &self,
         client: &mut Client,
@@ -160,15 +165,40 @@ impl Election {
         shutdown: &Shutdown,
     ) -> Result<Option<(i64, Fence)>, TermEnded> {
         let timeout = self.etcd.request_timeout;
-        let lease = self.grant(client).await?;
-        match tokio::time::timeout(timeout, self.campaign_on(client, lease, shutdown)).await {
-            Ok(r) => r,
-            Err(_) => {
-                // Still waiting: another candidate leads. Withdraw (revoking the lease deletes
-                // our candidate key) and stand by.
-                let _ = tokio::time::timeout(timeout, client.lease_revoke(lease)).await;
-                Err(TermEnded::Succeeded(lost))
+        let name = self.etcd.key("leader");
+        let retry = Duration::from_millis(500);
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(None);
             }
+            match call(timeout, "reading the election", client.leader(name.clone())).await {
+                Ok(resp) if resp.kv().is_some_and(|kv| kv.lease() != lost) => return Err(TermEnded::Succeeded(lost)),
+                Ok(_) => {}
+                // etcd's election answers "no leader" as an error.
+                Err(e) if e.to_string().contains("no leader") => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the election failed; asking again");
+                    tokio::time::sleep(retry).await;
+                    continue;
+                }
+            }
+            let lease = match self.grant(client).await {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::warn!(error = %e, "granting a new leadership lease failed; retrying");
+                    tokio::time::sleep(retry).await;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(timeout, self.campaign_on(client, lease, shutdown)).await {
+                Ok(Ok(won)) => return Ok(won),
+                Ok(Err(e)) => tracing::warn!(error = %e, "campaigning again failed; retrying"),
+                // Waiting: another candidate's key came first. Withdraw (revoking the lease
+                // deletes our key) and look again at who leads.
+                Err(_) => {}
+            }
+            let _ = tokio::time::timeout(timeout, client.lease_revoke(lease)).await;
+            tokio::time::sleep(retry).await;
         }
     }
 

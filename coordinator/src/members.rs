@@ -23,6 +23,11 @@ pub struct Live {
     pub status: WorkerStatus,
     /// Leaving: takes no new requests (attention) or no slots in new placements (expert).
     pub draining: bool,
+    /// Has proven itself on the control plane (registered or heartbeated with the cluster
+    /// credential). A worker known only from its etcd record waits for that before it is given
+    /// requests or experts: a record may be stale (a dead worker's, re-listed before its lease
+    /// expired) or written by something that cannot call the control plane.
+    pub proven: bool,
 }
 
 impl Live {
@@ -73,6 +78,15 @@ impl Members {
     /// Adds a new member (its id unknown here) in the next place of the registration order and
     /// returns its record. A member that proposes no id is given `{role}-{seq}`.
     pub fn add(&mut self, m: Member) -> Member {
+        self.insert(m, true)
+    }
+
+    /// Adds a member known only from its record: it serves once it heartbeats.
+    pub fn add_pending(&mut self, m: Member) -> Member {
+        self.insert(m, false)
+    }
+
+    fn insert(&mut self, m: Member, proven: bool) -> Member {
         self.next_seq += 1;
         let seq = self.next_seq;
         let id = if m.id.is_empty() {
@@ -91,6 +105,7 @@ impl Members {
             last_seen: Instant::now(),
             status: WorkerStatus::default(),
             draining: false,
+            proven,
         };
         let member = live.member();
         self.by_seq.insert(seq, live);
@@ -114,9 +129,17 @@ impl Members {
             Some(w) if address.is_empty() || w.address == address => {
                 w.last_seen = Instant::now();
                 w.status = status;
+                w.proven = true;
                 true
             }
             _ => false,
+        }
+    }
+
+    /// A member known from its record proved itself (it registered).
+    pub fn prove(&mut self, id: &str) {
+        if let Some(w) = self.by_seq.values_mut().find(|w| w.id == id) {
+            w.proven = true;
         }
     }
 
@@ -146,9 +169,9 @@ impl Members {
         self.by_seq.values()
     }
 
-    /// Live members that are not draining, in registration order.
+    /// Members that serve: proven and not draining, in registration order.
     pub fn staying(&self) -> impl Iterator<Item = &Live> {
-        self.iter().filter(|w| !w.draining)
+        self.iter().filter(|w| w.proven && !w.draining)
     }
 
     /// Marks `id` as draining and returns its role. Refused for the last staying worker of its
@@ -235,6 +258,19 @@ mod tests {
         );
         let staying: Vec<_> = m.staying().map(|w| w.id.as_str()).collect();
         assert_eq!(staying, ["expert-2", "attn-3"]);
+    }
+
+    #[test]
+    fn a_member_known_from_its_record_serves_once_it_heartbeats() {
+        let mut m = Members::default();
+        let e = m.add_pending(Member {
+            id: "expert-r".into(),
+            ..joining(Role::Expert, "a:1")
+        });
+        assert_eq!(m.iter().count(), 1);
+        assert_eq!(m.staying().count(), 0, "no experts or requests before a heartbeat");
+        assert!(m.heartbeat(&e.id, "a:1", WorkerStatus::default()));
+        assert_eq!(m.staying().count(), 1);
     }
 
     #[test]

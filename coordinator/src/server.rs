@@ -144,7 +144,14 @@ fn credentials(args: &Args, tls_on: bool) -> Result<(RequireBearer, RequireClust
     let client_token = read_token(args.auth_token_file.as_ref(), "token")?;
     let cluster_token = match read_token(args.cluster_token_file.as_ref(), "cluster token")? {
         Some(t) => Some(t),
-        None => client_token.clone(),
+        None => {
+            if client_token.is_some() {
+                tracing::warn!(
+                    "no --cluster-token-file: the control plane takes the client token, so every API client can also act as a worker or operator"
+                );
+            }
+            client_token.clone()
+        }
     };
     if let Some(t) = &cluster_token {
         moe_runtime::auth::install_cluster_token(t.clone())?;
@@ -185,6 +192,7 @@ pub async fn run(args: Args) -> Result<()> {
             model_id: model_id.clone(),
             min_expert_workers: args.min_expert_workers,
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+            members_in_etcd: etcd.is_some(),
             balance: BalanceConfig {
                 window: Duration::from_secs(args.load_window_s.get()),
                 threshold: args.rebalance_threshold,

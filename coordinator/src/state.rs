@@ -88,8 +88,8 @@ impl StateHandle {
         lock(&self.shared.cluster)
     }
 
-    pub fn register(&self, joining: Member) -> Result<String, RegisterError> {
-        self.cluster().register(joining)
+    pub fn register(&self, joining: Member, recorded: bool) -> Result<String, RegisterError> {
+        self.cluster().register(joining, recorded)
     }
 
     /// Whether etcd answers the leader (see [`crate::cluster::RegistryAway`]).

@@ -22,12 +22,15 @@ pub struct Membership {
     /// Who this worker is: its id (kept across registrations, so a coordinator that forgot it,
     /// or a new leader, knows it by the same id), role, address and incarnation.
     me: Member,
+    /// This worker keeps its own record in etcd.
+    recorded: bool,
 }
 
 impl Membership {
-    /// Registers `me`, retrying while the coordinator is not reachable yet (up to `wait`). A
-    /// refusal (a different model, a bad request) is returned at once.
-    pub async fn register(coordinators: &[String], me: Member, wait: Duration) -> Result<Self, Status> {
+    /// Registers `me` (`recorded`: it keeps its own etcd record), retrying while the coordinator
+    /// is not reachable yet or not ready to take it (up to `wait`). A refusal (a different
+    /// model, a bad request, a missing credential) is returned at once.
+    pub async fn register(coordinators: &[String], me: Member, recorded: bool, wait: Duration) -> Result<Self, Status> {
         let mut targets = Vec::new();
         for coordinator in coordinators {
             let channel = crate::net::channel(coordinator)
@@ -40,6 +43,7 @@ impl Membership {
         let mut m = Membership {
             coordinators: Failover::new(targets)?,
             me,
+            recorded,
         };
         let deadline = Instant::now() + wait;
         loop {
@@ -62,6 +66,7 @@ impl Membership {
             nccl: self.me.nccl,
             worker_id: self.me.id.clone(),
             incarnation: self.me.incarnation,
+            recorded: self.recorded,
         };
         let resp = self
             .coordinators

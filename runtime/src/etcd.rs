@@ -60,7 +60,8 @@ pub struct EtcdArgs {
     pub etcd_cert: Option<PathBuf>,
     #[arg(long, requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
-    /// Lease of a worker's own member record: how long the record outlives a dead worker.
+    /// Lease of a worker's own member record: how long the record outlives a dead worker
+    /// (workers; coordinators hold no member records and ignore it).
     #[arg(long, default_value_t = 10)]
     pub member_ttl_s: u64,
 }
@@ -141,7 +142,11 @@ impl EtcdOptions {
             .with_connect_timeout(self.request_timeout)
             .with_keep_alive(Duration::from_secs(2), self.request_timeout);
         if let Some((user, password)) = &self.credentials {
-            options = options.with_user(user.clone(), password.clone());
+            // etcd's auth tokens expire and do not survive an etcd restart: fetch a new one
+            // when refused, or every later call of this long-lived client would fail.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = &self.tls {
             options = options.with_tls(tls.config());

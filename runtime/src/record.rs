@@ -70,7 +70,8 @@ async fn keep(options: EtcdOptions, member: Member, mut stopped: oneshot::Receiv
             _ = &mut stopped => break,
         }
         if let Some(h) = &mut held {
-            match etcd::renew(&mut h.client, h.lease, options.request_timeout).await {
+            // A renewal slower than the period would let a short lease lapse unseen.
+            match etcd::renew(&mut h.client, h.lease, options.request_timeout.min(period)).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(worker = %member.id, "etcd no longer has this worker's lease; recording it again");

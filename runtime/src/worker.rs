@@ -59,7 +59,12 @@ pub async fn heartbeat_loop(
                 return Ok(());
             }
             Ok(answer) => on_answer(membership, answer).await,
-            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated
+                ) =>
+            {
                 return Err(s);
             }
             Err(s) => tracing::warn!(status = %s, "heartbeat failed; retrying"),
@@ -278,11 +283,11 @@ pub async fn run_worker(
         nccl: spec.nccl.is_some(),
         incarnation: crate::member::random_u64(),
     };
-    let record = spec
-        .etcd
-        .clone()
-        .map(|options| RecordKeeper::spawn(options, me.clone()));
-    let mut membership = Membership::register(&spec.coordinator, me, Duration::from_secs(30)).await?;
+    let recorded = spec.etcd.is_some();
+    let mut membership = Membership::register(&spec.coordinator, me.clone(), recorded, Duration::from_secs(30)).await?;
+    // Recorded only once the coordinator took it (with the cluster credential): a record is an
+    // invitation to serve, not to be written by a worker the cluster refuses.
+    let record = spec.etcd.clone().map(|options| RecordKeeper::spawn(options, me));
     let drain_asked = tokio::select! {
         r = heartbeat_loop(&mut membership, spec.heartbeat, shutdown.clone(), &mut status, &mut on_answer) => {
             r?;
