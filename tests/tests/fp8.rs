@@ -140,7 +140,7 @@ fn gen_model_fp8_is_the_f32_model_quantised_per_tensor() {
     let diff = moe_model_tools::golden::max_abs_diff(&a, &b);
     let spread = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(
-        diff > 0.0 && diff < 0.25 * spread,
+        diff > 0.0 && diff < 0.25 * spread as f64,
         "fp8 vs f32 logits: max diff {diff}, max |logit| {spread}"
     );
 }
