@@ -58,10 +58,7 @@ impl Fp8Data {
     pub fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]) {
         let codes = &self.codes[r * cols..(r + 1) * cols];
         for (c, (block, out)) in codes.chunks(BLOCK).zip(out.chunks_mut(BLOCK)).enumerate() {
-            let scale = self.scale.at(r, c);
-            for (o, &q) in out.iter_mut().zip(block) {
-                *o = e4m3_to_f32(q) * scale;
-            }
+            crate::kernels::widen_fp8(block, self.scale.at(r, c), out);
         }
     }
 }

@@ -156,6 +156,31 @@ pub fn widen_bf16(w: &[u16], out: &mut [f32]) {
     widen_bf16_body(w, out)
 }
 
+#[inline(always)]
+fn widen_fp8_body(w: &[u8], scale: f32, out: &mut [f32]) {
+    for (o, &q) in out.iter_mut().zip(w) {
+        *o = e4m3_to_f32(q) * scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn widen_fp8_avx2(w: &[u8], scale: f32, out: &mut [f32]) {
+    widen_fp8_body(w, scale, out)
+}
+
+/// FP8 codes -> `float(q) * scale` for a slice (dequantised tiles of the many-row product).
+pub fn widen_fp8(w: &[u8], scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time).
+            return unsafe { widen_fp8_avx2(w, scale, out) };
+        }
+    }
+    widen_fp8_body(w, scale, out)
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
