@@ -383,15 +383,27 @@ impl Draw {
     }
 }
 
-/// Appends `spec`'s little-endian bytes. `shape_of` gives the shape of another tensor (the
-/// weight an FP8 scale belongs to).
-fn fill_tensor(spec: &TensorSpec, draw: Draw, shape_of: &dyn Fn(&str) -> Vec<usize>, out: &mut Vec<u8>) {
+/// The scale of each FP8 weight written so far, so that its `weight_scale` (which sorts after
+/// it) need not draw the weight again; `shape_of` gives a weight's shape when it was not.
+struct Fp8Scales<'a> {
+    written: HashMap<String, f32>,
+    shape_of: &'a dyn Fn(&str) -> Vec<usize>,
+}
+
+/// Appends `spec`'s little-endian bytes.
+fn fill_tensor(spec: &TensorSpec, draw: Draw, scales: &mut Fp8Scales<'_>, out: &mut Vec<u8>) {
     if spec.dtype == DType::F8E4M3 {
-        return out.extend(draw.fp8(&spec.name, &spec.shape).0);
+        let (codes, scale) = draw.fp8(&spec.name, &spec.shape);
+        scales.written.insert(spec.name.clone(), scale);
+        return out.extend(codes);
     }
     if let Some(module) = spec.name.strip_suffix(&format!(".{WEIGHT_SCALE}")) {
         let weight = format!("{module}.weight");
-        return out.extend(draw.fp8(&weight, &shape_of(&weight)).1.to_le_bytes());
+        let scale = match scales.written.get(&weight) {
+            Some(&s) => s,
+            None => draw.fp8(&weight, &(scales.shape_of)(&weight)).1,
+        };
+        return out.extend(scale.to_le_bytes());
     }
     if spec.name.ends_with(&format!(".{INPUT_SCALE}")) {
         // Activations are not quantised by this crate; 1.0 is the neutral static scale.
@@ -493,8 +505,12 @@ pub fn write_random_model(shape: &ModelShape, options: &SynthOptions, dir: &Path
     };
     let shapes: HashMap<String, Vec<usize>> = specs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
     let shape_of = |name: &str| shapes[name].clone();
+    let mut scales = Fp8Scales {
+        written: HashMap::new(),
+        shape_of: &shape_of,
+    };
     files.extend(write_model(dir, &specs, options.shard_bytes, &mut |s, buf| {
-        fill_tensor(s, draw, &shape_of, buf)
+        fill_tensor(s, draw, &mut scales, buf)
     })?);
     Ok(files)
 }
