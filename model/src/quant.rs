@@ -164,6 +164,18 @@ pub(crate) fn load_fp8(ckpt: &Checkpoint, name: &str, rows: usize, cols: usize, 
                 .into(),
         )
     })?;
+    // A NaN weight is a broken checkpoint, and the kernels decode codes without a NaN check.
+    if let Some(i) = codes.iter().position(|&c| c & 0x7f == 0x7f) {
+        return Err(refuse(
+            name,
+            format!(
+                "holds the NaN code {:#04x} at row {}, column {}",
+                codes[i],
+                i / cols.max(1),
+                i % cols.max(1)
+            ),
+        ));
+    }
     let (per_tensor, blocks) = (format!("{module}.weight_scale"), format!("{module}.weight_scale_inv"));
     let scale = match (ckpt.contains(&per_tensor), ckpt.contains(&blocks)) {
         (true, true) => {

@@ -244,6 +244,22 @@ fn an_fp8_weight_without_a_usable_scale_is_refused_by_name() {
         assert!(err.contains(want), "{err}\nwanted: {want}");
         assert!(err.contains("model.safetensors"), "names the file: {err}");
     }
+    // A NaN code in the weight itself.
+    let mut codes = vec![0x38u8; 32];
+    codes[13] = 0xff;
+    let ckpt = Checkpoint::open(&raw_file(
+        dir.path(),
+        &[
+            ("m.weight", "F8_E4M3", vec![4, 8], codes),
+            ("m.weight_scale", "F32", vec![], f32s(&[1.0])),
+        ],
+    ))
+    .unwrap();
+    let err = matrix_error(&ckpt);
+    assert!(
+        err.contains("`m.weight`") && err.contains("NaN code 0xff at row 1, column 5"),
+        "{err}"
+    );
     // The control: with a valid scale it loads, and the scale is applied.
     let ckpt = fp8_weight_with(dir.path(), &[("m.weight_scale", "F32", vec![], f32s(&[0.5]))]);
     let mut row = vec![0.0; 8];
