@@ -211,7 +211,7 @@ impl Checkpoint {
             DType::F32 => MatrixData::F32(le_f32(bytes)),
             DType::BF16 => MatrixData::BF16(le_u16(bytes)),
             DType::F16 => MatrixData::F16(le_u16(bytes)),
-            DType::F8E4M3 => MatrixData::F8E4M3(crate::quant::load_fp8(self, name, rows, cols, bytes)?),
+            DType::F8E4M3 => MatrixData::F8E4M3(Box::new(crate::quant::load_fp8(self, name, rows, cols, bytes)?)),
         };
         Ok(Matrix { rows, cols, data })
     }

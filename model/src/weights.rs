@@ -11,8 +11,8 @@ pub enum MatrixData {
     F32(Vec<f32>),
     BF16(Vec<u16>),
     F16(Vec<u16>),
-    /// e4m3fn codes and their scale.
-    F8E4M3(Fp8Data),
+    /// e4m3fn codes and their scale (boxed: the scale would make every matrix larger).
+    F8E4M3(Box<Fp8Data>),
 }
 
 /// A row-major `[rows, cols]` weight, as PyTorch stores `nn.Linear.weight`: `rows` outputs,

@@ -145,9 +145,12 @@ fn gen_model_fp8_is_the_f32_model_quantised_per_tensor() {
     );
 }
 
-/// A safetensors file of `tensors` (name, safetensors dtype, shape, bytes), written by hand so
-/// that dtypes this project does not write (F8_E5M2) can be tested too.
-fn raw_file(dir: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> PathBuf {
+/// A tensor written by hand: name, safetensors dtype, shape, bytes.
+type RawTensor<'a> = (&'a str, &'a str, Vec<usize>, Vec<u8>);
+
+/// A safetensors file of `tensors`, written by hand so that dtypes this project does not write
+/// (F8_E5M2) can be tested too.
+fn raw_file(dir: &Path, tensors: &[RawTensor<'_>]) -> PathBuf {
     let mut header = serde_json::Map::new();
     let mut offset = 0;
     for (name, dtype, shape, bytes) in tensors {
@@ -171,7 +174,7 @@ fn f32s(v: &[f32]) -> Vec<u8> {
 }
 
 /// `m.weight` as F8 `[4, 8]` (all codes 0x38 = 1.0) plus `extra` tensors.
-fn fp8_weight_with(dir: &Path, extra: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Checkpoint {
+fn fp8_weight_with(dir: &Path, extra: &[RawTensor<'_>]) -> Checkpoint {
     let mut tensors = vec![("m.weight", "F8_E4M3", vec![4, 8], vec![0x38u8; 32])];
     tensors.extend(extra.iter().cloned());
     Checkpoint::open(&raw_file(dir, &tensors)).unwrap()
@@ -206,7 +209,7 @@ fn block_scales_are_read_per_128x128_block() {
 #[test]
 fn an_fp8_weight_without_a_usable_scale_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(Vec<(&str, &str, Vec<usize>, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(Vec<RawTensor<'_>>, &str)> = vec![
         (vec![], "without a scale: expected `m.weight_scale`"),
         (
             vec![("m.weight_scale", "F32", vec![4], f32s(&[1.0; 4]))],

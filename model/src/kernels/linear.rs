@@ -200,11 +200,11 @@ mod tests {
                 let w = Matrix {
                     rows: n,
                     cols: k,
-                    data: MatrixData::F8E4M3(Fp8Data {
+                    data: MatrixData::F8E4M3(Box::new(Fp8Data {
                         codes: codes.clone(),
                         scale: scale.clone(),
                         input_scale: None,
-                    }),
+                    })),
                 };
                 assert_eq!(w.size_in_bytes(), n * k + scale.size_in_bytes());
                 // f32 rounding grows with the sum of |x·w|: 1e-5 of it (~100 f32 ulps).
