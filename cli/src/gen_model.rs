@@ -12,7 +12,8 @@ pub struct Args {
     preset: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Weight dtype.
+    /// Weight dtype: f32, bf16, f16, or fp8 (static per-tensor FP8 e4m3 projections with
+    /// scale = max|w|/448, embedding and norms bf16, router f32: Tencent's FP8 layout).
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     dtype: DType,
     /// Output directory (created if missing).
@@ -85,7 +86,7 @@ impl ShapeOverrides {
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType, String> {
-    DType::parse(s).ok_or_else(|| format!("`{s}` is not a dtype; use f32, bf16 or f16"))
+    DType::parse(s).ok_or_else(|| format!("`{s}` is not a dtype; use f32, bf16, f16 or fp8"))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

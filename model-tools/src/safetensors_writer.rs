@@ -30,6 +30,7 @@ fn st_dtype(d: DType) -> &'static str {
         DType::F32 => "F32",
         DType::BF16 => "BF16",
         DType::F16 => "F16",
+        DType::F8E4M3 => "F8_E4M3",
     }
 }
 

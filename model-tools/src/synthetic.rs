@@ -6,9 +6,11 @@
 //! layers outweigh the embedding in the residual stream, and greedy decoding does not collapse
 //! onto one token.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use moe_model::config::{DType, ModelConfig};
+use moe_model::fp8::quantize_per_tensor;
 use moe_model::names;
 use moe_model::rng::SplitMix64;
 use moe_model::weights::f32_to_bf16;
@@ -160,8 +162,11 @@ impl ModelShape {
         l.is_multiple_of(self.cla_share_factor)
     }
 
-    /// config.json in the key style of the released checkpoints.
+    /// config.json in the key style of the released checkpoints. FP8 (`F8E4M3`) is described
+    /// as Tencent's FP8 release describes it: `torch_dtype` of the unquantised tensors (bf16)
+    /// and a static-FP8 `quantization_config`.
     pub fn config_json(&self, dtype: DType) -> serde_json::Value {
+        let (dtype, fp8) = (unquantised(dtype), dtype == DType::F8E4M3);
         let per_layer = |v: usize| vec![v; self.layers];
         let common = json!({
             "attention_bias": false,
@@ -228,11 +233,21 @@ impl ModelShape {
                 c.extend(extra.as_object().expect("object").clone());
             }
         }
+        if fp8 {
+            c.insert(
+                "quantization_config".into(),
+                json!({ "quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head", "mlp.gate.wg"] }),
+            );
+        }
         serde_json::Value::Object(c)
     }
 
-    /// Every tensor of the checkpoint, sorted by name. The router stays f32, as released.
+    /// Every tensor of the checkpoint, sorted by name. The router stays f32, as released. With
+    /// `F8E4M3` every projection (attention, shared and routed experts) is FP8 with scalar f32
+    /// `weight_scale` and `input_scale` beside it, and the rest (embedding, norms, LM head) bf16,
+    /// the layout of the static-FP8 releases.
     pub fn tensor_specs(&self, dtype: DType) -> Vec<TensorSpec> {
+        let (proj, dtype) = (dtype, unquantised(dtype));
         let (h, q, kv, i) = (
             self.hidden,
             self.heads * self.head_dim,
@@ -250,12 +265,12 @@ impl ModelShape {
             let n = |s: &str| names::layer(l, s);
             specs.push(spec(n(names::INPUT_NORM), dtype, &[h]));
             specs.push(spec(n(names::POST_ATTN_NORM), dtype, &[h]));
-            specs.push(spec(n(names::Q_PROJ), dtype, &[q, h]));
+            specs.push(spec(n(names::Q_PROJ), proj, &[q, h]));
             if self.computes_kv(l) {
-                specs.push(spec(n(names::K_PROJ), dtype, &[kv, h]));
-                specs.push(spec(n(names::V_PROJ), dtype, &[kv, h]));
+                specs.push(spec(n(names::K_PROJ), proj, &[kv, h]));
+                specs.push(spec(n(names::V_PROJ), proj, &[kv, h]));
             }
-            specs.push(spec(n(names::O_PROJ), dtype, &[h, q]));
+            specs.push(spec(n(names::O_PROJ), proj, &[h, q]));
             specs.push(spec(n(names::Q_NORM), dtype, &[self.head_dim]));
             specs.push(spec(n(names::K_NORM), dtype, &[self.head_dim]));
             specs.push(spec(n(names::ROUTER), DType::F32, &[self.experts, h]));
@@ -263,22 +278,42 @@ impl ModelShape {
                 specs.push(spec(n(names::ROUTER_BIAS), DType::F32, &[self.experts]));
             }
             for p in ["gate_proj", "up_proj"] {
-                specs.push(spec(names::shared(l, p), dtype, &[i, h]));
+                specs.push(spec(names::shared(l, p), proj, &[i, h]));
             }
-            specs.push(spec(names::shared(l, "down_proj"), dtype, &[h, i]));
+            specs.push(spec(names::shared(l, "down_proj"), proj, &[h, i]));
             for e in 0..self.experts {
                 for p in ["gate_proj", "up_proj"] {
-                    specs.push(spec(names::expert(l, e, p), dtype, &[i, h]));
+                    specs.push(spec(names::expert(l, e, p), proj, &[i, h]));
                 }
-                specs.push(spec(names::expert(l, e, "down_proj"), dtype, &[h, i]));
+                specs.push(spec(names::expert(l, e, "down_proj"), proj, &[h, i]));
             }
         }
+        let scales: Vec<TensorSpec> = specs
+            .iter()
+            .filter(|s| s.dtype == DType::F8E4M3)
+            .flat_map(|s| {
+                let module = s.name.strip_suffix(".weight").expect("projections are `.weight`");
+                [WEIGHT_SCALE, INPUT_SCALE].map(|suffix| spec(format!("{module}.{suffix}"), DType::F32, &[]))
+            })
+            .collect();
+        specs.extend(scales);
         specs.sort_by(|a, b| a.name.cmp(&b.name));
         specs
     }
 
     pub fn size_in_bytes(&self, dtype: DType) -> usize {
         self.tensor_specs(dtype).iter().map(TensorSpec::size_in_bytes).sum()
+    }
+}
+
+const WEIGHT_SCALE: &str = "weight_scale";
+const INPUT_SCALE: &str = "input_scale";
+
+/// The dtype of the tensors that are not quantised: bf16 beside FP8 projections (as released).
+fn unquantised(dtype: DType) -> DType {
+    match dtype {
+        DType::F8E4M3 => DType::BF16,
+        other => other,
     }
 }
 
@@ -299,12 +334,11 @@ enum Init {
     Zipf(f64),
 }
 
-fn init_for(spec: &TensorSpec, hidden: usize, skew: f64) -> Init {
-    let name = spec.name.as_str();
+fn init_for(name: &str, shape: &[usize], hidden: usize, skew: f64) -> Init {
     if name.ends_with(names::ROUTER_BIAS) {
         return Init::Zipf(skew);
     }
-    let fan_in = *spec.shape.last().unwrap_or(&1) as f64;
+    let fan_in = *shape.last().unwrap_or(&1) as f64;
     if name.ends_with("layernorm.weight") || name == names::FINAL_NORM {
         Init::Uniform(0.7, 1.3)
     } else if name == names::EMBED || name == names::LM_HEAD {
@@ -328,42 +362,96 @@ fn tensor_rng(seed: u64, name: &str) -> SplitMix64 {
     SplitMix64::new(seed ^ h.rotate_left(17))
 }
 
-fn fill_tensor(spec: &TensorSpec, hidden: usize, skew: f64, seed: u64, out: &mut Vec<u8>) {
-    let mut rng = tensor_rng(seed, &spec.name);
-    let count: usize = spec.shape.iter().product();
-    let init = init_for(spec, hidden, skew);
-    let mut push = |v: f32| match spec.dtype {
+/// What the generator draws, whatever the dtype it is stored in.
+#[derive(Debug, Clone, Copy)]
+struct Draw {
+    hidden: usize,
+    skew: f64,
+    seed: u64,
+}
+
+impl Draw {
+    fn values(&self, name: &str, shape: &[usize]) -> Vec<f32> {
+        let mut v = Vec::with_capacity(shape.iter().product());
+        self.each(name, shape, &mut |x| v.push(x));
+        v
+    }
+
+    /// The per-tensor FP8 codes and scale of weight `name`: its values quantised.
+    fn fp8(&self, name: &str, shape: &[usize]) -> (Vec<u8>, f32) {
+        quantize_per_tensor(&self.values(name, shape))
+    }
+}
+
+/// The scale of each FP8 weight written so far, so that its `weight_scale` (which sorts after
+/// it) need not draw the weight again; `shape_of` gives a weight's shape when it was not.
+struct Fp8Scales<'a> {
+    written: HashMap<String, f32>,
+    shape_of: &'a dyn Fn(&str) -> Vec<usize>,
+}
+
+/// Appends `spec`'s little-endian bytes.
+fn fill_tensor(spec: &TensorSpec, draw: Draw, scales: &mut Fp8Scales<'_>, out: &mut Vec<u8>) {
+    if spec.dtype == DType::F8E4M3 {
+        let (codes, scale) = draw.fp8(&spec.name, &spec.shape);
+        scales.written.insert(spec.name.clone(), scale);
+        return out.extend(codes);
+    }
+    if let Some(module) = spec.name.strip_suffix(&format!(".{WEIGHT_SCALE}")) {
+        let weight = format!("{module}.weight");
+        let scale = match scales.written.get(&weight) {
+            Some(&s) => s,
+            None => draw.fp8(&weight, &(scales.shape_of)(&weight)).1,
+        };
+        return out.extend(scale.to_le_bytes());
+    }
+    if spec.name.ends_with(&format!(".{INPUT_SCALE}")) {
+        // Activations are not quantised by this crate; 1.0 is the neutral static scale.
+        return out.extend(1.0f32.to_le_bytes());
+    }
+    let dtype = spec.dtype;
+    draw.each(&spec.name, &spec.shape, &mut |v: f32| match dtype {
         DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
         DType::BF16 => out.extend_from_slice(&f32_to_bf16(v).to_le_bytes()),
         DType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
-    };
-    match init {
-        Init::Zipf(s) => {
-            // Fisher-Yates: which expert gets which popularity rank differs per layer.
-            let mut rank: Vec<usize> = (0..count).collect();
-            for i in (1..count).rev() {
-                rank.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            // Choices under noisy logits behave like a softmax with the noise's Gumbel scale
-            // (std * sqrt(6) / pi; the router logits have std ~3 here), so scaling the bias by
-            // it makes the *realised* popularity fall off like rank^-S.
-            let gumbel_scale = 3.0 * 6f64.sqrt() / std::f64::consts::PI;
-            rank.iter()
-                .for_each(|&r| push((-s * gumbel_scale * ((r + 1) as f64).ln()) as f32));
-        }
-        Init::Uniform(lo, hi) => (0..count).for_each(|_| push((lo + (hi - lo) * rng.unit()) as f32)),
-        Init::Normal(std) => {
-            // Box-Muller, two values per draw.
-            let mut i = 0;
-            while i < count {
-                let (u1, u2) = (rng.unit(), rng.unit());
-                let r = (-2.0 * u1.ln()).sqrt() * std;
-                let t = 2.0 * std::f64::consts::PI * u2;
-                push((r * t.cos()) as f32);
-                if i + 1 < count {
-                    push((r * t.sin()) as f32);
+        DType::F8E4M3 => unreachable!("FP8 tensors are quantised as a whole, above"),
+    });
+}
+
+impl Draw {
+    /// Passes each value of tensor `name` to `push`, in order.
+    fn each(&self, name: &str, shape: &[usize], push: &mut dyn FnMut(f32)) {
+        let mut rng = tensor_rng(self.seed, name);
+        let count: usize = shape.iter().product();
+        let init = init_for(name, shape, self.hidden, self.skew);
+        match init {
+            Init::Zipf(s) => {
+                // Fisher-Yates: which expert gets which popularity rank differs per layer.
+                let mut rank: Vec<usize> = (0..count).collect();
+                for i in (1..count).rev() {
+                    rank.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
                 }
-                i += 2;
+                // Choices under noisy logits behave like a softmax with the noise's Gumbel scale
+                // (std * sqrt(6) / pi; the router logits have std ~3 here), so scaling the bias by
+                // it makes the *realised* popularity fall off like rank^-S.
+                let gumbel_scale = 3.0 * 6f64.sqrt() / std::f64::consts::PI;
+                rank.iter()
+                    .for_each(|&r| push((-s * gumbel_scale * ((r + 1) as f64).ln()) as f32));
+            }
+            Init::Uniform(lo, hi) => (0..count).for_each(|_| push((lo + (hi - lo) * rng.unit()) as f32)),
+            Init::Normal(std) => {
+                // Box-Muller, two values per draw.
+                let mut i = 0;
+                while i < count {
+                    let (u1, u2) = (rng.unit(), rng.unit());
+                    let r = (-2.0 * u1.ln()).sqrt() * std;
+                    let t = 2.0 * std::f64::consts::PI * u2;
+                    push((r * t.cos()) as f32);
+                    if i + 1 < count {
+                        push((r * t.sin()) as f32);
+                    }
+                    i += 2;
+                }
             }
         }
     }
@@ -410,9 +498,19 @@ pub fn write_random_model(shape: &ModelShape, options: &SynthOptions, dir: &Path
         )?,
     ];
     let specs = shape.tensor_specs(options.dtype);
-    let (hidden, skew, seed) = (shape.hidden, shape.router_skew, options.seed);
+    let draw = Draw {
+        hidden: shape.hidden,
+        skew: shape.router_skew,
+        seed: options.seed,
+    };
+    let shapes: HashMap<String, Vec<usize>> = specs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+    let shape_of = |name: &str| shapes[name].clone();
+    let mut scales = Fp8Scales {
+        written: HashMap::new(),
+        shape_of: &shape_of,
+    };
     files.extend(write_model(dir, &specs, options.shard_bytes, &mut |s, buf| {
-        fill_tensor(s, hidden, skew, seed, buf)
+        fill_tensor(s, draw, &mut scales, buf)
     })?);
     Ok(files)
 }

@@ -167,6 +167,18 @@ impl Checkpoint {
         Ok(&self.shards[*id])
     }
 
+    /// An error about tensor `name`, naming the file that holds it (or the checkpoint's files
+    /// when it holds none).
+    pub(crate) fn tensor_error(&self, name: &str, reason: impl Into<String>) -> Error {
+        Error::Tensor {
+            tensor: name.to_owned(),
+            file: self
+                .shard_of(name)
+                .map_or_else(|_| self.describe_files(), |s| s.path.clone()),
+            reason: reason.into(),
+        }
+    }
+
     fn describe_files(&self) -> PathBuf {
         match self.shards.as_slice() {
             [one] => one.path.clone(),
@@ -191,13 +203,15 @@ impl Checkpoint {
         Ok((dtype, bytes, &shard.path))
     }
 
-    /// A `[rows, cols]` matrix kept in its stored dtype.
+    /// A `[rows, cols]` matrix kept in its stored dtype; an FP8 one with its scale (see
+    /// [`crate::quant`]), still one byte per weight.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let (dtype, bytes, _) = self.bytes(name, &[rows, cols])?;
         let data = match dtype {
             DType::F32 => MatrixData::F32(le_f32(bytes)),
             DType::BF16 => MatrixData::BF16(le_u16(bytes)),
             DType::F16 => MatrixData::F16(le_u16(bytes)),
+            DType::F8E4M3 => MatrixData::F8E4M3(Box::new(crate::quant::load_fp8(self, name, rows, cols, bytes)?)),
         };
         Ok(Matrix { rows, cols, data })
     }
@@ -212,10 +226,18 @@ impl Checkpoint {
         self.f32_tensor(name, &[len])
     }
 
-    /// Any tensor of the expected shape, widened to f32.
+    /// Any tensor of the expected shape, widened to f32 (an FP8 matrix dequantised).
     pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (dtype, bytes, _) = self.bytes(name, shape)?;
         Ok(match dtype {
+            DType::F8E4M3 => {
+                let &[rows, cols] = shape else {
+                    return Err(self.tensor_error(name, "stored as F8_E4M3, but only 2-D weights may be FP8"));
+                };
+                let mut out = vec![0.0; rows * cols];
+                self.matrix(name, rows, cols)?.rows_to_f32(0, rows, &mut out);
+                out
+            }
             DType::F32 => le_f32(bytes),
             DType::BF16 => le_u16(bytes).into_iter().map(bf16_to_f32).collect(),
             DType::F16 => le_u16(bytes)
@@ -279,15 +301,23 @@ fn open_shard(path: &Path) -> Result<Shard> {
 }
 
 fn convert_dtype(dtype: StDtype, name: &str, file: &Path) -> Result<DType> {
+    let refuse = |reason: String| {
+        Err(Error::Tensor {
+            tensor: name.to_owned(),
+            file: file.to_owned(),
+            reason,
+        })
+    };
     match dtype {
         StDtype::F32 => Ok(DType::F32),
         StDtype::BF16 => Ok(DType::BF16),
         StDtype::F16 => Ok(DType::F16),
-        other => Err(Error::Tensor {
-            tensor: name.to_owned(),
-            file: file.to_owned(),
-            reason: format!("dtype {other:?} is not supported (f32, bf16 or f16)"),
-        }),
+        StDtype::F8_E4M3 => Ok(DType::F8E4M3),
+        // Same byte size, other formats: reading them as e4m3fn would be silently wrong.
+        other @ (StDtype::F8_E5M2 | StDtype::F8_E4M3FNUZ | StDtype::F8_E5M2FNUZ | StDtype::F8_E8M0) => refuse(format!(
+            "dtype {other:?} is not supported: FP8 weights must be F8_E4M3 (float8_e4m3fn)"
+        )),
+        other => refuse(format!("dtype {other:?} is not supported (f32, bf16, f16 or F8_E4M3)")),
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::quant::Fp8Quantization;
 
 /// A value given either once for all layers or as a per-layer list (`moe_topk`,
 /// `moe_intermediate_size`, `num_shared_expert`).
@@ -99,6 +100,7 @@ struct RawConfig {
     use_rotary_pos_emb: bool,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    quantization_config: Option<crate::quant::RawQuantization>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
     pad_token_id: Option<u32>,
@@ -122,6 +124,8 @@ pub enum DType {
     F32,
     BF16,
     F16,
+    /// float8 e4m3fn, with a scale beside it (see [`crate::fp8`]).
+    F8E4M3,
 }
 
 impl DType {
@@ -129,6 +133,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::F8E4M3 => 1,
         }
     }
 
@@ -137,6 +142,7 @@ impl DType {
             "float32" | "f32" | "F32" => Some(DType::F32),
             "bfloat16" | "bf16" | "BF16" => Some(DType::BF16),
             "float16" | "f16" | "F16" => Some(DType::F16),
+            "float8_e4m3fn" | "fp8" | "f8_e4m3" | "F8_E4M3" => Some(DType::F8E4M3),
             _ => None,
         }
     }
@@ -147,6 +153,7 @@ impl DType {
             DType::F32 => "float32",
             DType::BF16 => "bfloat16",
             DType::F16 => "float16",
+            DType::F8E4M3 => "float8_e4m3fn",
         }
     }
 }
@@ -226,6 +233,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub dtype: Option<DType>,
+    /// `quantization_config` (FP8 only); `None` for an unquantised checkpoint.
+    pub quantization: Option<Fp8Quantization>,
     pub special: SpecialTokens,
 }
 
@@ -403,11 +412,19 @@ impl ModelConfig {
         let rope = parse_rope(&raw)?;
         let dtype = match raw.torch_dtype.as_deref().or(raw.dtype.as_deref()) {
             None => None,
-            Some(name) => Some(
-                DType::parse(name)
-                    .ok_or_else(|| Error::field("torch_dtype", name, "expected float32, bfloat16 or float16"))?,
-            ),
+            Some(name) => Some(DType::parse(name).filter(|d| *d != DType::F8E4M3).ok_or_else(|| {
+                Error::field(
+                    "torch_dtype",
+                    name,
+                    "expected float32, bfloat16 or float16 (FP8 is described by quantization_config)",
+                )
+            })?),
         };
+        let quantization = raw
+            .quantization_config
+            .as_ref()
+            .map(Fp8Quantization::parse)
+            .transpose()?;
 
         // Top-k renormalisation: an explicit norm_topk_prob wins; without one, follow Tencent's
         // code, where the top-1 gate weights by the probability and the top-k gate renormalises.
@@ -466,6 +483,7 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
             max_position_embeddings: raw.max_position_embeddings,
             dtype,
+            quantization,
             special,
         })
     }

@@ -106,6 +106,7 @@ impl LocalExperts {
         selection: &ExpertSelection,
         device: Device,
     ) -> Result<Self> {
+        crate::quant::check_checkpoint(ckpt, config)?;
         let empty = LocalExperts {
             hidden: config.hidden_size,
             experts: (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect(),

@@ -54,6 +54,7 @@ impl AttentionModel {
     }
 
     pub fn load(ckpt: &Checkpoint, config: ModelConfig) -> Result<Self> {
+        crate::quant::check_checkpoint(ckpt, &config)?;
         let (h, v) = (config.hidden_size, config.vocab_size);
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {

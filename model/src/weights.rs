@@ -1,7 +1,9 @@
 //! In-memory weight types. Matrices keep their checkpoint dtype (bf16 stays bf16, half the
-//! bytes); kernels widen to f32 as they read. Small vectors (norm weights) are widened once.
+//! bytes; FP8 stays one byte per weight); kernels widen to f32 as they read. Small vectors (norm
+//! weights) are widened once.
 
 use crate::config::DType;
+use crate::fp8::Fp8Data;
 
 /// Storage of a weight matrix in its checkpoint dtype.
 #[derive(Debug, Clone)]
@@ -9,6 +11,8 @@ pub enum MatrixData {
     F32(Vec<f32>),
     BF16(Vec<u16>),
     F16(Vec<u16>),
+    /// e4m3fn codes and their scale (boxed: the scale would make every matrix larger).
+    F8E4M3(Box<Fp8Data>),
 }
 
 /// A row-major `[rows, cols]` weight, as PyTorch stores `nn.Linear.weight`: `rows` outputs,
@@ -35,32 +39,39 @@ impl Matrix {
             MatrixData::F32(_) => DType::F32,
             MatrixData::BF16(_) => DType::BF16,
             MatrixData::F16(_) => DType::F16,
+            MatrixData::F8E4M3(_) => DType::F8E4M3,
         }
     }
 
+    /// Bytes held, scales included.
     pub fn size_in_bytes(&self) -> usize {
-        self.rows * self.cols * self.dtype().size_in_bytes()
+        let scales = match &self.data {
+            MatrixData::F8E4M3(d) => d.scale.size_in_bytes(),
+            _ => 0,
+        };
+        self.rows * self.cols * self.dtype().size_in_bytes() + scales
     }
 
-    /// Widens row `r` into `out` (length `cols`).
+    /// Widens row `r` into `out` (length `cols`); FP8 is dequantised (`q * scale`).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let range = r * self.cols..(r + 1) * self.cols;
-        widen(&self.data, range, out);
+        self.rows_to_f32(r, 1, out);
     }
 
     /// Widens rows `start..start+n` into `out` (length `n * cols`).
     pub fn rows_to_f32(&self, start: usize, n: usize, out: &mut [f32]) {
-        widen(&self.data, start * self.cols..(start + n) * self.cols, out);
-    }
-}
-
-fn widen(data: &MatrixData, range: std::ops::Range<usize>, out: &mut [f32]) {
-    match data {
-        MatrixData::F32(v) => out.copy_from_slice(&v[range]),
-        MatrixData::BF16(v) => crate::kernels::widen_bf16(&v[range], out),
-        MatrixData::F16(v) => {
-            for (o, &b) in out.iter_mut().zip(&v[range]) {
-                *o = half::f16::from_bits(b).to_f32();
+        let range = start * self.cols..(start + n) * self.cols;
+        match &self.data {
+            MatrixData::F32(v) => out.copy_from_slice(&v[range]),
+            MatrixData::BF16(v) => crate::kernels::widen_bf16(&v[range], out),
+            MatrixData::F16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[range]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            }
+            MatrixData::F8E4M3(d) => {
+                for (i, row) in out.chunks_exact_mut(self.cols).enumerate() {
+                    d.row_to_f32(start + i, self.cols, row);
+                }
             }
         }
     }

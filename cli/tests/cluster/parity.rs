@@ -65,6 +65,17 @@ async fn cluster_passes_fixtures_it_was_not_built_around() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fp8_fixture_passes_through_a_cluster() {
+    // Static per-tensor FP8 (Tencent's FP8 layout): each expert worker loads its experts'
+    // F8_E4M3 weights and scales from the checkpoint, the attention workers theirs, and both
+    // compute with them as FP8; the result must match the FP8 fixture at the f32 tolerances.
+    let fixture = fixtures_dir().join("hunyuan-tiny-fp8");
+    let cluster = LocalCluster::start(moectl(), &fixture, 2, 3, &[]);
+    assert_eq!(cluster.addresses("expert-worker").len(), 3);
+    check_golden_through(&cluster.endpoint, &fixture);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_each_get_what_they_get_alone() {
     let lens: Vec<usize> = (0..16).map(|i| 1 + (i * 7) % 40).collect();
     let prompts = decisive_prompts(&tiny(), &lens, 10);

@@ -6,7 +6,7 @@ mod linear;
 mod simd;
 
 pub use linear::linear;
-pub use simd::{dot, dot_bf16, widen_bf16};
+pub use simd::{dot, dot_bf16, dot_fp8, widen_bf16, widen_fp8};
 
 /// `out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps)` for each row of width `w.len()`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {

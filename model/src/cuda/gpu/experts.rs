@@ -60,7 +60,8 @@ impl DeviceSwiGlu {
 
 impl CudaDevice {
     /// Uploads `{prefix}.{gate,up,down}_proj.weight` (via `name(proj)`). bf16 tensors go from
-    /// the mmapped file to the device with no host copy; f32 and f16 ones are narrowed first.
+    /// the mmapped file to the device with no host copy; f32 and f16 ones are narrowed first,
+    /// FP8 ones dequantised and narrowed (the grouped GEMM reads bf16 only).
     pub fn upload_expert(
         &self,
         ckpt: &Checkpoint,
@@ -73,7 +74,7 @@ impl CudaDevice {
             let s = self.stream();
             match dtype {
                 DType::BF16 => s.clone_htod(bytes),
-                DType::F32 | DType::F16 => {
+                DType::F32 | DType::F16 | DType::F8E4M3 => {
                     let narrowed: Vec<u8> = to_bf16(&ckpt.matrix(&name(proj), rows, cols)?)
                         .into_iter()
                         .flat_map(|v| v.to_bits().to_le_bytes())

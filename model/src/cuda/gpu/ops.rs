@@ -20,6 +20,13 @@ fn narrow(x: &[f32]) -> Vec<bf16> {
 /// A weight as bf16: bf16 bits as they are, f32 and f16 rounded.
 pub(super) fn to_bf16(m: &Matrix) -> Vec<bf16> {
     match &m.data {
+        // Dequantised, then rounded to bf16: the GPU kernels read bf16 weights only (FP8
+        // stays FP8 on the CPU; on a GPU it takes bf16's two bytes per weight).
+        MatrixData::F8E4M3(_) => {
+            let mut wide = vec![0.0; m.rows * m.cols];
+            m.rows_to_f32(0, m.rows, &mut wide);
+            narrow(&wide)
+        }
         MatrixData::BF16(bits) => bits.iter().map(|&b| bf16::from_bits(b)).collect(),
         MatrixData::F32(v) => narrow(v),
         MatrixData::F16(bits) => bits

@@ -1,0 +1,247 @@
+//! How a checkpoint says it is FP8: `config.json`'s `quantization_config` (typed and validated
+//! here) and, per weight, an `F8_E4M3` tensor with its scale beside it. Two layouts are read:
+//!
+//! * static per-tensor (AutoFP8 / AngelSlim `fp8_static`, Tencent's Hunyuan FP8 release):
+//!   `<name>.weight` F8_E4M3, `<name>.weight_scale` a scalar, optionally `<name>.input_scale`;
+//! * block-wise (DeepSeek-V3, `weight_block_size: [128, 128]`): `<name>.weight_scale_inv` of
+//!   shape `[ceil(rows / 128), ceil(cols / 128)]`, `w = q * scale_inv[block]`.
+//!
+//! **What decides** whether a weight is FP8 is its stored dtype (as the FP8 fixture and vLLM
+//! read it). The config must agree with the tensors in one direction: an `F8_E4M3` tensor needs
+//! a `quant_method: "fp8"` config and must not be in its `ignored_layers`. The other direction
+//! is accepted: an fp8 config whose tensors are all of higher precision is a consistent
+//! unquantised model (every tensor says what it is), so it loads and computes unquantised.
+
+use serde::Deserialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{DType, ModelConfig};
+use crate::error::{Error, Result};
+use crate::fp8::{BLOCK, Fp8Data, Fp8Scale};
+
+/// `quantization_config` as written in `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct RawQuantization {
+    quant_method: Option<String>,
+    activation_scheme: Option<String>,
+    #[serde(default)]
+    ignored_layers: Vec<String>,
+    /// transformers' `FineGrainedFP8Config` spelling of `ignored_layers`.
+    #[serde(default)]
+    modules_to_not_convert: Option<Vec<String>>,
+    weight_block_size: Option<Vec<usize>>,
+    /// DeepSeek-V3 writes `"fmt": "e4m3"`.
+    fmt: Option<String>,
+}
+
+/// When activations are quantised by a W8A8 kernel: with the stored `input_scale`s (static)
+/// or from each batch (dynamic). This crate computes weight-only (activations stay f32), so the
+/// scheme is recorded, not acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationScheme {
+    Static,
+    Dynamic,
+}
+
+/// A validated `quantization_config` with `quant_method: "fp8"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Quantization {
+    pub activation_scheme: ActivationScheme,
+    /// Module names (or name suffixes: `"mlp.gate.wg"` stands for every layer's router) that
+    /// stay in higher precision.
+    pub ignored_layers: Vec<String>,
+    /// `Some(128)` when the config declares 128x128 block-wise scales.
+    pub weight_block: Option<usize>,
+}
+
+impl Fp8Quantization {
+    pub(crate) fn parse(raw: &RawQuantization) -> Result<Self> {
+        match raw.quant_method.as_deref() {
+            Some("fp8") => {}
+            other => {
+                return Err(Error::field(
+                    "quantization_config.quant_method",
+                    other,
+                    "only \"fp8\" (float8 e4m3 weights with per-tensor or 128x128 block scales) is supported; \
+                     GPTQ, AWQ and other methods are not",
+                ));
+            }
+        }
+        if let Some(fmt) = raw.fmt.as_deref()
+            && fmt != "e4m3"
+        {
+            return Err(Error::field(
+                "quantization_config.fmt",
+                fmt,
+                "only e4m3 (float8_e4m3fn) is supported",
+            ));
+        }
+        let activation_scheme = match raw.activation_scheme.as_deref() {
+            Some("static") => ActivationScheme::Static,
+            // transformers' FineGrainedFP8Config default.
+            Some("dynamic") | None => ActivationScheme::Dynamic,
+            Some(other) => {
+                return Err(Error::field(
+                    "quantization_config.activation_scheme",
+                    other,
+                    "expected \"static\" or \"dynamic\"",
+                ));
+            }
+        };
+        let weight_block = match raw.weight_block_size.as_deref() {
+            None => None,
+            Some([BLOCK, BLOCK]) => Some(BLOCK),
+            Some(other) => {
+                return Err(Error::field(
+                    "quantization_config.weight_block_size",
+                    other,
+                    format!("only [{BLOCK}, {BLOCK}] blocks are supported"),
+                ));
+            }
+        };
+        let mut ignored_layers = raw.ignored_layers.clone();
+        ignored_layers.extend(raw.modules_to_not_convert.iter().flatten().cloned());
+        Ok(Fp8Quantization {
+            activation_scheme,
+            ignored_layers,
+            weight_block,
+        })
+    }
+
+    /// Is the module of tensor `name` (`<module>.weight`) one that must stay unquantised? An
+    /// entry matches the whole module name or its trailing components.
+    pub fn ignores(&self, name: &str) -> Option<&str> {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        self.ignored_layers
+            .iter()
+            .find(|entry| module == entry.as_str() || module.ends_with(&format!(".{entry}")))
+            .map(String::as_str)
+    }
+}
+
+/// Checks that the checkpoint's FP8 tensors agree with the config (see the module docs). Reads
+/// only the headers. Scales are checked where each weight is loaded ([`load_fp8`]).
+pub fn check_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<()> {
+    let mut names: Vec<&str> = ckpt.tensor_names().collect();
+    names.sort_unstable();
+    for name in names {
+        // Unsupported dtypes are reported when (and if) the tensor is loaded.
+        let Ok(info) = ckpt.info(name) else { continue };
+        if info.dtype != DType::F8E4M3 {
+            continue;
+        }
+        let refuse = |reason: String| Error::Tensor {
+            tensor: name.to_owned(),
+            file: info.file.clone(),
+            reason,
+        };
+        match &config.quantization {
+            None => {
+                return Err(refuse(
+                    "stored as F8_E4M3, but config.json has no quantization_config (quant_method \"fp8\")".into(),
+                ));
+            }
+            Some(q) => {
+                if let Some(entry) = q.ignores(name) {
+                    return Err(refuse(format!(
+                        "stored as F8_E4M3, but quantization_config.ignored_layers lists `{entry}`: it must stay in higher precision"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The FP8 weight `name` (`<module>.weight`, `[rows, cols]`) whose codes are `codes`, with the
+/// scale stored beside it.
+pub(crate) fn load_fp8(ckpt: &Checkpoint, name: &str, rows: usize, cols: usize, codes: &[u8]) -> Result<Fp8Data> {
+    let refuse = |tensor: &str, reason: String| ckpt.tensor_error(tensor, reason);
+    let module = name.strip_suffix(".weight").ok_or_else(|| {
+        refuse(
+            name,
+            "stored as F8_E4M3, but only `<module>.weight` tensors may be FP8 (their scale is `<module>.weight_scale`)"
+                .into(),
+        )
+    })?;
+    // A NaN weight is a broken checkpoint, and the kernels decode codes without a NaN check.
+    if let Some(i) = codes.iter().position(|&c| c & 0x7f == 0x7f) {
+        return Err(refuse(
+            name,
+            format!(
+                "holds the NaN code {:#04x} at row {}, column {}",
+                codes[i],
+                i / cols.max(1),
+                i % cols.max(1)
+            ),
+        ));
+    }
+    let (per_tensor, blocks) = (format!("{module}.weight_scale"), format!("{module}.weight_scale_inv"));
+    let scale = match (ckpt.contains(&per_tensor), ckpt.contains(&blocks)) {
+        (true, true) => {
+            return Err(refuse(
+                name,
+                format!("both `{per_tensor}` and `{blocks}` are present; an FP8 weight has one scale"),
+            ));
+        }
+        (false, false) => {
+            return Err(refuse(
+                name,
+                format!(
+                    "stored as F8_E4M3 without a scale: expected `{per_tensor}` (per tensor) or `{blocks}` ({BLOCK}x{BLOCK} blocks)"
+                ),
+            ));
+        }
+        (true, false) => Fp8Scale::PerTensor(scalar(ckpt, &per_tensor)?),
+        (false, true) => {
+            let grid = [rows.div_ceil(BLOCK), cols.div_ceil(BLOCK)];
+            let shape = ckpt.shape(&blocks)?;
+            if shape != grid {
+                return Err(refuse(
+                    &blocks,
+                    format!(
+                        "shape {shape:?}, expected {grid:?}: one scale per {BLOCK}x{BLOCK} block of the [{rows}, {cols}] weight `{name}`"
+                    ),
+                ));
+            }
+            let scales = ckpt.f32_tensor(&blocks, &grid)?;
+            if let Some(bad) = scales.iter().find(|s| !valid_scale(**s)) {
+                return Err(refuse(&blocks, format!("holds {bad}; a scale must be finite and >= 0")));
+            }
+            Fp8Scale::Blocks {
+                block_cols: grid[1],
+                scales,
+            }
+        }
+    };
+    let input = format!("{module}.input_scale");
+    let input_scale = match ckpt.contains(&input) {
+        true => Some(scalar(ckpt, &input)?),
+        false => None,
+    };
+    Ok(Fp8Data {
+        codes: codes.to_vec(),
+        scale,
+        input_scale,
+    })
+}
+
+fn valid_scale(s: f32) -> bool {
+    s.is_finite() && s >= 0.0
+}
+
+/// A scale stored as a scalar: shape `[]` (as AutoFP8 writes it) or `[1]`.
+fn scalar(ckpt: &Checkpoint, name: &str) -> Result<f32> {
+    let shape = ckpt.shape(name)?;
+    let refuse = |reason: String| -> Result<f32> { Err(ckpt.tensor_error(name, reason)) };
+    if !(shape.is_empty() || shape == [1]) {
+        return refuse(format!(
+            "shape {shape:?}, expected a scalar ([] or [1]): per-channel scales are not supported"
+        ));
+    }
+    let value = ckpt.f32_tensor(name, &shape)?[0];
+    if !valid_scale(value) {
+        return refuse(format!("holds {value}; a scale must be finite and >= 0"));
+    }
+    Ok(value)
+}
