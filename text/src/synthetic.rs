@@ -7,7 +7,8 @@
 //! - ranks `0..256`: the single bytes (rank = byte value), so any text encodes;
 //! - ranks `256..V - s`: merges, each an earlier token extended by one character of
 //!   `MERGE_ALPHABET` (space and ASCII letters: level 2 is every pair, level 3 every pair plus
-//!   one, ...), so every merge is reachable by BPE and English words compress somewhat;
+//!   one, ...), so English text compresses somewhat. Only decoding must cover every id; BPE
+//!   merges lowest ranks first, so some longer tokens are never produced by encoding.
 //! - ids `V - s..V`: the first `s = min(210, V - 256)` of Tencent's specials.
 
 use std::path::{Path, PathBuf};
@@ -116,7 +117,7 @@ mod tests {
         assert_eq!(ranks[256 + 53 * 53], b"   ");
         let distinct: std::collections::HashSet<_> = ranks.iter().collect();
         assert_eq!(distinct.len(), ranks.len());
-        // Every merge extends an earlier token by one byte, so BPE can reach it.
+        // Every merge extends an earlier token by one byte.
         for (rank, t) in ranks.iter().enumerate().skip(256) {
             assert!(ranks[..rank].contains(&t[..t.len() - 1].to_vec()), "rank {rank}");
         }

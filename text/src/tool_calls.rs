@@ -193,10 +193,9 @@ mod tests {
         for (cut, _) in text.char_indices() {
             let mut parser = ToolCallParser::new();
             let mut got = parser.push(&text[..cut]);
-            for d in [parser.push(&text[cut..])] {
-                got.content += &d.content;
-                got.tool_calls.extend(d.tool_calls);
-            }
+            let d = parser.push(&text[cut..]);
+            got.content += &d.content;
+            got.tool_calls.extend(d.tool_calls);
             let d = parser.finish();
             got.content += &d.content;
             got.tool_calls.extend(d.tool_calls);
