@@ -1,6 +1,6 @@
 //! The built-in default model: the `medium` preset, generated once into a cache directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use moe_model::DType;
@@ -22,11 +22,32 @@ fn cache_root() -> PathBuf {
     }
 }
 
+/// Adds the generated tokenizer to a cached model made before models carried one. Written
+/// into a temporary sibling and moved file by file, so a concurrent reader never sees half a
+/// file.
+fn ensure_tokenizer(dir: &Path) -> anyhow::Result<()> {
+    if dir.join(moe_text::tokenizer::RANKS_FILE).exists() {
+        return Ok(());
+    }
+    let shape = ModelShape::preset(PRESET)?;
+    let tmp = dir.with_extension(format!("tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let files = moe_text::synthetic::write_tokenizer(&tmp, shape.vocab, shape.family.template_family())?;
+    for file in files {
+        let name = file.file_name().expect("a file name");
+        std::fs::rename(&file, dir.join(name))
+            .with_context(|| format!("moving {} into {}", file.display(), dir.display()))?;
+    }
+    let _ = std::fs::remove_dir(&tmp);
+    Ok(())
+}
+
 /// Directory of the default model, generating it on first use. Generation writes into a
 /// temporary sibling and renames it, so an interrupted run never leaves half a model behind.
 pub fn default_model_dir() -> anyhow::Result<PathBuf> {
     let dir = cache_root().join(format!("{PRESET}-seed{SEED}-bf16"));
     if dir.join("config.json").exists() {
+        ensure_tokenizer(&dir)?;
         return Ok(dir);
     }
     let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
