@@ -39,6 +39,13 @@ fn golden_renderings_byte_and_id_exact() {
             .unwrap_or_else(|e| panic!("{} {}: {e}", c.family, c.case));
         assert_eq!(rendered, c.rendered, "{} {}", c.family, c.case);
         assert_eq!(tokenizer.encode(&rendered).unwrap(), c.ids, "{} {}", c.family, c.case);
+        assert_eq!(
+            tokenizer.decode(&c.ids, false).unwrap(),
+            c.rendered,
+            "{} {}",
+            c.family,
+            c.case
+        );
     }
 }
 
