@@ -69,3 +69,35 @@ pub fn default_model_dir() -> anyhow::Result<PathBuf> {
         Err(e) => Err(e).with_context(|| format!("moving the model into {}", dir.display())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model cached before models carried a tokenizer gets one, sized to its vocabulary.
+    #[test]
+    fn an_older_cached_model_gets_its_tokenizer() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("medium-seed0-bf16");
+        std::fs::create_dir(&dir).unwrap();
+        let vocab = ModelShape::preset(PRESET).unwrap().vocab;
+        std::fs::write(dir.join("config.json"), format!("{{\"vocab_size\": {vocab}}}")).unwrap();
+        ensure_tokenizer(&dir).unwrap();
+        let t = moe_text::Tokenizer::from_dir(&dir).unwrap();
+        assert_eq!(t.vocab_size(), vocab);
+        assert_eq!(t.decode(&t.encode("Hi 你好").unwrap(), false).unwrap(), "Hi 你好");
+        // Nothing is left beside it.
+        let entries: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, ["medium-seed0-bf16"]);
+        // A second call keeps what is there.
+        let before = std::fs::metadata(dir.join("hy.tiktoken")).unwrap().modified().unwrap();
+        ensure_tokenizer(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.join("hy.tiktoken")).unwrap().modified().unwrap(),
+            before
+        );
+    }
+}
