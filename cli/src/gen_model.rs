@@ -1,8 +1,9 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use moe_model::DType;
 use moe_model_tools::synthetic::{ModelShape, PRESETS, SynthOptions, available_memory_bytes, write_random_model};
+use moe_text::synthetic::MIN_VOCAB;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,6 +23,10 @@ pub struct Args {
     /// Split weights into shards of at most this many MiB, with model.safetensors.index.json.
     #[arg(long)]
     shard_mib: Option<usize>,
+    /// Copy this directory's tokenizer (`hy.tiktoken`, `tokenizer_config.json`) into the model
+    /// instead of generating one; its ranks plus 11 specials must fit the model's vocabulary.
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
     /// Only print the model's size and exit.
     #[arg(long)]
     dry_run: bool,
@@ -85,6 +90,21 @@ impl ShapeOverrides {
     }
 }
 
+/// Refuses a tokenizer whose ranks leave no room for the chat specials in `vocab` ids.
+fn check_tokenizer_fits(dir: &Path, vocab: usize) -> anyhow::Result<()> {
+    let ranks_path = dir.join(moe_text::tokenizer::RANKS_FILE);
+    let n_ranks = moe_text::ranks::read_ranks(&ranks_path)?.len();
+    let needed = n_ranks + moe_text::specials::MIN_SPECIALS;
+    if needed > vocab {
+        anyhow::bail!(
+            "--tokenizer {}: its {n_ranks} ranks plus {} special tokens need a vocabulary of at least {needed}; the model has {vocab}",
+            dir.display(),
+            moe_text::specials::MIN_SPECIALS
+        );
+    }
+    Ok(())
+}
+
 pub fn parse_dtype(s: &str) -> Result<DType, String> {
     DType::parse(s).ok_or_else(|| format!("`{s}` is not a dtype; use f32, bf16, f16 or fp8"))
 }
@@ -109,7 +129,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shard_bytes: args.shard_mib.map(|m| m << 20),
         max_bytes: available_memory_bytes(),
     };
-    let files = write_random_model(&shape, &options, &args.out).with_context(|| format!("preset {}", args.preset))?;
+    // Checked before the weights are written: a tokenizer that cannot serve this vocabulary
+    // should not cost a model generation to find out.
+    if let Some(from) = &args.tokenizer {
+        check_tokenizer_fits(from, shape.vocab)?;
+    }
+    let mut files =
+        write_random_model(&shape, &options, &args.out).with_context(|| format!("preset {}", args.preset))?;
+    match &args.tokenizer {
+        Some(from) => {
+            let copied = moe_text::synthetic::copy_tokenizer(from, &args.out)?;
+            files.retain(|f| !copied.contains(f));
+            files.extend(copied);
+        }
+        None if shape.vocab < MIN_VOCAB => eprintln!(
+            "note: no tokenizer written: a vocabulary of {} is below the {MIN_VOCAB} ids a byte-level tokenizer with the chat specials needs",
+            shape.vocab
+        ),
+        None => {}
+    }
+    if shape.vocab >= MIN_VOCAB || args.tokenizer.is_some() {
+        // What we write must be what we load.
+        moe_text::Tokenizer::from_dir(&args.out).context("loading the model's tokenizer")?;
+    }
     eprintln!(
         "wrote preset {} ({:.1} MB, {}) to {} ({} files)",
         args.preset,

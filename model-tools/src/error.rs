@@ -13,6 +13,10 @@ pub enum Error {
     #[error(transparent)]
     Model(#[from] moe_model::Error),
 
+    /// The tokenizer of a generated model could not be written or read.
+    #[error(transparent)]
+    Text(#[from] moe_text::Error),
+
     /// The thing being checked failed (a cluster endpoint that cannot be reached or refuses);
     /// the message names it.
     #[error("{0}")]

@@ -14,6 +14,7 @@ use moe_model::fp8::quantize_per_tensor;
 use moe_model::names;
 use moe_model::rng::SplitMix64;
 use moe_model::weights::f32_to_bf16;
+use moe_text::synthetic::{MIN_VOCAB, TemplateFamily, write_tokenizer};
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -467,7 +468,20 @@ pub struct SynthOptions {
     pub max_bytes: Option<usize>,
 }
 
-/// Writes config.json, generation_config.json and the weights into `dir`. Returns the files.
+impl Family {
+    /// Whose released chat template a generated model of this family carries.
+    pub fn template_family(self) -> TemplateFamily {
+        match self {
+            Family::A13b => TemplateFamily::A13b,
+            Family::Large => TemplateFamily::Large,
+        }
+    }
+}
+
+/// Writes config.json, generation_config.json, the weights and, where the vocabulary can hold
+/// one (at least [`moe_text::synthetic::MIN_VOCAB`] ids), a generated tokenizer (`hy.tiktoken`
+/// and the family's `tokenizer_config.json`, see [`moe_text::synthetic`]) into `dir`. Returns
+/// the files.
 pub fn write_random_model(shape: &ModelShape, options: &SynthOptions, dir: &Path) -> Result<Vec<PathBuf>> {
     shape.validate()?;
     let total = shape.size_in_bytes(options.dtype);
@@ -512,6 +526,9 @@ pub fn write_random_model(shape: &ModelShape, options: &SynthOptions, dir: &Path
     files.extend(write_model(dir, &specs, options.shard_bytes, &mut |s, buf| {
         fill_tensor(s, draw, &mut scales, buf)
     })?);
+    if shape.vocab >= MIN_VOCAB {
+        files.extend(write_tokenizer(dir, shape.vocab, shape.family.template_family())?);
+    }
     Ok(files)
 }
 
