@@ -45,27 +45,33 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_body(a, b)
 }
 
+/// `sum(widen(w[i]) * x[i])` with 16 independent accumulators, so the loop vectorises; the
+/// weights are widened in registers, each stored byte read once.
 #[inline(always)]
-fn dot_bf16_body(w: &[u16], x: &[f32]) -> f32 {
-    // Widening bf16 is a shift into the top half of an f32; fused here so each weight byte is
-    // read once, straight from the stored matrix.
+fn dot_widened<T: Copy>(w: &[T], x: &[f32], widen: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0.0f32; 16];
     let chunks = w.len() / 16;
     for c in 0..chunks {
         let (ws, xs) = (&w[c * 16..c * 16 + 16], &x[c * 16..c * 16 + 16]);
         for l in 0..16 {
-            acc[l] += f32::from_bits((ws[l] as u32) << 16) * xs[l];
+            acc[l] += widen(ws[l]) * xs[l];
         }
     }
     let mut tail = 0.0;
     for i in chunks * 16..w.len() {
-        tail += f32::from_bits((w[i] as u32) << 16) * x[i];
+        tail += widen(w[i]) * x[i];
     }
     let mut sum = 0.0;
     for pair in acc.chunks(2) {
         sum += pair[0] + pair[1];
     }
     sum + tail
+}
+
+#[inline(always)]
+fn dot_bf16_body(w: &[u16], x: &[f32]) -> f32 {
+    // Widening bf16 is a shift into the top half of an f32.
+    dot_widened(w, x, |b| f32::from_bits((b as u32) << 16))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -90,25 +96,9 @@ pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
 
 #[inline(always)]
 fn dot_fp8_body(w: &[u8], x: &[f32]) -> f32 {
-    // As for bf16: each code is read once and decoded in registers (`e4m3_to_f32` is branch-free
-    // so this loop vectorises); the scale is applied by the caller, once per row or block.
-    let mut acc = [0.0f32; 16];
-    let chunks = w.len() / 16;
-    for c in 0..chunks {
-        let (ws, xs) = (&w[c * 16..c * 16 + 16], &x[c * 16..c * 16 + 16]);
-        for l in 0..16 {
-            acc[l] += e4m3_to_f32(ws[l]) * xs[l];
-        }
-    }
-    let mut tail = 0.0;
-    for i in chunks * 16..w.len() {
-        tail += e4m3_to_f32(w[i]) * x[i];
-    }
-    let mut sum = 0.0;
-    for pair in acc.chunks(2) {
-        sum += pair[0] + pair[1];
-    }
-    sum + tail
+    // `e4m3_to_f32` is branch-free so this vectorises; the scale is applied by the caller, once
+    // per row or block.
+    dot_widened(w, x, e4m3_to_f32)
 }
 
 #[cfg(target_arch = "x86_64")]
