@@ -24,8 +24,9 @@ use crate::fp8::{BLOCK, Fp8Data, Fp8Scale};
 pub(crate) struct RawQuantization {
     quant_method: Option<String>,
     activation_scheme: Option<String>,
+    /// `null` means none, as vLLM reads it.
     #[serde(default)]
-    ignored_layers: Vec<String>,
+    ignored_layers: Option<Vec<String>>,
     /// transformers' `FineGrainedFP8Config` spelling of `ignored_layers`.
     #[serde(default)]
     modules_to_not_convert: Option<Vec<String>>,
@@ -61,7 +62,7 @@ impl Fp8Quantization {
             other => {
                 return Err(Error::field(
                     "quantization_config.quant_method",
-                    other,
+                    other.unwrap_or("(missing)"),
                     "only \"fp8\" (float8 e4m3 weights with per-tensor or 128x128 block scales) is supported; \
                      GPTQ, AWQ and other methods are not",
                 ));
@@ -99,7 +100,7 @@ impl Fp8Quantization {
                 ));
             }
         };
-        let mut ignored_layers = raw.ignored_layers.clone();
+        let mut ignored_layers = raw.ignored_layers.clone().unwrap_or_default();
         ignored_layers.extend(raw.modules_to_not_convert.iter().flatten().cloned());
         Ok(Fp8Quantization {
             activation_scheme,
@@ -119,22 +120,57 @@ impl Fp8Quantization {
     }
 }
 
-/// Checks that the checkpoint's FP8 tensors agree with the config (see the module docs). Reads
-/// only the headers. Scales are checked where each weight is loaded ([`load_fp8`]).
+/// The projections a checkpoint may store in FP8; everything else (router, embedding, norms,
+/// lm_head) stays in higher precision, as the FP8 releases keep it.
+const FP8_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+fn is_fp8_projection(name: &str) -> bool {
+    name.strip_suffix(".weight")
+        .and_then(|module| module.rsplit('.').next())
+        .is_some_and(|last| FP8_PROJECTIONS.contains(&last))
+}
+
+/// Checks that the checkpoint's FP8 tensors agree with the config (see the module docs), that
+/// only projections are FP8, and that every scale sits beside an FP8 weight (a scale beside a
+/// weight of higher precision means a conversion forgot to apply it). Reads only the headers.
+/// Each scale's shape and values are checked where its weight is loaded ([`load_fp8`]).
 pub fn check_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<()> {
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
     for name in names {
         // Unsupported dtypes are reported when (and if) the tensor is loaded.
         let Ok(info) = ckpt.info(name) else { continue };
-        if info.dtype != DType::F8E4M3 {
-            continue;
-        }
         let refuse = |reason: String| Error::Tensor {
             tensor: name.to_owned(),
             file: info.file.clone(),
             reason,
         };
+        if let Some(module) = name
+            .strip_suffix(".weight_scale")
+            .or_else(|| name.strip_suffix(".weight_scale_inv"))
+        {
+            let weight = format!("{module}.weight");
+            let beside = ckpt.info(&weight).ok().map(|w| w.dtype);
+            if beside != Some(DType::F8E4M3) {
+                return Err(refuse(format!(
+                    "a weight scale, but `{weight}` beside it is {}: the scale would be ignored",
+                    beside.map_or("absent".to_owned(), |d| format!("{d:?}, not F8_E4M3"))
+                )));
+            }
+            continue;
+        }
+        if info.dtype != DType::F8E4M3 {
+            continue;
+        }
+
         match &config.quantization {
             None => {
                 return Err(refuse(
@@ -148,6 +184,12 @@ pub fn check_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<()> {
                     )));
                 }
             }
+        }
+        if !is_fp8_projection(name) {
+            return Err(refuse(format!(
+                "stored as F8_E4M3, but only the projections ({}) may be FP8; the router, embedding, norms and lm_head stay in higher precision",
+                FP8_PROJECTIONS.join(", ")
+            )));
         }
     }
     Ok(())

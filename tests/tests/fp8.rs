@@ -413,6 +413,37 @@ fn fp8_tensors_must_agree_with_the_config() {
 }
 
 #[test]
+fn only_projections_may_be_fp8_and_every_scale_needs_an_fp8_weight() {
+    // The router stored as FP8 under a config that does not ignore it: still refused by name.
+    let dir = tiny_variant(
+        |c| c["quantization_config"] = serde_json::json!({ "quant_method": "fp8", "ignored_layers": null }),
+        true,
+    );
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("model.layers.0.mlp.gate.wg.weight") && err.contains("only the projections"),
+        "{err}"
+    );
+    // A scale beside a weight that is not FP8 (a conversion that forgot to apply it).
+    let raw = raw_file(
+        dir.path(),
+        &[
+            ("m.weight", "F32", vec![2, 2], vec![0; 16]),
+            ("m.weight_scale", "F32", vec![], 2.0f32.to_le_bytes().to_vec()),
+        ],
+    );
+    let ckpt = Checkpoint::open(&raw).unwrap();
+    let config = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+    let err = moe_model::quant::check_checkpoint(&ckpt, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("m.weight_scale") && err.contains("F32, not F8_E4M3") && err.contains("would be ignored"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_fp8_config_over_unquantised_tensors_loads_and_computes_unquantised() {
     // The documented decision: each tensor's dtype decides; an fp8 config whose tensors are all
     // bf16 is a consistent unquantised model and gives the same logits as without the config.

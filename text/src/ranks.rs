@@ -26,6 +26,7 @@ pub fn parse_ranks(text: &str, path: &Path) -> Result<Vec<Vec<u8>>> {
     let mut seen = rustc_hash::FxHashMap::<Vec<u8>, usize>::default();
     let mut count = 0usize;
     let mut last_line = 1;
+    let n_lines = text.lines().count();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
         // tiktoken's own loader skips empty lines.
@@ -44,8 +45,13 @@ pub fn parse_ranks(text: &str, path: &Path) -> Result<Vec<Vec<u8>>> {
         let rank: usize = rank
             .parse()
             .map_err(|_| err(line_no, format!("rank {rank:?} is not a non-negative integer")))?;
-        if rank >= u32::MAX as usize {
-            return Err(err(line_no, format!("rank {rank} does not fit a token id")));
+        // Ranks are contiguous from 0, so none reaches the number of lines: checked here, before
+        // a table that large is made (a stray `4000000000` would ask for ~96 GB).
+        if rank >= n_lines {
+            return Err(err(
+                line_no,
+                format!("rank {rank} is beyond the file's {n_lines} lines: ranks must run from 0 without gaps"),
+            ));
         }
         if let Some(first) = seen.insert(bytes.clone(), line_no) {
             return Err(err(line_no, format!("token {token:?} already appears on line {first}")));
@@ -129,7 +135,16 @@ mod tests {
         assert_eq!(message("YQ== 0\nYg== 0\n"), "x.tiktoken:2: rank 0 appears twice");
         assert_eq!(
             message("YQ== 0\nYg== 2\n"),
-            "x.tiktoken:2: ranks are not contiguous: rank 1 is missing"
+            "x.tiktoken:2: rank 2 is beyond the file's 2 lines: ranks must run from 0 without gaps"
+        );
+        assert_eq!(
+            message("YQ== 0\nYg== 4000000000\n"),
+            "x.tiktoken:2: rank 4000000000 is beyond the file's 2 lines: ranks must run from 0 without gaps"
+        );
+        // A gap the line count cannot see (an empty line stands in for the missing rank).
+        assert_eq!(
+            message("YQ== 0\n\nYg== 2\n"),
+            "x.tiktoken:3: ranks are not contiguous: rank 1 is missing"
         );
         assert_eq!(message(""), "x.tiktoken:1: no ranks");
     }

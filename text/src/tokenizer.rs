@@ -82,6 +82,14 @@ impl Tokenizer {
             .ok()
             .filter(|n| n.checked_add(n_specials as u32).is_some())
             .ok_or_else(|| Error::InvalidInput(format!("{} ranks do not fit 32-bit ids", ranks.len())))?;
+        // Byte-level BPE falls back to single bytes: one without a rank would make encoding
+        // any text that contains it panic inside tiktoken.
+        let singles: std::collections::HashSet<u8> = ranks.iter().filter(|t| t.len() == 1).map(|t| t[0]).collect();
+        if let Some(missing) = (0..=255u8).find(|b| !singles.contains(b)) {
+            return Err(Error::InvalidInput(format!(
+                "the ranks have no token for the single byte {missing:#04x}: byte-level BPE needs all 256"
+            )));
+        }
         let specials = special_names(n_specials);
         let encoder = ranks.into_iter().zip(0..).collect();
         let special_encoder = specials.iter().cloned().zip(n_ranks..).collect();

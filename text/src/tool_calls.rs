@@ -32,6 +32,9 @@ pub struct ToolCallParser {
     buf: String,
     inside: bool,
     calls: usize,
+    /// Inside a block: how much of `buf` has been searched for the closing tag already, so a
+    /// long call is scanned once, not once per pushed piece.
+    searched: usize,
 }
 
 #[derive(Deserialize)]
@@ -51,7 +54,18 @@ impl ToolCallParser {
         let mut out = ToolCallDelta::default();
         loop {
             if self.inside {
-                let Some(at) = self.buf.find(CLOSE) else { break };
+                // The tag may straddle what was searched and what was pushed: back up by its
+                // length (less one) to a character boundary.
+                let mut from = self.searched.saturating_sub(CLOSE.len() - 1);
+                while !self.buf.is_char_boundary(from) {
+                    from -= 1;
+                }
+                let Some(found) = self.buf[from..].find(CLOSE) else {
+                    self.searched = self.buf.len();
+                    break;
+                };
+                let at = from + found;
+                self.searched = 0;
                 let block: String = self.buf.drain(..at + CLOSE.len()).collect();
                 let body = &block[..at];
                 match parse_calls(body, self.calls) {
@@ -69,6 +83,7 @@ impl ToolCallParser {
                 out.content.extend(self.buf.drain(..at));
                 self.buf.drain(..OPEN.len());
                 self.inside = true;
+                self.searched = 0;
             } else {
                 let ready = self.buf.len() - partial_suffix_len(&self.buf, &[OPEN]);
                 out.content.extend(self.buf.drain(..ready));

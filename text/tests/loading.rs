@@ -125,3 +125,14 @@ fn a_config_naming_an_unknown_special_is_refused() {
         )
     );
 }
+
+#[test]
+fn ranks_without_every_single_byte_are_refused_not_a_panic_later() {
+    // Byte 0xe9 given no rank of its own: encoding "é" would panic inside tiktoken.
+    let mut tokens: Vec<Vec<u8>> = (0..=255u8).filter(|&b| b != 0xe9).map(|b| vec![b]).collect();
+    tokens.push(b"ab".to_vec());
+    let ranks = moe_text::ranks::format_ranks(&tokens);
+    let dir = dir_with(&[("hy.tiktoken", &ranks), ("tokenizer_config.json", CONFIG)]);
+    let e = load_error(dir.path());
+    assert!(e.contains("single byte 0xe9"), "{e}");
+}

@@ -276,6 +276,26 @@ mod tests {
     }
 
     #[test]
+    fn fp8_dot_is_exact_for_each_code_alone() {
+        // One code repeated over a full 16-lane chunk plus a tail, against ±1: the sum is
+        // exactly ±17 times its value, so a wrong subnormal or signed-zero mapping in any path
+        // shows (in a mixed sum the small codes would drown under the large ones).
+        for code in 0..=255u8 {
+            if code & 0x7f == 0x7f {
+                continue;
+            }
+            let want = crate::fp8::e4m3_to_f32(code);
+            let w = [code; 17];
+            for sign in [1.0f32, -1.0] {
+                let x = [sign; 17];
+                for got in [super::dot_fp8(&w, &x), super::dot_fp8_body(&w, &x)] {
+                    assert_eq!(got, 17.0 * sign * want, "code {code:#04x}, sign {sign}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn dot_matches_naive_on_odd_lengths() {
         for n in [0usize, 1, 7, 8, 9, 31, 64, 1000] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();

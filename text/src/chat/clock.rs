@@ -25,19 +25,32 @@ impl Clock for FixedClock {
     }
 }
 
-/// `strftime(format)` of `at`; an unknown directive is an error (chrono would panic while
-/// formatting it).
+/// `strftime(format)` of `at`; an unknown directive, or one a naive time cannot give (`%z`,
+/// `%Z`: no time zone), is an error rather than chrono's panic while formatting.
 pub fn strftime(at: NaiveDateTime, format: &str) -> Result<String, String> {
+    use std::fmt::Write;
     let items: Vec<Item> = StrftimeItems::new(format).collect();
     if items.iter().any(|i| matches!(i, Item::Error)) {
         return Err(format!("strftime_now: invalid format {format:?}"));
     }
-    Ok(at.format_with_items(items.into_iter()).to_string())
+    let mut out = String::new();
+    write!(out, "{}", at.format_with_items(items.into_iter())).map_err(|_| {
+        format!("strftime_now: {format:?} cannot be formatted (a time zone directive on a time without one?)")
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zone_directives_are_an_error_not_a_panic() {
+        let at = NaiveDateTime::parse_from_str("2026-01-05 09:30:00", "%Y-%m-%d %H:%M:%S").unwrap();
+        for format in ["%Z", "%z", "%:z", "%+"] {
+            assert!(strftime(at, format).is_err(), "{format}");
+        }
+    }
 
     #[test]
     fn formats_like_python() {

@@ -7,10 +7,19 @@ use minijinja::{ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-/// Any JSON value, exactly as the client wrote it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Any JSON value, exactly as the client wrote it. Checked when read: serde_json's raw values
+/// skip number ranges and nesting depth, which the template conversion then refuses (`1e400`,
+/// 200 nested arrays), so such a request is refused here, as bad input, not later.
+#[derive(Debug, Clone, Serialize)]
 #[serde(transparent)]
 pub struct Json(Box<RawValue>);
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        Json::checked(raw).map_err(serde::de::Error::custom)
+    }
+}
 
 impl PartialEq for Json {
     fn eq(&self, other: &Self) -> bool {
@@ -20,7 +29,12 @@ impl PartialEq for Json {
 
 impl Json {
     pub fn parse(text: &str) -> serde_json::Result<Self> {
-        RawValue::from_string(text.to_owned()).map(Json)
+        Json::checked(RawValue::from_string(text.to_owned())?)
+    }
+
+    fn checked(raw: Box<RawValue>) -> serde_json::Result<Self> {
+        serde_json::from_str::<Value>(raw.get())?;
+        Ok(Json(raw))
     }
 
     pub fn text(&self) -> &str {
@@ -29,7 +43,7 @@ impl Json {
 
     /// The value as the template sees it (maps keep the client's key order).
     pub fn to_template_value(&self) -> Value {
-        serde_json::from_str(self.0.get()).expect("a RawValue holds valid JSON")
+        serde_json::from_str(self.0.get()).expect("checked when read")
     }
 }
 
@@ -182,6 +196,16 @@ mod tests {
     use minijinja::Environment;
 
     use super::*;
+
+    #[test]
+    fn json_the_template_could_not_take_is_refused_when_read() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        for bad in ["{\"x\":1e400}", deep.as_str()] {
+            assert!(Json::parse(bad).is_err(), "{bad:.40}");
+            assert!(serde_json::from_str::<Json>(bad).is_err(), "{bad:.40}");
+        }
+        assert!(Json::parse("{\"x\":1e300}").is_ok());
+    }
 
     fn render(template: &str, json: &str) -> String {
         let mut env = Environment::new();
