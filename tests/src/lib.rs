@@ -40,3 +40,21 @@ pub fn write_preset(dir: &Path, preset: &str, seed: u64, dtype: DType, shard_byt
     };
     write_random_model(&shape, &options, dir).expect("model written");
 }
+
+/// Runs the golden fixture in `dir` on the single-process engine, prints its report, and checks
+/// that each of `quantities` was actually compared (a fixture that skipped one would pass
+/// vacuously). Whether it passed is the caller's to assert.
+pub fn run_fixture_on_engine(dir: &Path, quantities: &[&str]) -> moe_model_tools::golden::Report {
+    let fixture = moe_model_tools::golden::Fixture::open(dir).expect("fixture opens");
+    let mut engine = moe_model::Engine::load(dir, moe_model::EngineOptions::default()).expect("model loads");
+    let report = fixture.check(&mut engine).expect("fixture runs");
+    println!("{}", report.render());
+    for quantity in quantities {
+        assert!(
+            report.rows.iter().any(|r| r.quantity == *quantity),
+            "{}: no {quantity} check ran",
+            dir.display()
+        );
+    }
+    report
+}

@@ -4,7 +4,7 @@
 
 use moe_model::{Engine, EngineOptions};
 use moe_model_tools::golden::Fixture;
-use moe_tests::golden_fixtures;
+use moe_tests::{golden_fixtures, run_fixture_on_engine};
 
 #[test]
 fn every_fixture_passes_on_the_engine() {
@@ -12,25 +12,18 @@ fn every_fixture_passes_on_the_engine() {
     assert!(fixtures.len() >= 5, "expected at least 5 fixtures, found {fixtures:?}");
     let mut failed = Vec::new();
     for dir in fixtures {
-        let fixture = Fixture::open(&dir).expect("fixture opens");
-        let mut engine = Engine::load(&dir, EngineOptions::default()).expect("model loads");
-        let report = fixture.check(&mut engine).expect("fixture runs");
-        println!("{}", report.render());
         // Every kind of check must actually have run.
-        for quantity in [
-            "prefill_logits",
-            "decode_logits",
-            "gen_ids",
-            "layers.topk_idx",
-            "layers.moe_out",
-            "final_norm",
-        ] {
-            assert!(
-                report.rows.iter().any(|r| r.quantity == quantity),
-                "{}: no {quantity} check ran",
-                dir.display()
-            );
-        }
+        let report = run_fixture_on_engine(
+            &dir,
+            &[
+                "prefill_logits",
+                "decode_logits",
+                "gen_ids",
+                "layers.topk_idx",
+                "layers.moe_out",
+                "final_norm",
+            ],
+        );
         if !report.passed() {
             failed.push(dir);
         }
