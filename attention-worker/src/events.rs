@@ -16,6 +16,7 @@ pub fn to_response(event: Event, vocab: usize) -> Result<GenerateResponse, Statu
             index,
             id,
             logits: logits.map(|l| encode_f32(&l, &[vocab])),
+            ..Default::default()
         }),
         Event::Finished {
             reason,

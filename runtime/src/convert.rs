@@ -51,6 +51,7 @@ fn sampling_to_wire(s: &SamplingParams) -> v1::SamplingParams {
         seed: s.seed,
         stop_ids: s.stop_ids.clone(),
         max_tokens: s.max_tokens,
+        ..Default::default()
     }
 }
 
