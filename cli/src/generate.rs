@@ -1,8 +1,12 @@
+//! `moectl generate`: one request, in process or through a cluster (`remote`), printed as
+//! comma-separated ids, or with `--logprobs` as one JSON object per token.
+
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use moe_model::sampling::{GenerationRequest, SamplingParams};
+use moe_model::sampling::{GenerationRequest, SamplingParams, TokenLogprobs};
 use moe_model::{Engine, EngineOptions};
 
 use crate::default_model::default_model_dir;
@@ -32,6 +36,68 @@ pub struct Args {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Divides a positive logit (multiplies a negative one) of every id already in the prompt
+    /// or the output; 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Subtracted once from the logit of every id already generated, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every id already generated, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Print each token as a JSON line with its log-probability and its N most likely
+    /// alternatives (0..=20) instead of the plain id list.
+    #[arg(long, value_name = "N")]
+    logprobs: Option<u32>,
+}
+
+/// Prints tokens as they come: ids separated by commas, or JSON lines with log-probabilities.
+pub struct TokenPrinter {
+    printed: usize,
+    json: bool,
+}
+
+impl TokenPrinter {
+    pub fn new(json: bool) -> Self {
+        TokenPrinter { printed: 0, json }
+    }
+
+    /// Prints `tokens[self.printed..]` (with their log-probabilities in JSON mode).
+    pub fn print_new(
+        &mut self,
+        out: &mut impl Write,
+        tokens: &[u32],
+        logprobs: &[TokenLogprobs],
+    ) -> std::io::Result<()> {
+        for (i, &id) in tokens.iter().enumerate().skip(self.printed) {
+            if self.json {
+                let lp = logprobs.get(i);
+                let line = serde_json::json!({
+                    "index": i,
+                    "id": id,
+                    "logprob": lp.map(|l| l.logprob),
+                    "top_logprobs": lp.map(|l| l.top.iter().map(|t| serde_json::json!({"id": t.id, "logprob": t.logprob})).collect::<Vec<_>>()),
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                if i > 0 {
+                    write!(out, ",")?;
+                }
+                write!(out, "{id}")?;
+            }
+        }
+        self.printed = tokens.len();
+        out.flush()
+    }
+
+    /// Ends the output (the id list's newline).
+    pub fn finish(&self, out: &mut impl Write) -> std::io::Result<()> {
+        if !self.json {
+            writeln!(out)?;
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -42,9 +108,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         stop_ids: args.stop_ids,
         max_tokens: args.max_tokens,
+        repetition_penalty: args.repetition_penalty,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        logprobs: args.logprobs.is_some(),
+        top_logprobs: args.logprobs.unwrap_or(0),
     };
+    let request = GenerationRequest::new(args.prompt_ids, sampling);
     if let Some(endpoint) = &args.endpoint {
-        return crate::remote::generate(endpoint, args.prompt_ids, sampling).await;
+        return crate::remote::generate(endpoint, request).await;
     }
     let dir = match args.model {
         Some(d) => d,
@@ -53,20 +125,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let engine = Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
     let loaded = started.elapsed();
-    let request = GenerationRequest {
-        prompt: args.prompt_ids,
-        sampling,
-        return_prompt_logits: false,
-        return_token_logits: false,
-        resumed: 0,
-    };
     request.validate(engine.config())?;
+    let mut printer = TokenPrinter::new(request.sampling.logprobs);
     // The same scheduler an attention worker runs, with the experts in process.
     let scheduler = moe_attention_worker::scheduler::spawn(engine, Default::default());
     let started = Instant::now();
-    let tokens = scheduler.run(request).await?.tokens;
+    let done = scheduler.run(request).await?;
     let elapsed = started.elapsed();
-    println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    let mut out = std::io::stdout().lock();
+    printer.print_new(&mut out, &done.tokens, &done.logprobs)?;
+    printer.finish(&mut out)?;
+    let tokens = done.tokens;
     eprintln!(
         "{} tokens in {:.3} s ({:.1} tok/s; model loaded in {:.2} s)",
         tokens.len(),

@@ -331,12 +331,9 @@ pub async fn demo(args: Args, prompt: Vec<u32>, max_tokens: u32) -> anyhow::Resu
         "cluster ready at {}; generating {max_tokens} tokens for prompt {prompt:?}",
         cluster.endpoint
     );
-    let result = crate::remote::generate(
-        &cluster.endpoint,
-        prompt,
-        moe_model::sampling::SamplingParams::greedy(max_tokens),
-    )
-    .await;
+    let request =
+        moe_model::sampling::GenerationRequest::new(prompt, moe_model::sampling::SamplingParams::greedy(max_tokens));
+    let result = crate::remote::generate(&cluster.endpoint, request).await;
     cluster.stop().await;
     result
 }
