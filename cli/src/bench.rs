@@ -1,6 +1,6 @@
 //! `moectl bench`: drives a cluster (`--endpoint`) or the in-process engine with a configured
-//! load and prints one JSON object: throughput of each phase (see [`phases`] for exactly what is
-//! measured), time to first token and inter-token latency percentiles, failed requests,
+//! load and prints one JSON object: throughput of each phase (`bench/phases.rs` says exactly
+//! what is measured), time to first token and inter-token latency percentiles, failed requests,
 //! attention<->expert bytes per token per layer, and the machine's measured limits with the
 //! floors they imply.
 

@@ -1,8 +1,8 @@
 //! Generation requests as the engine sees them, their validation, and the token sampler.
 //!
-//! The sampler's order per step (vLLM's): penalties on the raw logits ([`penalties`]), then
-//! greedy argmax, or temperature, top-k, top-p and a seeded draw; log-probabilities when asked
-//! ([`logprobs`]) from the penalised distribution at that temperature.
+//! The sampler's order per step (vLLM's): penalties on the raw logits (`sampling/penalties.rs`),
+//! then greedy argmax, or temperature, top-k, top-p and a seeded draw; log-probabilities when
+//! asked (`sampling/logprobs.rs`) from the penalised distribution at that temperature.
 
 mod logprobs;
 mod penalties;
