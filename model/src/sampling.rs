@@ -20,6 +20,9 @@ pub const MAX_NEW_TOKENS: u32 = 1 << 20;
 /// Largest repetition penalty accepted (transformers and vLLM set none; beyond this a seen
 /// token is effectively banned, which `stop_ids`-free generation rarely wants).
 pub const MAX_REPETITION_PENALTY: f32 = 10.0;
+/// Smallest repetition penalty accepted besides 0 (off): a tiny one would multiply a seen
+/// token's logit past f32's range and turn the distribution into NaN.
+pub const MIN_REPETITION_PENALTY: f32 = 0.01;
 /// Presence and frequency penalties lie in [-this, this] (OpenAI's range).
 pub const MAX_PRESENCE_FREQUENCY_PENALTY: f32 = 2.0;
 /// Most alternatives a token may carry (OpenAI's limit).
@@ -36,7 +39,8 @@ pub struct SamplingParams {
     pub seed: u64,
     pub stop_ids: Vec<u32>,
     pub max_tokens: u32,
-    /// 0 or 1 = off; otherwise in (0, MAX_REPETITION_PENALTY]. Over prompt and generated ids.
+    /// 0 or 1 = off; otherwise in [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY]. Over prompt
+    /// and generated ids.
     pub repetition_penalty: f32,
     /// In [-2, 2], 0 = off. Over generated ids only.
     pub presence_penalty: f32,
@@ -155,9 +159,9 @@ impl SamplingParams {
     fn validate_penalties_and_logprobs(&self) -> std::result::Result<(), String> {
         let r = self.repetition_penalty;
         // NaN is in no range.
-        if !(0.0..=MAX_REPETITION_PENALTY).contains(&r) {
+        if r != 0.0 && !(MIN_REPETITION_PENALTY..=MAX_REPETITION_PENALTY).contains(&r) {
             return Err(format!(
-                "sampling.repetition_penalty = {r} must be in (0, {MAX_REPETITION_PENALTY}] (0 or 1 = off)"
+                "sampling.repetition_penalty = {r} must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (0 or 1 = off)"
             ));
         }
         let m = MAX_PRESENCE_FREQUENCY_PENALTY;

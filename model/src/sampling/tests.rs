@@ -197,6 +197,7 @@ fn penalty_and_logprob_fields_are_validated_by_name() {
     for ok in [
         with(|p| p.repetition_penalty = 1.0),
         with(|p| p.repetition_penalty = 0.5),
+        with(|p| p.repetition_penalty = MIN_REPETITION_PENALTY),
         with(|p| p.repetition_penalty = MAX_REPETITION_PENALTY),
         with(|p| p.presence_penalty = -2.0),
         with(|p| p.frequency_penalty = 2.0),
@@ -212,6 +213,11 @@ fn penalty_and_logprob_fields_are_validated_by_name() {
         (
             with(|p| p.repetition_penalty = -1.0),
             "sampling.repetition_penalty = -1",
+        ),
+        (
+            // Would push a seen logit past f32's range (NaN probabilities).
+            with(|p| p.repetition_penalty = 1e-40),
+            "sampling.repetition_penalty = 0.0000",
         ),
         (
             with(|p| p.repetition_penalty = f32::NAN),
