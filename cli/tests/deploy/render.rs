@@ -26,7 +26,6 @@ pub fn documents(text: &str, place: &str) -> Vec<Value> {
 
 pub struct Overlay {
     pub name: &'static str,
-    pub yaml: String,
     pub docs: Vec<Value>,
 }
 
@@ -63,7 +62,7 @@ pub fn overlays() -> &'static [Overlay] {
                 let yaml = String::from_utf8(out.stdout).unwrap();
                 let docs = documents(&yaml, name);
                 assert!(docs.len() >= 15, "{name}: only {} objects", docs.len());
-                Overlay { name, yaml, docs }
+                Overlay { name, docs }
             })
             .collect()
     })
