@@ -4,6 +4,7 @@
 //! ports, subcommands, flags and Services the manifests and the compose file use exist.
 
 mod crds;
+mod monitoring;
 mod render;
 mod schemas;
 mod tools;

@@ -86,6 +86,15 @@ fn every_overlay_validates_against_the_kubernetes_schemas() {
         let passed = out.lines().filter(|l| l.contains(" passed for resource ")).count();
         assert_eq!(passed, docs.len(), "{}: not every object was validated:\n{out}", o.name);
     }
+    let monitoring: Vec<Value> = crate::monitoring::rendered()
+        .into_iter()
+        .filter(|d| !CUSTOM_KINDS.contains(&kind(d)))
+        .collect();
+    let (ok, out) = validate(&monitoring);
+    assert!(
+        ok && out.matches(" passed for resource ").count() == monitoring.len(),
+        "deploy/monitoring:\n{out}"
+    );
 }
 
 #[test]
