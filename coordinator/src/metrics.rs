@@ -254,6 +254,34 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
             w.millis_since_heartbeat as f64 / 1e3
         }),
     );
+    layer_dispatch_histogram(&mut out, &attention);
     source.requests.render(&mut out);
     out
+}
+
+/// The attention workers' layer dispatch round trips, all workers together (one series per
+/// bucket, whatever the number of workers). A worker counting other buckets (another version)
+/// is left out. Falls when a worker leaves, which Prometheus takes as a counter reset.
+fn layer_dispatch_histogram(out: &mut String, attention: &[&moe_proto::v1::WorkerStatus]) {
+    let bounds = moe_runtime::buckets::LAYER_DISPATCH_MICROS;
+    let mut counts = vec![0u64; bounds.len() + 1];
+    let mut sum_micros = 0u64;
+    for w in attention
+        .iter()
+        .filter(|w| w.layer_dispatch_buckets.len() == bounds.len() + 1)
+    {
+        for (c, n) in counts.iter_mut().zip(&w.layer_dispatch_buckets) {
+            *c += n;
+        }
+        sum_micros += w.layer_dispatch_micros;
+    }
+    let seconds: Vec<f64> = bounds.iter().map(|&b| b as f64 / 1e6).collect();
+    crate::latency::render_histogram(
+        out,
+        "moe_layer_dispatch_round_trip_seconds",
+        "Layer dispatch round trips of the attention workers: from sending a layer's rows to holding every expert worker's answer (retries included).",
+        &seconds,
+        &counts,
+        sum_micros as f64 / 1e6,
+    );
 }

@@ -350,7 +350,31 @@ async fn metrics_expose_the_autoscaling_signals() {
         .filter(|l| !l.starts_with('#'))
         .filter(|l| ["_bucket{", "_sum ", "_count "].iter().any(|s| l.contains(s)))
         .count();
-    assert_eq!(histogram_series, 3 * (13 + 1 + 2) + (11 + 1 + 2), "{body}");
+    // Three request histograms of 13 bounds, inter-token latency and layer dispatch of 11.
+    assert_eq!(histogram_series, 3 * (13 + 1 + 2) + 2 * (11 + 1 + 2), "{body}");
+    // Every layer dispatch the workers counted is in the round-trip histogram (once a heartbeat
+    // taken after the last dispatch has arrived).
+    eventually(
+        Duration::from_secs(10),
+        "layer dispatches and their histogram disagree",
+        || async move {
+            let (_, body) = http_get(metrics, "/metrics");
+            let sample = |series: &str| -> f64 {
+                body.lines()
+                    .filter(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+                    .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                    .sum()
+            };
+            let dispatches = sample("moe_layer_dispatches_total");
+            let histogram = sample("moe_layer_dispatch_round_trip_seconds_count");
+            if dispatches > 0.0 && histogram == dispatches {
+                Ok(())
+            } else {
+                Err((dispatches, histogram))
+            }
+        },
+    )
+    .await;
     let series = body.lines().filter(|l| !l.starts_with('#')).count() - histogram_series;
     assert!(series < 60, "{series} series:\n{body}");
 
