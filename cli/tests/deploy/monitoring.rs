@@ -89,6 +89,35 @@ fn every_alert_is_complete() {
             assert!(!r["annotations"]["summary"].as_str().unwrap().is_empty(), "{alert}");
         }
     }
+    // The imbalance alert fires above the threshold the coordinators rebalance at by themselves.
+    let imbalance = rules[0]["spec"]["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["alert"].as_str() == Some("MoeExpertImbalanceHigh"))
+        .unwrap();
+    let alert_at: f64 = imbalance["expr"]
+        .as_str()
+        .unwrap()
+        .rsplit('>')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for o in overlays() {
+        let coordinator = crate::render::containers(o.name, &o.docs)
+            .into_iter()
+            .find(|c| c.args.first().map(String::as_str) == Some("coordinator"))
+            .unwrap();
+        let at = coordinator
+            .args
+            .iter()
+            .position(|a| a == "--rebalance-threshold")
+            .expect("--rebalance-threshold");
+        let threshold: f64 = coordinator.args[at + 1].parse().unwrap();
+        assert_eq!(alert_at, threshold, "{}: alert and rebalance thresholds differ", o.name);
+    }
     for want in [
         "MoeNoLeader",
         "MoePlacementStuckLoading",
