@@ -181,6 +181,7 @@ pub async fn run(args: Args) -> Result<()> {
             overflow_dispatches: remote.stats.overflow_dispatches.load(Ordering::Relaxed),
             layer_dispatches: remote.stats.layer_dispatches.load(Ordering::Relaxed),
             layer_dispatch_micros: remote.stats.layer_dispatch_micros.load(Ordering::Relaxed),
+            layer_dispatch_buckets: remote.stats.layer_dispatch_buckets(),
             nccl_layer_dispatches: remote.stats.nccl_layer_dispatches.load(Ordering::Relaxed),
             ..Default::default()
         }

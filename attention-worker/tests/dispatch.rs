@@ -202,6 +202,10 @@ fn a_layer_whose_worker_is_unreachable_reports_it_and_resends_on_the_next_placem
     assert_eq!(messages.load(Ordering::SeqCst), 1, "one message to the good worker");
     assert_eq!(remote.stats.retried_dispatches.load(Ordering::Relaxed), 1);
     assert_eq!(remote.stats.layer_dispatches.load(Ordering::Relaxed), 1);
+    // Its round trip, retry included, is counted once in the histogram's buckets.
+    let buckets = remote.stats.layer_dispatch_buckets();
+    assert_eq!(buckets.len(), moe_runtime::buckets::LAYER_DISPATCH_MICROS.len() + 1);
+    assert_eq!(buckets.iter().sum::<u64>(), 1);
 }
 
 #[test]

@@ -199,6 +199,9 @@ impl LocalCluster {
             for (flag, path) in [("--tls-cert", c), ("--tls-key", k), ("--tls-ca", ca)] {
                 credential_args.extend([flag.to_owned(), path.to_string_lossy().into_owned()]);
             }
+            if let Some(name) = &args.tls.tls_server_name {
+                credential_args.extend(["--tls-server-name".to_owned(), name.clone()]);
+            }
         }
         if let Some(f) = args.cluster_token_file.as_ref().or(args.auth_token_file.as_ref()) {
             credential_args.extend(["--cluster-token-file".into(), f.to_string_lossy().into_owned()]);

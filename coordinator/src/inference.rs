@@ -13,7 +13,7 @@ use moe_proto::v1::attention_client::AttentionClient;
 use moe_proto::v1::inference_server::Inference;
 use moe_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse, HealthRequest, HealthResponse,
-    SubmitBatchRequest, SubmitBatchResponse,
+    SubmitBatchRequest, SubmitBatchResponse, generate_response,
 };
 use moe_runtime::net::ClusterChannel;
 use moe_runtime::net::{self, MAX_MESSAGE_BYTES};
@@ -24,6 +24,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::latency::{Outcome, RequestMetrics, RequestTimer};
 use crate::state::StateHandle;
 
 pub struct InferenceService {
@@ -41,6 +42,7 @@ pub struct Handoff {
     /// How long a request waits for the cluster to become ready (placement, attention worker).
     pub ready_timeout: Duration,
     pub channels: Mutex<HashMap<String, ClusterChannel>>,
+    pub metrics: Arc<RequestMetrics>,
 }
 
 /// Times a request is moved to another attention worker before its error reaches the client.
@@ -115,44 +117,67 @@ impl Handoff {
 }
 
 impl Handoff {
-    /// Starts `req` and relays its events into `tx` until it finishes or the client goes away.
-    /// When the attention worker serving it fails, the request continues on another one from
-    /// the prompt plus the tokens already streamed, so the client sees no gap and no repeat.
+    /// Starts `req` and relays its events into `tx` until it finishes or the client goes away,
+    /// timing it into the request metrics from `arrived`.
     async fn serve<T: Send + 'static>(
         self: Arc<Self>,
         req: GenerateRequest,
+        arrived: Instant,
         tx: mpsc::Sender<Result<T, Status>>,
         wrap: impl Fn(GenerateResponse) -> T + Send + 'static,
     ) {
+        let mut timer = RequestTimer::start(&self.metrics, arrived, req.prompt_ids.len());
+        let outcome = self.relay(req, &tx, &wrap, &mut timer).await;
+        timer.end(outcome);
+    }
+
+    /// When the attention worker serving the request fails, the request continues on another
+    /// one from the prompt plus the tokens already streamed, so the client sees no gap and no
+    /// repeat.
+    async fn relay<T>(
+        &self,
+        req: GenerateRequest,
+        tx: &mpsc::Sender<Result<T, Status>>,
+        wrap: &impl Fn(GenerateResponse) -> T,
+        timer: &mut RequestTimer<'_>,
+    ) -> Outcome {
         let mut exclude = Vec::new();
         let (mut upstream, mut assignment) = match self.start(req.clone(), &mut exclude).await {
             Ok(started) => started,
             Err(s) => {
                 let _ = tx.send(Err(s)).await;
-                return;
+                return Outcome::Failed;
             }
         };
+        timer.accepted();
         let mut progress = Progress::default();
         let mut resumes = 0;
         loop {
             let failure = match upstream.next().await {
                 Some(Ok(event)) => {
                     progress.observe(&event);
-                    if tx.send(Ok(wrap(event))).await.is_err() || progress.finished {
-                        return; // client gone (dropping `upstream` cancels the work), or done
+                    let token = matches!(event.event, Some(generate_response::Event::Token(_)));
+                    if tx.send(Ok(wrap(event))).await.is_err() {
+                        return Outcome::Cancelled; // dropping `upstream` cancels the work
+                    }
+                    if token {
+                        timer.token();
+                    }
+                    if progress.finished {
+                        return Outcome::Finished;
                     }
                     continue;
                 }
                 Some(Err(s)) if worker_failed(s.code()) => s,
                 Some(Err(s)) => {
                     let _ = tx.send(Err(s)).await;
-                    return;
+                    return Outcome::Failed;
                 }
                 None => Status::unavailable("attention worker closed the stream before finishing"),
             };
             if resumes == MAX_RESUMES {
                 let _ = tx.send(Err(failure)).await;
-                return;
+                return Outcome::Failed;
             }
             resumes += 1;
             tracing::warn!(worker = %assignment.worker_id, status = %failure, streamed = progress.streamed.len(), "attention worker failed mid-request; resuming elsewhere");
@@ -160,8 +185,10 @@ impl Handoff {
             let resumed = match progress.resume(&req) {
                 Ok(r) => r,
                 Err(done) => {
-                    let _ = tx.send(Ok(wrap(done))).await;
-                    return;
+                    return match tx.send(Ok(wrap(done))).await {
+                        Ok(()) => Outcome::Finished,
+                        Err(_) => Outcome::Cancelled,
+                    };
                 }
             };
             match self.start(resumed, &mut exclude).await {
@@ -171,7 +198,7 @@ impl Handoff {
                 }
                 Err(s) => {
                     let _ = tx.send(Err(s)).await;
-                    return;
+                    return Outcome::Failed;
                 }
             }
         }
@@ -184,6 +211,7 @@ impl Inference for InferenceService {
     type SubmitBatchStream = EventStream<SubmitBatchResponse>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrived = Instant::now();
         let req = request.into_inner();
         self.validate(&req)?;
         let permit = self.admit(1)?;
@@ -192,7 +220,7 @@ impl Inference for InferenceService {
         let handoff = self.handoff.clone();
         tokio::spawn(
             async move {
-                handoff.serve(req, tx, |r| r).await;
+                handoff.serve(req, arrived, tx, |r| r).await;
                 drop(permit);
             }
             .instrument(span),
@@ -204,6 +232,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<SubmitBatchRequest>,
     ) -> Result<Response<Self::SubmitBatchStream>, Status> {
+        let arrived = Instant::now();
         let batch = request.into_inner();
         moe_runtime::convert::check_version(batch.protocol_version)?;
         if batch.requests.is_empty() {
@@ -221,7 +250,7 @@ impl Inference for InferenceService {
             tokio::spawn(async move {
                 let index = i as u32;
                 handoff
-                    .serve(req, tx, move |event| SubmitBatchResponse {
+                    .serve(req, arrived, tx, move |event| SubmitBatchResponse {
                         request_index: index,
                         event: Some(event),
                     })

@@ -11,6 +11,7 @@ mod codes;
 mod control;
 mod error;
 mod inference;
+mod latency;
 mod leader;
 mod load;
 mod members;

@@ -22,6 +22,8 @@ pub struct MetricsSource {
     pub max_in_flight: usize,
     /// Whether this coordinator leads (standbys report 0 and are not healthy).
     pub serving: crate::leader::Serving,
+    /// Latency histograms and token counters of the requests this coordinator relayed.
+    pub requests: Arc<crate::latency::RequestMetrics>,
 }
 
 /// A scrape endpoint needs few connections; the same handshake deadline (a request head of 24
@@ -226,5 +228,60 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
         "Active expert placement version.",
         &one(s.placement_version as f64),
     );
+    metric(
+        "moe_expert_placement_loaded_version",
+        "gauge",
+        "Newest placement whose slots each expert worker has loaded (above moe_placement_version: a new placement is loading).",
+        &per(&experts, &|w| w.placement_version as f64),
+    );
+    metric(
+        "moe_layer_dispatches_total",
+        "counter",
+        "Layer dispatches sent per attention worker (each to one or more expert workers).",
+        &per(&attention, &|w| w.layer_dispatches as f64),
+    );
+    metric(
+        "moe_layer_dispatch_seconds_total",
+        "counter",
+        "Time from sending a layer dispatch to holding every answer, summed per attention worker (over moe_layer_dispatches_total: the mean round trip).",
+        &per(&attention, &|w| w.layer_dispatch_micros as f64 / 1e6),
+    );
+    metric(
+        "moe_worker_heartbeat_age_seconds",
+        "gauge",
+        "Time since each worker's last heartbeat.",
+        &per(&s.workers.iter().collect::<Vec<_>>(), &|w| {
+            w.millis_since_heartbeat as f64 / 1e3
+        }),
+    );
+    layer_dispatch_histogram(&mut out, &attention);
+    source.requests.render(&mut out);
     out
+}
+
+/// The attention workers' layer dispatch round trips, all workers together (one series per
+/// bucket, whatever the number of workers). A worker counting other buckets (another version)
+/// is left out. Falls when a worker leaves, which Prometheus takes as a counter reset.
+fn layer_dispatch_histogram(out: &mut String, attention: &[&moe_proto::v1::WorkerStatus]) {
+    let bounds = moe_runtime::buckets::LAYER_DISPATCH_MICROS;
+    let mut counts = vec![0u64; bounds.len() + 1];
+    let mut sum_micros = 0u64;
+    for w in attention
+        .iter()
+        .filter(|w| w.layer_dispatch_buckets.len() == bounds.len() + 1)
+    {
+        for (c, n) in counts.iter_mut().zip(&w.layer_dispatch_buckets) {
+            *c += n;
+        }
+        sum_micros += w.layer_dispatch_micros;
+    }
+    let seconds: Vec<f64> = bounds.iter().map(|&b| b as f64 / 1e6).collect();
+    crate::latency::render_histogram(
+        out,
+        "moe_layer_dispatch_round_trip_seconds",
+        "Layer dispatch round trips of the attention workers: from sending a layer's rows to holding every expert worker's answer (retries included).",
+        &seconds,
+        &counts,
+        sum_micros as f64 / 1e6,
+    );
 }

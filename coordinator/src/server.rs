@@ -203,6 +203,7 @@ pub async fn run(args: Args) -> Result<()> {
         Store::spawn(registry, Duration::from_secs(1)),
     );
     let admission = Arc::new(Semaphore::new(max_in_flight));
+    let requests = Arc::new(crate::latency::RequestMetrics::default());
     let inference = InferenceService {
         state: state.clone(),
         config,
@@ -212,6 +213,7 @@ pub async fn run(args: Args) -> Result<()> {
             state: state.clone(),
             ready_timeout: Duration::from_millis(args.ready_timeout_ms),
             channels: Mutex::new(Default::default()),
+            metrics: requests.clone(),
         }),
     };
     let (incoming, local) = net::bind(args.listen).await.map_err(|source| Error::Io {
@@ -243,6 +245,7 @@ pub async fn run(args: Args) -> Result<()> {
                 admission: admission.clone(),
                 max_in_flight,
                 serving: serving.clone(),
+                requests,
             },
         ));
     }

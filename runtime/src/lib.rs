@@ -1,6 +1,7 @@
 //! Plumbing shared by the coordinator, attention workers and expert workers.
 
 pub mod auth;
+pub mod buckets;
 pub mod client;
 pub mod control;
 pub mod convert;

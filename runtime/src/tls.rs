@@ -22,6 +22,12 @@ pub struct TlsArgs {
     /// PEM CA certificate(s) that peers' certificates must chain to.
     #[arg(long, requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+    /// Check the certificates of the components this process connects to against this name
+    /// instead of the host in the address it dials. For clusters whose workers advertise
+    /// addresses no certificate can name ahead of time (Kubernetes pod IPs) under one node
+    /// certificate that names this (deploy/k8s/components/tls).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_server_name: Option<String>,
 }
 
 /// Environment variables a client (`moectl`) reads its TLS settings from.
@@ -133,9 +139,13 @@ impl TlsArgs {
             .identity(id.clone())
             .client_ca_root(ca_pem)
             .client_auth_optional(!clients_must_prove);
+        let mut client = ClientTls::new(ca, Some(id))?;
+        if let Some(name) = &self.tls_server_name {
+            client.config = client.config.domain_name(name.clone());
+        }
         Ok(Some(Tls {
             server: Some(server),
-            client: ClientTls::new(ca, Some(id))?,
+            client,
         }))
     }
 }

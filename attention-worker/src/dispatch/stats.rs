@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moe_model::experts::ExpertAssignment;
+use moe_runtime::buckets::{self, LAYER_DISPATCH_MICROS};
 
 use super::split::WorkerBatch;
 
@@ -24,6 +25,8 @@ pub struct DispatchStats {
     /// retries included), summed.
     pub layer_dispatches: AtomicU64,
     pub layer_dispatch_micros: AtomicU64,
+    /// The same round trips counted per bucket of `buckets::LAYER_DISPATCH_MICROS` (+Inf last).
+    pub layer_dispatch_buckets: Vec<AtomicU64>,
     /// Layer dispatches whose rows went over NCCL.
     pub nccl_layer_dispatches: AtomicU64,
     /// Layer dispatches sent again after a failure (on a new placement, or over gRPC after
@@ -35,8 +38,16 @@ impl DispatchStats {
     pub fn new(num_layers: usize, num_experts: usize) -> Self {
         DispatchStats {
             expert_tokens: (0..num_layers * num_experts).map(|_| AtomicU64::new(0)).collect(),
+            layer_dispatch_buckets: (0..=LAYER_DISPATCH_MICROS.len()).map(|_| AtomicU64::new(0)).collect(),
             ..Default::default()
         }
+    }
+
+    pub fn layer_dispatch_buckets(&self) -> Vec<u64> {
+        self.layer_dispatch_buckets
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     pub fn expert_tokens(&self) -> Vec<u64> {
@@ -79,9 +90,15 @@ impl DispatchStats {
 
     /// One layer dispatch answered in full after `elapsed`.
     pub(crate) fn record_answered(&self, elapsed: Duration, over_nccl: bool) {
+        let micros = elapsed.as_micros() as u64;
         self.layer_dispatches.fetch_add(1, Ordering::Relaxed);
-        self.layer_dispatch_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.layer_dispatch_micros.fetch_add(micros, Ordering::Relaxed);
+        if let Some(c) = self
+            .layer_dispatch_buckets
+            .get(buckets::index(LAYER_DISPATCH_MICROS, micros))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         if over_nccl {
             self.nccl_layer_dispatches.fetch_add(1, Ordering::Relaxed);
         }

@@ -240,10 +240,11 @@ async fn drained_workers_leave_without_failing_a_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_expert_worker_under_load() {
     // Proves: SIGTERM makes an expert worker drain itself (its experts move first), then exit;
-    // no request fails or changes.
+    // no request fails or changes. This is a Kubernetes scale-down of the expert pool from 3
+    // to 2 (deploy/k8s: the pod gets SIGTERM, no preStop hook), under load.
     const STEPS: u32 = 150;
     let prompts = prompts_with_gap(&tiny(), &[6, 11, 18], STEPS as usize, 2e-4);
-    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &[]);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 3, &[]);
     let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
     let expert = cluster
         .processes
@@ -269,8 +270,18 @@ async fn sigterm_drains_an_expert_worker_under_load() {
         .iter()
         .filter(|w| w.role == Role::Expert as i32)
         .collect();
-    assert_eq!(experts.len(), 1);
-    assert_eq!(experts[0].expert_slots.len(), 128, "the survivor holds every expert");
+    assert_eq!(experts.len(), 2);
+    // The two survivors hold every (layer, expert) slot between them, each a share.
+    let held: std::collections::BTreeSet<u32> = experts.iter().flat_map(|w| w.expert_slots.iter().copied()).collect();
+    assert_eq!(held.len(), 128, "every expert is still held");
+    assert!(
+        experts.iter().all(|w| !w.expert_slots.is_empty()),
+        "both survivors hold experts"
+    );
+    // The cluster still serves the same tokens.
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

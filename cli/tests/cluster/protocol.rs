@@ -13,7 +13,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::common::*;
-use crate::{http_get, wait_idle};
+use crate::{http_get, metric_names, wait_idle};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_get_invalid_argument_and_disturb_nothing() {
@@ -312,7 +312,13 @@ async fn metrics_expose_the_autoscaling_signals() {
                 .filter(|l| l.starts_with("moe_tokens_processed_total{"))
                 .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
                 .sum();
-            if tokens >= 10.0 { Ok(body) } else { Err(Text(body)) }
+            // The request's own metrics are recorded once its stream ends.
+            let ended = body.contains("moe_request_duration_seconds_count 1\n");
+            if tokens >= 10.0 && ended {
+                Ok(body)
+            } else {
+                Err(Text(body))
+            }
         },
     )
     .await;
@@ -327,13 +333,63 @@ async fn metrics_expose_the_autoscaling_signals() {
         "moe_expert_load_imbalance ",
         "moe_expert_load_share{worker=",
         "moe_expert_busy_seconds_total{worker=",
+        // The one request: 3 prompt tokens, 8 generated, 8 tokens timed (1 first, 7 gaps).
+        "moe_prompt_tokens_total 3\n",
+        "moe_generation_tokens_total 8\n",
+        "moe_requests_total{outcome=\"finished\"} 1\n",
+        "moe_requests_total{outcome=\"failed\"} 0\n",
+        "moe_time_to_first_token_seconds_count 1\n",
+        "moe_time_to_first_token_seconds_bucket{le=\"+Inf\"} 1\n",
+        "moe_inter_token_latency_seconds_count 7\n",
+        "moe_request_duration_seconds_count 1\n",
+        "moe_request_queue_wait_seconds_count 1\n",
     ] {
         assert!(body.contains(name), "missing `{name}` in:\n{body}");
     }
     // Bounded cardinality: at most one series per worker, never per (layer, expert), which
-    // would be 128 series on this model.
-    let series = body.lines().filter(|l| !l.starts_with('#')).count();
+    // would be 128 series on this model; the histograms have fixed buckets.
+    let histogram_series = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| ["_bucket{", "_sum ", "_count "].iter().any(|s| l.contains(s)))
+        .count();
+    // Three request histograms of 13 bounds, inter-token latency and layer dispatch of 11.
+    assert_eq!(histogram_series, 3 * (13 + 1 + 2) + 2 * (11 + 1 + 2), "{body}");
+    // Every layer dispatch the workers counted is in the round-trip histogram (once a heartbeat
+    // taken after the last dispatch has arrived).
+    eventually(
+        Duration::from_secs(10),
+        "layer dispatches and their histogram disagree",
+        || async move {
+            let (_, body) = http_get(metrics, "/metrics");
+            let sample = |series: &str| -> f64 {
+                body.lines()
+                    .filter(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+                    .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+                    .sum()
+            };
+            let dispatches = sample("moe_layer_dispatches_total");
+            let histogram = sample("moe_layer_dispatch_round_trip_seconds_count");
+            if dispatches > 0.0 && histogram == dispatches {
+                Ok(())
+            } else {
+                Err((dispatches, histogram))
+            }
+        },
+    )
+    .await;
+    let series = body.lines().filter(|l| !l.starts_with('#')).count() - histogram_series;
     assert!(series < 60, "{series} series:\n{body}");
+
+    // Every metric the dashboard, the alerts and the autoscalers in deploy/ query is served.
+    let exposed = metric_names::exposed(&body);
+    let referenced = metric_names::referenced();
+    assert!(referenced.len() >= 25, "{referenced:?}");
+    let missing: Vec<_> = referenced.iter().filter(|(name, _)| !exposed.contains(name)).collect();
+    assert!(
+        missing.is_empty(),
+        "deploy/ uses metrics /metrics does not serve: {missing:?}\nserved: {exposed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,251 @@
+//! Request latency histograms and token counters, as the coordinator sees each request it
+//! relays: time to first token, inter-token latency, end-to-end latency and the wait before an
+//! attention worker takes the request; prompt and generated tokens; outcomes. Fixed buckets and
+//! fixed label values, so the series count never grows with traffic.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Seconds, from a few milliseconds (a warm decode step) to a minute (a long request).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Seconds between two tokens of one stream.
+const TOKEN_GAP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// A Prometheus histogram: cumulative counts per upper bound, their sum and count.
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One per bound, then +Inf; each counts the observations at or below its bound only
+    /// (made cumulative when rendered).
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = self.bounds.iter().position(|&b| s <= b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        render_histogram(out, name, help, self.bounds, &counts, sum);
+    }
+}
+
+/// Prometheus text for a histogram from per-bucket counts (`bounds.len() + 1` of them, the last
+/// above every bound) and the sum of the observations.
+pub fn render_histogram(out: &mut String, name: &str, help: &str, bounds: &[f64], counts: &[u64], sum: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, c) in counts.iter().enumerate() {
+        cumulative += c;
+        let le = bounds.get(i).map_or("+Inf".to_owned(), |b| b.to_string());
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+}
+
+/// How a relayed request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its Finished event reached the client.
+    Finished,
+    /// An error status reached the client.
+    Failed,
+    /// The client went away first.
+    Cancelled,
+}
+
+/// The coordinator's request metrics, shared by the client API and the metrics endpoint.
+pub struct RequestMetrics {
+    pub time_to_first_token: Histogram,
+    pub inter_token: Histogram,
+    pub end_to_end: Histogram,
+    pub queue_wait: Histogram,
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    /// Indexed by `Outcome as usize`.
+    outcomes: [AtomicU64; 3],
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        RequestMetrics {
+            time_to_first_token: Histogram::new(LATENCY_BUCKETS),
+            inter_token: Histogram::new(TOKEN_GAP_BUCKETS),
+            end_to_end: Histogram::new(LATENCY_BUCKETS),
+            queue_wait: Histogram::new(LATENCY_BUCKETS),
+            prompt_tokens: AtomicU64::new(0),
+            generated_tokens: AtomicU64::new(0),
+            outcomes: Default::default(),
+        }
+    }
+}
+
+impl RequestMetrics {
+    pub fn render(&self, out: &mut String) {
+        self.time_to_first_token.render(
+            out,
+            "moe_time_to_first_token_seconds",
+            "From a request's arrival at the coordinator to its first generated token reaching the client.",
+        );
+        self.inter_token.render(
+            out,
+            "moe_inter_token_latency_seconds",
+            "Between two consecutive generated tokens of one request.",
+        );
+        self.end_to_end.render(
+            out,
+            "moe_request_duration_seconds",
+            "From a request's arrival to its last event (finished, failed or cancelled).",
+        );
+        self.queue_wait.render(
+            out,
+            "moe_request_queue_wait_seconds",
+            "From a request's arrival until an attention worker accepted it (waiting for a ready placement included; the worker's own scheduler wait is part of time to first token).",
+        );
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter(
+            out,
+            "moe_prompt_tokens_total",
+            "Prompt tokens of the requests the coordinator relayed.",
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "moe_generation_tokens_total",
+            "Generated tokens relayed to clients.",
+            self.generated_tokens.load(Ordering::Relaxed),
+        );
+        let name = "moe_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests relayed, by how they ended.\n# TYPE {name} counter"
+        );
+        for (outcome, label) in [
+            (Outcome::Finished, "finished"),
+            (Outcome::Failed, "failed"),
+            (Outcome::Cancelled, "cancelled"),
+        ] {
+            let v = self.outcomes[outcome as usize].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{outcome=\"{label}\"}} {v}");
+        }
+    }
+}
+
+/// One request's clock: observes into the shared metrics as its events pass.
+pub struct RequestTimer<'a> {
+    metrics: &'a RequestMetrics,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+impl<'a> RequestTimer<'a> {
+    pub fn start(metrics: &'a RequestMetrics, arrived: Instant, prompt_tokens: usize) -> Self {
+        metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        RequestTimer {
+            metrics,
+            arrived,
+            last_token: None,
+        }
+    }
+
+    /// The first attention worker accepted the request.
+    pub fn accepted(&self) {
+        self.metrics.queue_wait.observe(self.arrived.elapsed());
+    }
+
+    /// A generated token was passed to the client.
+    pub fn token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => self.metrics.time_to_first_token.observe(now - self.arrived),
+            Some(previous) => self.metrics.inter_token.observe(now - previous),
+        }
+        self.last_token = Some(now);
+        self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn end(self, outcome: Outcome) {
+        self.metrics.end_to_end.observe(self.arrived.elapsed());
+        self.metrics.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, series: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '));
+        line.unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn buckets_are_cumulative_and_sum_is_exact() {
+        let m = RequestMetrics::default();
+        for ms in [3, 7, 7, 400, 90_000] {
+            m.end_to_end.observe(Duration::from_millis(ms));
+        }
+        let mut out = String::new();
+        m.render(&mut out);
+        let b = |le: &str| sample(&out, &format!("moe_request_duration_seconds_bucket{{le=\"{le}\"}}"));
+        assert_eq!(b("0.005"), 1.0);
+        assert_eq!(b("0.01"), 3.0);
+        assert_eq!(b("0.25"), 3.0);
+        assert_eq!(b("0.5"), 4.0);
+        assert_eq!(b("60"), 4.0);
+        assert_eq!(b("+Inf"), 5.0);
+        assert_eq!(sample(&out, "moe_request_duration_seconds_count"), 5.0);
+        assert!((sample(&out, "moe_request_duration_seconds_sum") - 90.417).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_timer_counts_tokens_gaps_and_outcome() {
+        let m = RequestMetrics::default();
+        let arrived = Instant::now() - Duration::from_millis(20);
+        let mut t = RequestTimer::start(&m, arrived, 7);
+        t.accepted();
+        for _ in 0..4 {
+            t.token();
+        }
+        t.end(Outcome::Finished);
+        RequestTimer::start(&m, Instant::now(), 3).end(Outcome::Failed);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert_eq!(sample(&out, "moe_prompt_tokens_total"), 10.0);
+        assert_eq!(sample(&out, "moe_generation_tokens_total"), 4.0);
+        assert_eq!(sample(&out, "moe_time_to_first_token_seconds_count"), 1.0);
+        // The first token is 20 ms or more after arrival: not in the 10 ms bucket.
+        assert_eq!(sample(&out, "moe_time_to_first_token_seconds_bucket{le=\"0.01\"}"), 0.0);
+        assert_eq!(sample(&out, "moe_inter_token_latency_seconds_count"), 3.0);
+        assert_eq!(sample(&out, "moe_request_queue_wait_seconds_count"), 1.0);
+        assert_eq!(sample(&out, "moe_request_duration_seconds_count"), 2.0);
+        assert_eq!(sample(&out, "moe_requests_total{outcome=\"finished\"}"), 1.0);
+        assert_eq!(sample(&out, "moe_requests_total{outcome=\"failed\"}"), 1.0);
+        assert_eq!(sample(&out, "moe_requests_total{outcome=\"cancelled\"}"), 0.0);
+    }
+}
