@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use moe_model::sampling::{GenerationRequest, SamplingParams};
-use moe_proto::v1::{ClusterStatusResponse, Role};
+use moe_proto::v1::{ClusterStatusResponse, LoadState, Role, WorkerStatus};
 use moe_runtime::client::{ClusterClient, Generation};
 use tokio_stream::StreamExt;
 
@@ -62,6 +62,33 @@ fn busy_ms_per_dispatch(w: &moe_proto::v1::WorkerStatus) -> f64 {
     }
 }
 
+fn load_state(w: &WorkerStatus) -> &'static str {
+    match LoadState::try_from(w.load_state) {
+        Ok(LoadState::None) => "none",
+        Ok(LoadState::Loading) => "loading",
+        Ok(LoadState::Loaded) => "loaded",
+        Ok(LoadState::Failed) => "failed",
+        Err(_) => "?",
+    }
+}
+
+/// A worker's loading in a few words: `loading 40% of 12.0 GiB (310/780 tensors)`.
+fn weights(w: &WorkerStatus) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let percent = 100.0 * w.load_bytes_done as f64 / w.load_bytes_total.max(1) as f64;
+    match LoadState::try_from(w.load_state) {
+        Ok(LoadState::None) => "none yet".into(),
+        Ok(LoadState::Loaded) => format!("loaded {:.2} GiB", gib(w.load_bytes_total)),
+        _ => format!(
+            "{} {percent:.0}% of {:.2} GiB ({}/{} tensors)",
+            load_state(w),
+            gib(w.load_bytes_total),
+            w.load_tensors_done,
+            w.load_tensors_total
+        ),
+    }
+}
+
 pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(endpoint)?;
     let s = client.status().await?;
@@ -78,6 +105,10 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
                     "placement_version": w.placement_version, "millis_since_heartbeat": w.millis_since_heartbeat,
                     "expected_load_share": (w.role == Role::Expert as i32).then_some(w.load_share), "busy_ms_per_dispatch": busy_ms_per_dispatch(w),
                     "spare_slots": w.spare_slots,
+                    "load": {
+                        "state": load_state(w), "bytes_done": w.load_bytes_done, "bytes_total": w.load_bytes_total,
+                        "tensors_done": w.load_tensors_done, "tensors_total": w.load_tensors_total,
+                    },
                 })
             })
             .collect();
@@ -111,7 +142,7 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>10}",
+        "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>10}  weights",
         "worker", "role", "address", "experts", "load", "kv blocks", "heartbeat"
     );
     for w in &s.workers {
@@ -138,8 +169,15 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
             Role::Unspecified => "?",
         };
         println!(
-            "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>8}ms",
-            w.worker_id, role, w.address, experts, load, kv, w.millis_since_heartbeat
+            "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>8}ms  {}",
+            w.worker_id,
+            role,
+            w.address,
+            experts,
+            load,
+            kv,
+            w.millis_since_heartbeat,
+            weights(w)
         );
     }
     Ok(())

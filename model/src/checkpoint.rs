@@ -11,6 +11,8 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 
 use crate::config::DType;
 use crate::error::{Error, Result};
+use crate::plan::Want;
+use crate::progress::LoadSize;
 use crate::weights::{Matrix, MatrixData, bf16_to_f32};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -109,7 +111,16 @@ impl Checkpoint {
             let id = match file_ids.get(file.as_str()) {
                 Some(&id) => id,
                 None => {
-                    let shard = open_shard(&dir.join(file))?;
+                    let shard = open_shard(&dir.join(file)).map_err(|e| {
+                        let listed = parsed.weight_map.values().filter(|f| *f == file).count();
+                        Error::Checkpoint {
+                            path: dir.join(file),
+                            reason: format!(
+                                "a shard {INDEX_FILE} lists for `{tensor}` and {} more tensors: {e}",
+                                listed - 1
+                            ),
+                        }
+                    })?;
                     shards.push(shard);
                     file_ids.insert(file, shards.len() - 1);
                     shards.len() - 1
@@ -186,8 +197,8 @@ impl Checkpoint {
         }
     }
 
-    /// Raw bytes and dtype of a tensor after checking its shape.
-    pub(crate) fn bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8], &Path)> {
+    /// The header of tensor `name` after checking its shape and dtype; reads no data.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<(&Shard, &safetensors::tensor::TensorInfo, DType)> {
         let shard = self.shard_of(name)?;
         let info = shard.tensor_info(name);
         if info.shape != shape {
@@ -198,9 +209,38 @@ impl Checkpoint {
             });
         }
         let dtype = convert_dtype(info.dtype, name, &shard.path)?;
+        Ok((shard, info, dtype))
+    }
+
+    /// Raw bytes and dtype of a tensor after checking its shape.
+    pub(crate) fn bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8], &Path)> {
+        let (shard, info, dtype) = self.checked(name, shape)?;
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
         Ok((dtype, bytes, &shard.path))
+    }
+
+    /// Bytes of tensor `name`'s data, from its header.
+    pub(crate) fn data_len(&self, name: &str) -> Result<usize> {
+        let (start, end) = self.shard_of(name)?.tensor_info(name).data_offsets;
+        Ok(end - start)
+    }
+
+    /// Checks, from the headers only, that `want` can be loaded as [`Checkpoint::matrix`] or
+    /// [`Checkpoint::vector`] would load it: present, shaped as expected, of a supported dtype,
+    /// an FP8 weight with its scales beside it. Returns what loading it reads.
+    pub fn check(&self, want: &Want) -> Result<LoadSize> {
+        let (_, info, dtype) = self.checked(&want.name, &want.shape)?;
+        let own = LoadSize::tensor(info.data_offsets.1 - info.data_offsets.0);
+        match (dtype, want.shape.as_slice()) {
+            (DType::F8E4M3, &[rows, cols]) => {
+                Ok(own + crate::quant::Fp8Tensors::locate(self, &want.name, rows, cols)?.size(self)?)
+            }
+            (DType::F8E4M3, _) => {
+                Err(self.tensor_error(&want.name, "stored as F8_E4M3, but only 2-D weights may be FP8"))
+            }
+            _ => Ok(own),
+        }
     }
 
     /// A `[rows, cols]` matrix kept in its stored dtype; an FP8 one with its scale (see
