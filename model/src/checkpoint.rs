@@ -11,6 +11,7 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 
 use crate::config::DType;
 use crate::error::{Error, Result};
+use crate::gptq::GptqTensors;
 use crate::plan::Want;
 use crate::progress::LoadSize;
 use crate::weights::{Matrix, MatrixData, bf16_to_f32};
@@ -220,6 +221,47 @@ impl Checkpoint {
         Ok((dtype, bytes, &shard.path))
     }
 
+    /// Raw bytes of a tensor stored as exactly `want` (GPTQ's integer and f16 tensors), after
+    /// checking its shape.
+    fn raw(&self, name: &str, shape: &[usize], want: StDtype) -> Result<&[u8]> {
+        let shard = self.shard_of(name)?;
+        let info = shard.tensor_info(name);
+        let refuse = |reason: String| {
+            Err(Error::Tensor {
+                tensor: name.to_owned(),
+                file: shard.path.clone(),
+                reason,
+            })
+        };
+        if info.shape != shape {
+            return refuse(format!("shape {:?}, expected {:?}", info.shape, shape));
+        }
+        if info.dtype != want {
+            return refuse(format!("dtype {:?}, expected {want:?}", info.dtype));
+        }
+        let (start, end) = info.data_offsets;
+        Ok(&shard.mmap[shard.data_start + start..shard.data_start + end])
+    }
+
+    pub(crate) fn raw_i32(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        self.raw(name, shape, StDtype::I32)
+    }
+
+    pub(crate) fn raw_f16(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        self.raw(name, shape, StDtype::F16)
+    }
+
+    /// The GPTQ tensors of the `[rows, cols]` weight `name` when it is stored as GPTQ (no
+    /// `name` itself, a `<module>.qweight` instead).
+    fn gptq(&self, name: &str, rows: usize, cols: usize) -> Result<Option<GptqTensors>> {
+        match GptqTensors::qweight_of(name) {
+            Some(q) if !self.contains(name) && self.contains(&q) => {
+                GptqTensors::locate(self, name, rows, cols).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Bytes of tensor `name`'s data, from its header.
     pub(crate) fn data_len(&self, name: &str) -> Result<usize> {
         let (start, end) = self.shard_of(name)?.tensor_info(name).data_offsets;
@@ -230,6 +272,11 @@ impl Checkpoint {
     /// [`Checkpoint::vector`] would load it: present, shaped as expected, of a supported dtype,
     /// an FP8 weight with its scales beside it. Returns what loading it reads.
     pub fn check(&self, want: &Want) -> Result<LoadSize> {
+        if let &[rows, cols] = want.shape.as_slice()
+            && let Some(gptq) = self.gptq(&want.name, rows, cols)?
+        {
+            return gptq.size(self);
+        }
         let (_, info, dtype) = self.checked(&want.name, &want.shape)?;
         let own = LoadSize::tensor(info.data_offsets.1 - info.data_offsets.0);
         match (dtype, want.shape.as_slice()) {
@@ -244,8 +291,13 @@ impl Checkpoint {
     }
 
     /// A `[rows, cols]` matrix kept in its stored dtype; an FP8 one with its scale (see
-    /// [`crate::quant`]), still one byte per weight.
+    /// [`crate::quant`]), still one byte per weight; a GPTQ one dequantised to f16 (see
+    /// [`crate::gptq`]).
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        if let Some(gptq) = self.gptq(name, rows, cols)? {
+            let data = MatrixData::F16(gptq.dequantize(self, rows, cols)?);
+            return Ok(Matrix { rows, cols, data });
+        }
         let (dtype, bytes, _) = self.bytes(name, &[rows, cols])?;
         let data = match dtype {
             DType::F32 => MatrixData::F32(le_f32(bytes)),
@@ -368,7 +420,7 @@ fn le_f32(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-fn le_u16(bytes: &[u8]) -> Vec<u16> {
+pub(crate) fn le_u16(bytes: &[u8]) -> Vec<u16> {
     bytes
         .chunks_exact(2)
         .map(|c| u16::from_le_bytes(c.try_into().unwrap()))

@@ -18,6 +18,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::fp8::{BLOCK, Fp8Data, Fp8Scale};
+use crate::gptq::GptqQuantization;
 use crate::progress::LoadSize;
 
 /// `quantization_config` as written in `config.json`.
@@ -34,6 +35,18 @@ pub(crate) struct RawQuantization {
     weight_block_size: Option<Vec<usize>>,
     /// DeepSeek-V3 writes `"fmt": "e4m3"`.
     fmt: Option<String>,
+    #[serde(flatten)]
+    gptq: crate::gptq::RawGptq,
+}
+
+impl RawQuantization {
+    /// The config's FP8 and GPTQ parts, at most one of them: which one `quant_method` says.
+    pub(crate) fn parse(&self) -> Result<(Option<Fp8Quantization>, Option<GptqQuantization>)> {
+        match self.quant_method.as_deref() {
+            Some("gptq") => Ok((None, Some(GptqQuantization::parse(&self.gptq)?))),
+            _ => Ok((Some(Fp8Quantization::parse(self)?), None)),
+        }
+    }
 }
 
 /// When activations are quantised by a W8A8 kernel: with the stored `input_scale`s (static)
@@ -64,8 +77,8 @@ impl Fp8Quantization {
                 return Err(Error::field(
                     "quantization_config.quant_method",
                     other.unwrap_or("(missing)"),
-                    "only \"fp8\" (float8 e4m3 weights with per-tensor or 128x128 block scales) is supported; \
-                     GPTQ, AWQ and other methods are not",
+                    "only \"fp8\" (float8 e4m3 weights with per-tensor or 128x128 block scales) and \"gptq\" \
+                     (4-bit) are supported; AWQ and other methods are not",
                 ));
             }
         }
@@ -133,20 +146,24 @@ const FP8_PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
-fn is_fp8_projection(name: &str) -> bool {
+fn is_projection(name: &str) -> bool {
     name.strip_suffix(".weight")
         .and_then(|module| module.rsplit('.').next())
         .is_some_and(|last| FP8_PROJECTIONS.contains(&last))
 }
 
-/// Checks that the checkpoint's FP8 tensors agree with the config (see the module docs), that
-/// only projections are FP8, and that every scale sits beside an FP8 weight (a scale beside a
+/// Checks that the checkpoint's FP8 and GPTQ tensors agree with the config (see the module
+/// docs and [`crate::gptq`]), that only projections are quantised, and that every scale sits beside an FP8 weight (a scale beside a
 /// weight of higher precision means a conversion forgot to apply it). Reads only the headers.
 /// Each scale's shape and values are checked where its weight is loaded ([`load_fp8`]).
 pub fn check_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<()> {
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
     for name in names {
+        if let Some(module) = name.strip_suffix(".qweight") {
+            check_gptq(ckpt, config, name, module)?;
+            continue;
+        }
         // Unsupported dtypes are reported when (and if) the tensor is loaded.
         let Ok(info) = ckpt.info(name) else { continue };
         let refuse = |reason: String| Error::Tensor {
@@ -186,7 +203,7 @@ pub fn check_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<()> {
                 }
             }
         }
-        if !is_fp8_projection(name) {
+        if !is_projection(name) {
             return Err(refuse(format!(
                 "stored as F8_E4M3, but only the projections ({}) may be FP8; the router, embedding, norms and lm_head stay in higher precision",
                 FP8_PROJECTIONS.join(", ")
@@ -277,6 +294,44 @@ impl Fp8Tensors {
             .map(|name| ckpt.data_len(name).map(LoadSize::tensor))
             .sum()
     }
+}
+
+/// A GPTQ weight (`<module>.qweight`, beside no `<module>.weight`) needs a GPTQ config, must be
+/// a projection, and must have the groups the config's `group_size` gives. Reads only headers;
+/// [`crate::gptq::GptqTensors::locate`] checks every shape where the weight is planned.
+fn check_gptq(ckpt: &Checkpoint, config: &ModelConfig, qweight: &str, module: &str) -> Result<()> {
+    let weight = format!("{module}.weight");
+    let refuse = |reason: String| Err(ckpt.tensor_error(qweight, reason));
+    let Some(gptq) = &config.gptq else {
+        return refuse("a GPTQ weight, but config.json has no quantization_config with quant_method \"gptq\"".into());
+    };
+    if ckpt.contains(&weight) {
+        return refuse(format!(
+            "a GPTQ weight, but `{weight}` is present too: which one holds the weight?"
+        ));
+    }
+    if !is_projection(&weight) {
+        return refuse(format!(
+            "a GPTQ weight, but only the projections ({}) may be quantised",
+            FP8_PROJECTIONS.join(", ")
+        ));
+    }
+    let (scales, g_idx) = (format!("{module}.scales"), format!("{module}.g_idx"));
+    if let (Ok(scales_shape), Ok(inputs)) = (ckpt.shape(&scales), ckpt.shape(&g_idx)) {
+        let (groups, inputs) = (scales_shape.first().copied(), inputs.first().copied().unwrap_or(0));
+        if groups != Some(gptq.groups(inputs)) {
+            return Err(ckpt.tensor_error(
+                &scales,
+                format!(
+                    "shape {scales_shape:?}: {} groups, but quantization_config.group_size {} over {inputs} inputs gives {}",
+                    groups.unwrap_or(0),
+                    gptq.group_size.map_or(-1, |g| g as i64),
+                    gptq.groups(inputs)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The FP8 weight `name` (`<module>.weight`, `[rows, cols]`) whose codes are `codes`, with the
