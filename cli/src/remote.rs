@@ -72,17 +72,24 @@ fn load_state(w: &WorkerStatus) -> &'static str {
     }
 }
 
-/// A worker's loading in a few words: `loading 40% of 12.0 GiB (310/780 tensors)`.
+/// `bytes` in MiB below a GiB, else in GiB.
+fn human_bytes(bytes: u64) -> String {
+    match bytes as f64 / (1u64 << 30) as f64 {
+        gib if gib >= 1.0 => format!("{gib:.2} GiB"),
+        gib => format!("{:.1} MiB", gib * 1024.0),
+    }
+}
+
+/// A worker's loading in a few words: `loading 40% of 12.00 GiB (310/780 tensors)`.
 fn weights(w: &WorkerStatus) -> String {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let percent = 100.0 * w.load_bytes_done as f64 / w.load_bytes_total.max(1) as f64;
     match LoadState::try_from(w.load_state) {
         Ok(LoadState::None) => "none yet".into(),
-        Ok(LoadState::Loaded) => format!("loaded {:.2} GiB", gib(w.load_bytes_total)),
+        Ok(LoadState::Loaded) => format!("loaded {}", human_bytes(w.load_bytes_total)),
         _ => format!(
-            "{} {percent:.0}% of {:.2} GiB ({}/{} tensors)",
+            "{} {percent:.0}% of {} ({}/{} tensors)",
             load_state(w),
-            gib(w.load_bytes_total),
+            human_bytes(w.load_bytes_total),
             w.load_tensors_done,
             w.load_tensors_total
         ),

@@ -165,6 +165,11 @@ impl Checkpoint {
         })
     }
 
+    /// The safetensors dtype of any tensor, as the file names it.
+    pub fn stored_dtype(&self, name: &str) -> Result<String> {
+        Ok(format!("{:?}", self.shard_of(name)?.tensor_info(name).dtype))
+    }
+
     /// Shape of any tensor, whatever its dtype.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         Ok(self.shard_of(name)?.tensor_info(name).shape.clone())

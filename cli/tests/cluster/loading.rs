@@ -1,6 +1,7 @@
 //! Weight loading as the cluster shows it: every worker's load in `moectl status --json` and in
 //! the coordinator's `/metrics`, finished (done == total, state loaded) and the size of what
-//! it holds, as the checkpoint's own headers count it.
+//! it holds, as the checkpoint's own headers count it; and a GPTQ checkpoint, loaded by every
+//! worker, serving the engine's tokens.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -103,4 +104,15 @@ async fn every_workers_load_shows_finished_in_status_and_metrics() {
     assert_eq!(per_worker(&body, "moe_worker_load_size_bytes"), by_worker, "{body}");
     let loaded = by_worker.keys().map(|id| (id.clone(), LoadState::Loaded as i32 as f64));
     assert_eq!(per_worker(&body, "moe_worker_load_state"), loaded.collect(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gptq_model_serves_through_a_cluster_as_in_process() {
+    let model = moe_tests::fixtures_dir().join("hunyuan-tiny-gptq");
+    let prompts = decisive_prompts(&model, &[3, 11], 8);
+    let cluster = LocalCluster::start(moectl(), &model, 1, 2, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, 8)).await.unwrap().tokens, want);
+    }
 }
