@@ -97,7 +97,11 @@ pub async fn run(args: Args) -> Result<()> {
     let config = ModelConfig::from_file(&args.worker.model.join("config.json"))?;
     let ckpt = Checkpoint::open(&args.worker.model)?;
     let model_id = moe_model::identity::model_identity(&args.worker.model, &ckpt)?;
-    let model = AttentionModel::load(&ckpt, config.clone())?;
+    let load = args.worker.load_reporter();
+    load.begin("attention weights");
+    let model = AttentionModel::load_with(&ckpt, config.clone(), load.as_ref());
+    load.finish(model.is_ok());
+    let model = model?;
     drop(ckpt);
     let remote = Arc::new(RemoteExperts::new(
         tokio::runtime::Handle::current(),
@@ -162,6 +166,7 @@ pub async fn run(args: Args) -> Result<()> {
         model_id,
         Duration::from_secs(5),
         nccl,
+        load,
     )?;
     let status = || {
         let s = &scheduler.stats;

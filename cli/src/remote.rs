@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use moe_model::sampling::GenerationRequest;
-use moe_proto::v1::{ClusterStatusResponse, Role};
+use moe_proto::v1::{ClusterStatusResponse, LoadState, Role, WorkerStatus};
 use moe_runtime::client::{ClusterClient, Generation};
 use tokio_stream::StreamExt;
 
@@ -47,6 +47,40 @@ fn busy_ms_per_dispatch(w: &moe_proto::v1::WorkerStatus) -> f64 {
     }
 }
 
+fn load_state(w: &WorkerStatus) -> &'static str {
+    match LoadState::try_from(w.load_state) {
+        Ok(LoadState::None) => "none",
+        Ok(LoadState::Loading) => "loading",
+        Ok(LoadState::Loaded) => "loaded",
+        Ok(LoadState::Failed) => "failed",
+        Err(_) => "?",
+    }
+}
+
+/// `bytes` in MiB below a GiB, else in GiB.
+fn human_bytes(bytes: u64) -> String {
+    match bytes as f64 / (1u64 << 30) as f64 {
+        gib if gib >= 1.0 => format!("{gib:.2} GiB"),
+        gib => format!("{:.1} MiB", gib * 1024.0),
+    }
+}
+
+/// A worker's loading in a few words: `loading 40% of 12.00 GiB (310/780 tensors)`.
+fn weights(w: &WorkerStatus) -> String {
+    let percent = 100.0 * w.load_bytes_done as f64 / w.load_bytes_total.max(1) as f64;
+    match LoadState::try_from(w.load_state) {
+        Ok(LoadState::None) => "none yet".into(),
+        Ok(LoadState::Loaded) => format!("loaded {}", human_bytes(w.load_bytes_total)),
+        _ => format!(
+            "{} {percent:.0}% of {} ({}/{} tensors)",
+            load_state(w),
+            human_bytes(w.load_bytes_total),
+            w.load_tensors_done,
+            w.load_tensors_total
+        ),
+    }
+}
+
 pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(endpoint)?;
     let s = client.status().await?;
@@ -63,6 +97,10 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
                     "placement_version": w.placement_version, "millis_since_heartbeat": w.millis_since_heartbeat,
                     "expected_load_share": (w.role == Role::Expert as i32).then_some(w.load_share), "busy_ms_per_dispatch": busy_ms_per_dispatch(w),
                     "spare_slots": w.spare_slots,
+                    "load": {
+                        "state": load_state(w), "bytes_done": w.load_bytes_done, "bytes_total": w.load_bytes_total,
+                        "tensors_done": w.load_tensors_done, "tensors_total": w.load_tensors_total,
+                    },
                 })
             })
             .collect();
@@ -96,7 +134,7 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>10}",
+        "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>10}  weights",
         "worker", "role", "address", "experts", "load", "kv blocks", "heartbeat"
     );
     for w in &s.workers {
@@ -123,8 +161,15 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
             Role::Unspecified => "?",
         };
         println!(
-            "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>8}ms",
-            w.worker_id, role, w.address, experts, load, kv, w.millis_since_heartbeat
+            "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>8}ms  {}",
+            w.worker_id,
+            role,
+            w.address,
+            experts,
+            load,
+            kv,
+            w.millis_since_heartbeat,
+            weights(w)
         );
     }
     Ok(())

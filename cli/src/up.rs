@@ -117,9 +117,17 @@ pub(crate) struct Proc {
 /// Starts `moectl <role> <args> --watch-stdin` and waits for its `LISTENING` line.
 pub(crate) async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result<Proc> {
     let exe = std::env::current_exe().context("locating the moectl binary")?;
+    // Workers share this terminal: progress bars of several processes would overwrite each
+    // other, so their loading is shown as log lines.
+    let progress: &[&str] = if role == "coordinator" {
+        &[]
+    } else {
+        &["--progress", "log"]
+    };
     let mut child = Command::new(exe)
         .arg(role)
         .args(args)
+        .args(progress)
         .arg("--watch-stdin")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

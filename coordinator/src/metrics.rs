@@ -213,6 +213,25 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
         "Tokens routed to experts over the load window (per layer and expert: moectl status --json).",
         &one(s.expert_load.iter().sum::<u64>() as f64),
     );
+    let all: Vec<_> = s.workers.iter().collect();
+    metric(
+        "moe_worker_load_bytes",
+        "gauge",
+        "Checkpoint bytes read by each worker's load under way, or its last one (expert workers load per placement).",
+        &per(&all, &|w| w.load_bytes_done as f64),
+    );
+    metric(
+        "moe_worker_load_size_bytes",
+        "gauge",
+        "Checkpoint bytes that load reads in all, known before its first weight is read.",
+        &per(&all, &|w| w.load_bytes_total as f64),
+    );
+    metric(
+        "moe_worker_load_state",
+        "gauge",
+        "Each worker's loading: 0 nothing loaded yet, 1 loading, 2 loaded, 3 the last load failed.",
+        &per(&all, &|w| w.load_state as f64),
+    );
     metric(
         "moe_workers",
         "gauge",

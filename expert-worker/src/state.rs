@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use moe_model::ModelConfig;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::experts::LocalExperts;
+use moe_model::progress::LoadProgress;
 
 use crate::error::Result;
 
@@ -79,10 +80,16 @@ impl ExpertState {
 
     /// Loads `slots` for `version` (blocking; run off the async threads). Versions older than
     /// `active` are forgotten and experts no longer needed by any kept version are freed.
-    pub fn load_version(&self, version: u64, slots: Vec<(usize, usize)>, active: u64) -> Result<()> {
+    /// Reports the experts it reads to `progress`.
+    pub fn load_version(
+        &self,
+        version: u64,
+        slots: Vec<(usize, usize)>,
+        active: u64,
+        progress: &dyn LoadProgress,
+    ) -> Result<()> {
         let current = self.inner.read().expect("lock").experts.clone();
-        let missing: Vec<_> = slots.iter().copied().filter(|&(l, e)| !current.holds(l, e)).collect();
-        let loaded = current.with(&self.ckpt, &self.config, &missing, &[])?;
+        let loaded = current.with_progress(&self.ckpt, &self.config, &slots, &[], progress)?;
         let mut inner = self.inner.write().expect("lock");
         inner.versions.insert(version, slots);
         inner.versions.retain(|&v, _| v >= active.min(version));

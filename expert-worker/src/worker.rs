@@ -9,6 +9,7 @@ use moe_model::checkpoint::Checkpoint;
 use moe_proto::v1::expert_server::ExpertServer;
 use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
+use moe_runtime::load_progress::LoadReporter;
 use moe_runtime::net::MAX_MESSAGE_BYTES;
 use moe_runtime::shutdown;
 use moe_runtime::worker::{self, WorkerArgs};
@@ -40,6 +41,7 @@ pub async fn run(args: Args) -> Result<()> {
     let device = moe_model::device::Device::open(&args.device)?;
     tracing::info!(?device, "expert products on");
     let state = Arc::new(ExpertState::new(config, ckpt, device)?);
+    let load = args.worker.load_reporter();
 
     let (trigger, shutdown) = shutdown::channel();
     let (drain_trigger, drain) = shutdown::channel();
@@ -51,9 +53,14 @@ pub async fn run(args: Args) -> Result<()> {
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Dispatch streams are long-lived; give in-flight messages a moment after shutdown.
-    let spec = args
-        .worker
-        .spec("expert-worker", Role::Expert, model_id, Duration::from_secs(2), nccl)?;
+    let spec = args.worker.spec(
+        "expert-worker",
+        Role::Expert,
+        model_id,
+        Duration::from_secs(2),
+        nccl,
+        load.clone(),
+    )?;
     let status = || WorkerStatus {
         expert_slots: state.held_slots(),
         rows_served: state.rows_served.load(Ordering::Relaxed),
@@ -69,7 +76,7 @@ pub async fn run(args: Args) -> Result<()> {
             state.forget_versions();
         }
         if answer.target_placement_version > state.newest_version()
-            && let Err(e) = load_target(m, &state, answer.placement_version).await
+            && let Err(e) = load_target(m, &state, answer.placement_version, &load).await
         {
             tracing::warn!(error = %e, "loading the target placement failed; will retry");
         }
@@ -78,12 +85,23 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Reads the target placement and loads this worker's slots for it (off the async threads).
-async fn load_target(membership: &mut Membership, state: &Arc<ExpertState>, active: u64) -> Result<()> {
+/// Reads the target placement and loads this worker's slots for it (off the async threads),
+/// reporting to `load`.
+async fn load_target(
+    membership: &mut Membership,
+    state: &Arc<ExpertState>,
+    active: u64,
+    load: &Arc<LoadReporter>,
+) -> Result<()> {
     let target = membership.placement(true).await?;
     let slots = target.slots_of(membership.worker_id());
-    let (st, version) = (state.clone(), target.version);
-    tokio::task::spawn_blocking(move || st.load_version(version, slots, active))
-        .await
-        .map_err(|e| Error::Placement(format!("loading task failed: {e}")))?
+    let (st, version, load) = (state.clone(), target.version, load.clone());
+    tokio::task::spawn_blocking(move || {
+        load.begin(format!("placement v{version} ({} expert slots)", slots.len()));
+        let loaded = st.load_version(version, slots, active, load.as_ref());
+        load.finish(loaded.is_ok());
+        loaded
+    })
+    .await
+    .map_err(|e| Error::Placement(format!("loading task failed: {e}")))?
 }

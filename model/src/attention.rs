@@ -7,10 +7,11 @@ use rayon::prelude::*;
 use crate::batch::BatchLayout;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::{dot, linear, rms_norm_in_place};
 use crate::kv_cache::KvCache;
 use crate::names;
+use crate::plan::Want;
 use crate::rope::Rope;
 use crate::weights::Matrix;
 
@@ -25,20 +26,50 @@ pub struct AttentionWeights {
 }
 
 impl AttentionWeights {
+    /// Refuses K/V projections in a CLA cross layer (a checkpoint made for another sharing
+    /// factor), which [`AttentionWeights::load`] would ignore. Reads only the header.
+    pub fn check_unused(ckpt: &Checkpoint, config: &ModelConfig, l: usize) -> Result<()> {
+        if config.layers[l].computes_kv(l) {
+            return Ok(());
+        }
+        match [names::K_PROJ, names::V_PROJ]
+            .map(|p| names::layer(l, p))
+            .into_iter()
+            .find(|name| ckpt.contains(name))
+        {
+            Some(name) => Err(ckpt.tensor_error(
+                &name,
+                format!(
+                    "present, but with use_cla and cla_share_factor {} layer {l} is a cross layer that reuses layer {}'s K/V",
+                    config.cla_share_factor, config.layers[l].kv_source_layer
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The tensors [`AttentionWeights::load`] reads for layer `l`.
+    pub fn wants(config: &ModelConfig, l: usize) -> Vec<Want> {
+        let (h, q, kv, hd) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.head_dim);
+        let mut wants = vec![
+            Want::matrix(names::layer(l, names::Q_PROJ), q, h),
+            Want::matrix(names::layer(l, names::O_PROJ), h, q),
+        ];
+        if config.layers[l].computes_kv(l) {
+            wants.push(Want::matrix(names::layer(l, names::K_PROJ), kv, h));
+            wants.push(Want::matrix(names::layer(l, names::V_PROJ), kv, h));
+        }
+        if config.use_qk_norm {
+            wants.push(Want::vector(names::layer(l, names::Q_NORM), hd));
+            wants.push(Want::vector(names::layer(l, names::K_NORM), hd));
+        }
+        wants
+    }
+
     pub fn load(ckpt: &Checkpoint, config: &ModelConfig, l: usize) -> Result<Self> {
         let (h, q, kv, hd) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.head_dim);
         let computes_kv = config.layers[l].computes_kv(l);
         let k_name = names::layer(l, names::K_PROJ);
-        if !computes_kv && ckpt.contains(&k_name) {
-            return Err(Error::Tensor {
-                tensor: k_name,
-                file: ckpt.info(&names::layer(l, names::K_PROJ))?.file,
-                reason: format!(
-                    "present, but with use_cla and cla_share_factor {} layer {l} is a cross layer that reuses layer {}'s K/V",
-                    config.cla_share_factor, config.layers[l].kv_source_layer
-                ),
-            });
-        }
         let kv_proj = if computes_kv {
             Some((
                 ckpt.matrix(&k_name, kv, h)?,

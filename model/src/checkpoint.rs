@@ -11,6 +11,9 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 
 use crate::config::DType;
 use crate::error::{Error, Result};
+use crate::gptq::GptqTensors;
+use crate::plan::Want;
+use crate::progress::LoadSize;
 use crate::weights::{Matrix, MatrixData, bf16_to_f32};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -109,7 +112,16 @@ impl Checkpoint {
             let id = match file_ids.get(file.as_str()) {
                 Some(&id) => id,
                 None => {
-                    let shard = open_shard(&dir.join(file))?;
+                    let shard = open_shard(&dir.join(file)).map_err(|e| {
+                        let listed = parsed.weight_map.values().filter(|f| *f == file).count();
+                        Error::Checkpoint {
+                            path: dir.join(file),
+                            reason: format!(
+                                "a shard {INDEX_FILE} lists for `{tensor}` and {} more tensors: {e}",
+                                listed - 1
+                            ),
+                        }
+                    })?;
                     shards.push(shard);
                     file_ids.insert(file, shards.len() - 1);
                     shards.len() - 1
@@ -153,6 +165,11 @@ impl Checkpoint {
         })
     }
 
+    /// The safetensors dtype of any tensor, as the file names it.
+    pub fn stored_dtype(&self, name: &str) -> Result<String> {
+        Ok(format!("{:?}", self.shard_of(name)?.tensor_info(name).dtype))
+    }
+
     /// Shape of any tensor, whatever its dtype.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         Ok(self.shard_of(name)?.tensor_info(name).shape.clone())
@@ -186,8 +203,8 @@ impl Checkpoint {
         }
     }
 
-    /// Raw bytes and dtype of a tensor after checking its shape.
-    pub(crate) fn bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8], &Path)> {
+    /// The header of tensor `name` after checking its shape and dtype; reads no data.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<(&Shard, &safetensors::tensor::TensorInfo, DType)> {
         let shard = self.shard_of(name)?;
         let info = shard.tensor_info(name);
         if info.shape != shape {
@@ -198,14 +215,94 @@ impl Checkpoint {
             });
         }
         let dtype = convert_dtype(info.dtype, name, &shard.path)?;
+        Ok((shard, info, dtype))
+    }
+
+    /// Raw bytes and dtype of a tensor after checking its shape.
+    pub(crate) fn bytes(&self, name: &str, shape: &[usize]) -> Result<(DType, &[u8], &Path)> {
+        let (shard, info, dtype) = self.checked(name, shape)?;
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
         Ok((dtype, bytes, &shard.path))
     }
 
+    /// Raw bytes of a tensor stored as exactly `want` (GPTQ's integer and f16 tensors), after
+    /// checking its shape.
+    fn raw(&self, name: &str, shape: &[usize], want: StDtype) -> Result<&[u8]> {
+        let shard = self.shard_of(name)?;
+        let info = shard.tensor_info(name);
+        let refuse = |reason: String| {
+            Err(Error::Tensor {
+                tensor: name.to_owned(),
+                file: shard.path.clone(),
+                reason,
+            })
+        };
+        if info.shape != shape {
+            return refuse(format!("shape {:?}, expected {:?}", info.shape, shape));
+        }
+        if info.dtype != want {
+            return refuse(format!("dtype {:?}, expected {want:?}", info.dtype));
+        }
+        let (start, end) = info.data_offsets;
+        Ok(&shard.mmap[shard.data_start + start..shard.data_start + end])
+    }
+
+    pub(crate) fn raw_i32(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        self.raw(name, shape, StDtype::I32)
+    }
+
+    pub(crate) fn raw_f16(&self, name: &str, shape: &[usize]) -> Result<&[u8]> {
+        self.raw(name, shape, StDtype::F16)
+    }
+
+    /// The GPTQ tensors of the `[rows, cols]` weight `name` when it is stored as GPTQ (no
+    /// `name` itself, a `<module>.qweight` instead).
+    fn gptq(&self, name: &str, rows: usize, cols: usize) -> Result<Option<GptqTensors>> {
+        match GptqTensors::qweight_of(name) {
+            Some(q) if !self.contains(name) && self.contains(&q) => {
+                GptqTensors::locate(self, name, rows, cols).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Bytes of tensor `name`'s data, from its header.
+    pub(crate) fn data_len(&self, name: &str) -> Result<usize> {
+        let (start, end) = self.shard_of(name)?.tensor_info(name).data_offsets;
+        Ok(end - start)
+    }
+
+    /// Checks, from the headers only, that `want` can be loaded as [`Checkpoint::matrix`] or
+    /// [`Checkpoint::vector`] would load it: present, shaped as expected, of a supported dtype,
+    /// an FP8 weight with its scales beside it. Returns what loading it reads.
+    pub fn check(&self, want: &Want) -> Result<LoadSize> {
+        if let &[rows, cols] = want.shape.as_slice()
+            && let Some(gptq) = self.gptq(&want.name, rows, cols)?
+        {
+            return gptq.size(self);
+        }
+        let (_, info, dtype) = self.checked(&want.name, &want.shape)?;
+        let own = LoadSize::tensor(info.data_offsets.1 - info.data_offsets.0);
+        match (dtype, want.shape.as_slice()) {
+            (DType::F8E4M3, &[rows, cols]) => {
+                Ok(own + crate::quant::Fp8Tensors::locate(self, &want.name, rows, cols)?.size(self)?)
+            }
+            (DType::F8E4M3, _) => {
+                Err(self.tensor_error(&want.name, "stored as F8_E4M3, but only 2-D weights may be FP8"))
+            }
+            _ => Ok(own),
+        }
+    }
+
     /// A `[rows, cols]` matrix kept in its stored dtype; an FP8 one with its scale (see
-    /// [`crate::quant`]), still one byte per weight.
+    /// [`crate::quant`]), still one byte per weight; a GPTQ one dequantised to f16 (see
+    /// [`crate::gptq`]).
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        if let Some(gptq) = self.gptq(name, rows, cols)? {
+            let data = MatrixData::F16(gptq.dequantize(self, rows, cols)?);
+            return Ok(Matrix { rows, cols, data });
+        }
         let (dtype, bytes, _) = self.bytes(name, &[rows, cols])?;
         let data = match dtype {
             DType::F32 => MatrixData::F32(le_f32(bytes)),
@@ -328,7 +425,7 @@ fn le_f32(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-fn le_u16(bytes: &[u8]) -> Vec<u16> {
+pub(crate) fn le_u16(bytes: &[u8]) -> Vec<u16> {
     bytes
         .chunks_exact(2)
         .map(|c| u16::from_le_bytes(c.try_into().unwrap()))

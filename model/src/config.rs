@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::gptq::GptqQuantization;
 use crate::quant::Fp8Quantization;
 
 /// A value given either once for all layers or as a per-layer list (`moe_topk`,
@@ -233,8 +234,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub dtype: Option<DType>,
-    /// `quantization_config` (FP8 only); `None` for an unquantised checkpoint.
+    /// `quantization_config` when it is FP8; `None` for an unquantised checkpoint.
     pub quantization: Option<Fp8Quantization>,
+    /// `quantization_config` when it is GPTQ (`quant_method: "gptq"`).
+    pub gptq: Option<GptqQuantization>,
     pub special: SpecialTokens,
 }
 
@@ -420,11 +423,10 @@ impl ModelConfig {
                 )
             })?),
         };
-        let quantization = raw
-            .quantization_config
-            .as_ref()
-            .map(Fp8Quantization::parse)
-            .transpose()?;
+        let (quantization, gptq) = match &raw.quantization_config {
+            Some(q) => q.parse()?,
+            None => (None, None),
+        };
 
         // Top-k renormalisation: an explicit norm_topk_prob wins; without one, follow Tencent's
         // code, where the top-1 gate weights by the probability and the top-k gate renormalises.
@@ -484,6 +486,7 @@ impl ModelConfig {
             max_position_embeddings: raw.max_position_embeddings,
             dtype,
             quantization,
+            gptq,
             special,
         })
     }

@@ -14,6 +14,7 @@ use crate::experts::{ExpertCompute, ExpertSelection, LocalExperts};
 use crate::kernels::argmax;
 use crate::kv_cache::{KvCache, KvCacheConfig, SeqId};
 use crate::model::AttentionModel;
+use crate::progress::{LoadProgress, NoProgress};
 use crate::router::{ExactRouting, RoutePolicy};
 use crate::trace::Trace;
 
@@ -80,10 +81,20 @@ pub struct Engine {
 impl Engine {
     /// Loads a whole model directory (config, non-expert and all expert tensors).
     pub fn load(dir: &Path, options: EngineOptions) -> Result<Self> {
+        Self::load_with(dir, options, &NoProgress)
+    }
+
+    /// Like [`Engine::load`], reporting to `progress`. Every tensor of both halves is checked
+    /// before the first is read.
+    pub fn load_with(dir: &Path, options: EngineOptions, progress: &dyn LoadProgress) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        let experts = LocalExperts::load_on(&ckpt, &config, &ExpertSelection::All, options.expert_device.clone())?;
-        let model = AttentionModel::load(&ckpt, config)?;
+        let attention = AttentionModel::plan(&ckpt, &config)?;
+        let empty = LocalExperts::empty(&ckpt, &config, options.expert_device.clone())?;
+        let (all, experts) = empty.plan(&ckpt, &config, &ExpertSelection::All.pairs(&config))?;
+        progress.planned(experts.total() + attention.total());
+        let experts = empty.with_planned(&ckpt, &config, &all, &experts, &[], progress)?;
+        let model = AttentionModel::load_planned(&ckpt, config, &attention, progress)?;
         Self::new(model, Arc::new(experts), options)
     }
 

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::kernels::axpy;
 use crate::mlp::SwiGlu;
 use crate::names;
+use crate::plan::{LoadPlan, Want};
+use crate::progress::{LoadProgress, NoProgress};
 pub use crate::router::ExpertAssignment;
 
 /// Anything that can compute routed experts for one layer.
@@ -65,7 +67,7 @@ pub enum ExpertSelection {
 }
 
 impl ExpertSelection {
-    fn pairs(&self, config: &ModelConfig) -> Vec<(usize, usize)> {
+    pub(crate) fn pairs(&self, config: &ModelConfig) -> Vec<(usize, usize)> {
         match self {
             ExpertSelection::All => (0..config.num_layers)
                 .flat_map(|l| (0..config.num_experts).map(move |e| (l, e)))
@@ -106,13 +108,17 @@ impl LocalExperts {
         selection: &ExpertSelection,
         device: Device,
     ) -> Result<Self> {
+        Self::empty(ckpt, config, device)?.with(ckpt, config, &selection.pairs(config), &[])
+    }
+
+    /// An empty holder computing on `device`, after checking the checkpoint's quantisation.
+    pub(crate) fn empty(ckpt: &Checkpoint, config: &ModelConfig, device: Device) -> Result<Self> {
         crate::quant::check_checkpoint(ckpt, config)?;
-        let empty = LocalExperts {
+        Ok(LocalExperts {
             hidden: config.hidden_size,
             experts: (0..config.num_layers).map(|_| vec![None; config.num_experts]).collect(),
             device,
-        };
-        empty.with(ckpt, config, &selection.pairs(config), &[])
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -128,12 +134,33 @@ impl LocalExperts {
         add: &[(usize, usize)],
         remove: &[(usize, usize)],
     ) -> Result<Self> {
-        let mut experts = self.experts.clone();
-        for &(l, e) in remove {
-            if let Some(slot) = experts.get_mut(l).and_then(|layer| layer.get_mut(e)) {
-                *slot = None;
-            }
-        }
+        self.with_progress(ckpt, config, add, remove, &NoProgress)
+    }
+
+    /// Like [`LocalExperts::with`], reporting to `progress`. Every tensor to load is checked
+    /// before the first is read.
+    pub fn with_progress(
+        &self,
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        add: &[(usize, usize)],
+        remove: &[(usize, usize)],
+        progress: &dyn LoadProgress,
+    ) -> Result<Self> {
+        let (new, plan) = self.plan(ckpt, config, add)?;
+        progress.planned(plan.total());
+        self.with_planned(ckpt, config, &new, &plan, remove, progress)
+    }
+
+    /// The experts of `add` not held yet, in order and without repeats, and their checked plan
+    /// (one unit per expert).
+    pub(crate) fn plan(
+        &self,
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        add: &[(usize, usize)],
+    ) -> Result<(Vec<(usize, usize)>, LoadPlan)> {
+        let mut new = Vec::new();
         for &(l, e) in add {
             if l >= config.num_layers || e >= config.num_experts {
                 return Err(Error::InvalidInput(format!(
@@ -141,15 +168,49 @@ impl LocalExperts {
                     config.num_layers, config.num_experts
                 )));
             }
-            if experts[l][e].is_none() {
-                let (hidden, inter) = (config.hidden_size, config.layers[l].expert_intermediate);
-                let name = |p: &str| names::expert(l, e, p);
-                let held = match &self.device {
-                    Device::Cpu => Held::Host(SwiGlu::load(ckpt, name, hidden, inter)?),
-                    Device::Cuda(gpu) => Held::Gpu(gpu.upload_expert(ckpt, name, hidden, inter)?),
-                };
-                experts[l][e] = Some(Arc::new(held));
+            if !self.holds(l, e) && !new.contains(&(l, e)) {
+                new.push((l, e));
             }
+        }
+        let units: Vec<Vec<Want>> = new
+            .iter()
+            .map(|&(l, e)| {
+                SwiGlu::wants(
+                    |p| names::expert(l, e, p),
+                    config.hidden_size,
+                    config.layers[l].expert_intermediate,
+                )
+                .to_vec()
+            })
+            .collect();
+        Ok((new, LoadPlan::check(ckpt, &units)?))
+    }
+
+    /// Loads `new` (checked by [`LocalExperts::plan`] into `plan`) and drops `remove`.
+    pub(crate) fn with_planned(
+        &self,
+        ckpt: &Checkpoint,
+        config: &ModelConfig,
+        new: &[(usize, usize)],
+        plan: &LoadPlan,
+        remove: &[(usize, usize)],
+        progress: &dyn LoadProgress,
+    ) -> Result<Self> {
+        let mut experts = self.experts.clone();
+        for &(l, e) in remove {
+            if let Some(slot) = experts.get_mut(l).and_then(|layer| layer.get_mut(e)) {
+                *slot = None;
+            }
+        }
+        for (&(l, e), &size) in new.iter().zip(&plan.units) {
+            let (hidden, inter) = (config.hidden_size, config.layers[l].expert_intermediate);
+            let name = |p: &str| names::expert(l, e, p);
+            let held = match &self.device {
+                Device::Cpu => Held::Host(SwiGlu::load(ckpt, name, hidden, inter)?),
+                Device::Cuda(gpu) => Held::Gpu(gpu.upload_expert(ckpt, name, hidden, inter)?),
+            };
+            experts[l][e] = Some(Arc::new(held));
+            progress.loaded(size);
         }
         Ok(LocalExperts {
             hidden: self.hidden,

@@ -22,8 +22,13 @@ pub fn model_identity(dir: &Path, ckpt: &Checkpoint) -> Result<String> {
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
     for name in names {
-        let info = ckpt.info(name)?;
-        hash.write(format!("{name}:{:?}:{:?};", info.dtype, info.shape).as_bytes());
+        // The stored dtype as the loader names it; tensors only read raw (GPTQ's int32) by the
+        // safetensors name.
+        let dtype = match ckpt.info(name) {
+            Ok(info) => format!("{:?}", info.dtype),
+            Err(_) => ckpt.stored_dtype(name)?,
+        };
+        hash.write(format!("{name}:{dtype}:{:?};", ckpt.shape(name)?).as_bytes());
     }
     Ok(format!("{:016x}", hash.0))
 }

@@ -2,7 +2,7 @@
 //! with the `cuda` feature.
 //!
 //! Layout, each layer built on the one before:
-//! [`config`] ([`quant`]) / [`checkpoint`] / [`weights`] ([`fp8`], [`names`], [`identity`]) -> [`kernels`] ([`cuda`] on a
+//! [`config`] ([`quant`]) / [`checkpoint`] ([`plan`], [`progress`]) / [`weights`] ([`fp8`], [`gptq`], [`names`], [`identity`]) -> [`kernels`] ([`cuda`] on a
 //! [`device`]) -> [`attention`] ([`rope`], [`kv_cache`]) / [`router`] ([`capacity`]) / [`mlp`] /
 //! [`experts`] -> [`model`] ([`batch`], [`trace`]) -> [`engine`], [`sampling`] ([`rng`]).
 //! Fixture checking and model generation are tools, in the `moe-model-tools` crate.
@@ -23,12 +23,15 @@ pub mod engine;
 pub mod error;
 pub mod experts;
 pub mod fp8;
+pub mod gptq;
 pub mod identity;
 pub mod kernels;
 pub mod kv_cache;
 pub mod mlp;
 pub mod model;
 pub mod names;
+pub mod plan;
+pub mod progress;
 pub mod quant;
 pub mod rng;
 pub mod rope;

@@ -3,6 +3,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::kernels::{linear, silu_mul};
+use crate::plan::Want;
 use crate::weights::Matrix;
 
 #[derive(Debug, Clone)]
@@ -13,12 +14,22 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
-    /// Loads `{prefix}.{gate,up,down}_proj.weight` via `name(proj)`.
+    /// The tensors `{prefix}.{gate,up,down}_proj.weight` (named by `name(proj)`), in that order.
+    pub fn wants(name: impl Fn(&str) -> String, hidden: usize, inter: usize) -> [Want; 3] {
+        [
+            Want::matrix(name("gate_proj"), inter, hidden),
+            Want::matrix(name("up_proj"), inter, hidden),
+            Want::matrix(name("down_proj"), hidden, inter),
+        ]
+    }
+
+    /// Loads [`SwiGlu::wants`].
     pub fn load(ckpt: &Checkpoint, name: impl Fn(&str) -> String, hidden: usize, inter: usize) -> Result<Self> {
+        let [gate, up, down] = Self::wants(name, hidden, inter).map(|w| ckpt.matrix(&w.name, w.shape[0], w.shape[1]));
         Ok(SwiGlu {
-            gate: ckpt.matrix(&name("gate_proj"), inter, hidden)?,
-            up: ckpt.matrix(&name("up_proj"), inter, hidden)?,
-            down: ckpt.matrix(&name("down_proj"), hidden, inter)?,
+            gate: gate?,
+            up: up?,
+            down: down?,
         })
     }
 

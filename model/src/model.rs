@@ -17,6 +17,8 @@ use crate::kernels::{linear, rms_norm};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::mlp::SwiGlu;
 use crate::names;
+use crate::plan::{LoadPlan, Want};
+use crate::progress::{LoadProgress, NoProgress};
 use crate::rope::Rope;
 use crate::router::{RoutePolicy, Router, Routing};
 use crate::trace::{LayerTrace, Trace};
@@ -54,7 +56,54 @@ impl AttentionModel {
     }
 
     pub fn load(ckpt: &Checkpoint, config: ModelConfig) -> Result<Self> {
-        crate::quant::check_checkpoint(ckpt, &config)?;
+        Self::load_with(ckpt, config, &NoProgress)
+    }
+
+    /// Like [`AttentionModel::load`], reporting to `progress`. Every tensor is checked first.
+    pub fn load_with(ckpt: &Checkpoint, config: ModelConfig, progress: &dyn LoadProgress) -> Result<Self> {
+        let plan = Self::plan(ckpt, &config)?;
+        progress.planned(plan.total());
+        Self::load_planned(ckpt, config, &plan, progress)
+    }
+
+    /// Checks, from the headers, everything [`AttentionModel::load`] reads: one unit per layer,
+    /// then the embedding, final norm and LM head.
+    pub fn plan(ckpt: &Checkpoint, config: &ModelConfig) -> Result<LoadPlan> {
+        crate::quant::check_checkpoint(ckpt, config)?;
+        let (h, v, e) = (config.hidden_size, config.vocab_size, config.num_experts);
+        let mut units: Vec<Vec<Want>> = (0..config.num_layers)
+            .map(|l| {
+                AttentionWeights::check_unused(ckpt, config, l)?;
+                let mut wants = AttentionWeights::wants(config, l);
+                wants.push(Want::vector(names::layer(l, names::INPUT_NORM), h));
+                wants.push(Want::vector(names::layer(l, names::POST_ATTN_NORM), h));
+                wants.push(Want::matrix(names::layer(l, names::ROUTER), e, h));
+                let bias = names::layer(l, names::ROUTER_BIAS);
+                if ckpt.contains(&bias) {
+                    wants.push(Want::vector(bias, e));
+                }
+                let inter = config.layers[l].shared_intermediate;
+                if inter > 0 {
+                    wants.extend(SwiGlu::wants(|p| names::shared(l, p), h, inter));
+                }
+                Ok(wants)
+            })
+            .collect::<Result<_>>()?;
+        let mut head = vec![Want::matrix(names::EMBED, v, h), Want::vector(names::FINAL_NORM, h)];
+        if !config.tie_word_embeddings {
+            head.push(Want::matrix(names::LM_HEAD, v, h));
+        }
+        units.push(head);
+        LoadPlan::check(ckpt, &units)
+    }
+
+    /// Loads what `plan` (from [`AttentionModel::plan`]) checked, one unit at a time.
+    pub(crate) fn load_planned(
+        ckpt: &Checkpoint,
+        config: ModelConfig,
+        plan: &LoadPlan,
+        progress: &dyn LoadProgress,
+    ) -> Result<Self> {
         let (h, v) = (config.hidden_size, config.vocab_size);
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
@@ -82,13 +131,14 @@ impl AttentionModel {
                 },
                 shared,
             });
+            progress.loaded(plan.units[l]);
         }
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
             Some(ckpt.matrix(names::LM_HEAD, v, h)?)
         };
-        Ok(AttentionModel {
+        let model = AttentionModel {
             rope: Rope::new(&config),
             embed: ckpt.matrix(names::EMBED, v, h)?,
             final_norm: ckpt.vector(names::FINAL_NORM, h)?,
@@ -96,7 +146,9 @@ impl AttentionModel {
             lm_head,
             config,
             device: None,
-        })
+        };
+        progress.loaded(plan.units[model.config.num_layers]);
+        Ok(model)
     }
 
     /// Runs every layer's attention on `device` from now on, with a device KV cache of `kv`'s

@@ -2,6 +2,7 @@
 //! until shutdown, and (for workers) heartbeat the coordinator on a fixed period.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use moe_proto::v1::{HeartbeatResponse, WorkerStatus};
@@ -10,6 +11,7 @@ use tonic::Status;
 use tonic::service::Routes;
 
 use crate::control::Membership;
+use crate::load_progress::{LoadReporter, ProgressDisplay};
 use crate::member::Member;
 use crate::nccl::NcclAgent;
 use crate::net;
@@ -149,6 +151,10 @@ pub struct WorkerArgs {
     pub cluster_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+    /// How weight loading is shown on stderr: `auto` (a progress bar on a terminal, log lines
+    /// otherwise) or `log`.
+    #[arg(long, value_enum, default_value_t = ProgressDisplay::Auto)]
+    pub progress: ProgressDisplay,
 }
 
 impl WorkerArgs {
@@ -177,6 +183,12 @@ impl WorkerArgs {
             .transpose()
     }
 
+    /// What this worker's loads report to: shown on stderr, and carried by its heartbeats once
+    /// it is part of a [`WorkerSpec`].
+    pub fn load_reporter(&self) -> Arc<LoadReporter> {
+        Arc::new(LoadReporter::new(self.progress))
+    }
+
     pub fn spec(
         &self,
         name: &'static str,
@@ -184,6 +196,7 @@ impl WorkerArgs {
         model_id: String,
         grace: Duration,
         nccl: Option<NcclAgent>,
+        load: Arc<LoadReporter>,
     ) -> Result<WorkerSpec, WorkerError> {
         let worker_id = match &self.worker_id {
             Some(id) => {
@@ -204,6 +217,7 @@ impl WorkerArgs {
             nccl,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             grace,
+            load,
         })
     }
 }
@@ -228,6 +242,8 @@ pub struct WorkerSpec {
     pub heartbeat: Duration,
     /// Time given to in-flight streams after shutdown.
     pub grace: Duration,
+    /// The worker's weight loading, reported with every heartbeat.
+    pub load: Arc<LoadReporter>,
 }
 
 /// Longest a draining worker waits to be released before it leaves anyway.
@@ -244,11 +260,16 @@ pub async fn run_worker(
     mut status: impl FnMut() -> WorkerStatus,
     mut on_answer: impl AsyncFnMut(&mut Membership, HeartbeatResponse),
 ) -> Result<(), WorkerError> {
-    // The NCCL data plane's set-up rides on the heartbeats of every worker kind.
-    let nccl = spec.nccl.clone();
-    let mut status = move || WorkerStatus {
-        nccl_ready_epoch: nccl.as_ref().map_or(0, NcclAgent::ready_epoch),
-        ..status()
+    // The NCCL data plane's set-up and the loading progress ride on the heartbeats of every
+    // worker kind.
+    let (nccl, load) = (spec.nccl.clone(), spec.load.clone());
+    let mut status = move || {
+        let mut s = WorkerStatus {
+            nccl_ready_epoch: nccl.as_ref().map_or(0, NcclAgent::ready_epoch),
+            ..status()
+        };
+        load.fill(&mut s);
+        s
     };
     let nccl = spec.nccl.clone();
     let mut on_answer = async move |m: &mut Membership, answer: HeartbeatResponse| {

@@ -3,10 +3,13 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod progress;
 
 use std::path::{Path, PathBuf};
 
 use moe_model::DType;
+use moe_model::checkpoint::Checkpoint;
+use moe_model_tools::safetensors_writer::{TensorSpec, write_file};
 use moe_model_tools::synthetic::{ModelShape, SynthOptions, write_random_model};
 
 /// `tests/fixtures` of this repository, or `MOE_FIXTURES_DIR` when set (test binaries built on
@@ -57,4 +60,29 @@ pub fn run_fixture_on_engine(dir: &Path, quantities: &[&str]) -> moe_model_tools
         );
     }
     report
+}
+
+/// Rewrites `src`'s checkpoint into `dst` as one `model.safetensors` with `edit` applied to its
+/// tensor list (names, dtypes, shapes) and every value zero (a valid weight and scale in every
+/// dtype), beside `src`'s config.json. For checkpoints broken in one named way.
+pub fn rewrite_zeroed(src: &Path, dst: &Path, edit: impl Fn(&mut Vec<TensorSpec>)) {
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(src).unwrap();
+    let mut specs: Vec<TensorSpec> = ckpt
+        .tensor_names()
+        .map(|n| {
+            let info = ckpt.info(n).unwrap();
+            TensorSpec {
+                name: n.to_owned(),
+                dtype: info.dtype,
+                shape: info.shape,
+            }
+        })
+        .collect();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    edit(&mut specs);
+    write_file(&dst.join("model.safetensors"), &specs, &mut |s, buf| {
+        buf.extend(std::iter::repeat_n(0u8, s.size_in_bytes()));
+    })
+    .unwrap();
 }

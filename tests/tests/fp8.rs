@@ -296,10 +296,10 @@ fn tiny_config_with(quantization: serde_json::Value) -> Result<ModelConfig, moe_
 }
 
 #[test]
-fn quantization_configs_other_than_fp8_e4m3_are_refused_by_field() {
+fn quantization_configs_other_than_fp8_e4m3_or_gptq_are_refused_by_field() {
     let cases = [
         (
-            serde_json::json!({ "quant_method": "gptq", "bits": 4 }),
+            serde_json::json!({ "quant_method": "awq", "bits": 4 }),
             "quantization_config.quant_method",
         ),
         (serde_json::json!({ "bits": 4 }), "quantization_config.quant_method"),

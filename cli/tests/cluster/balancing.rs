@@ -149,6 +149,9 @@ async fn a_rebalance_under_load_replicates_hot_experts_and_changes_no_token() {
         "hot experts got replicas in the spare slots ({held} slots for 128 experts)"
     );
     for w in after.workers.iter().filter(|w| w.role == Role::Expert as i32) {
+        // The rebalanced placement's load (its new slots only) is reported like the first.
+        assert_eq!(w.load_state, moe_proto::v1::LoadState::Loaded as i32, "{}", w.worker_id);
+        assert_eq!(w.load_bytes_done, w.load_bytes_total, "{}", w.worker_id);
         assert!(
             w.expert_slots.len() <= 2 * (32 + 8),
             "{} holds {} slots",

@@ -13,6 +13,7 @@ use common::*;
 mod balancing;
 mod connections;
 mod failures;
+mod loading;
 mod metric_names;
 mod parity;
 mod protocol;

@@ -61,7 +61,7 @@ impl DeviceSwiGlu {
 impl CudaDevice {
     /// Uploads `{prefix}.{gate,up,down}_proj.weight` (via `name(proj)`). bf16 tensors go from
     /// the mmapped file to the device with no host copy; f32 and f16 ones are narrowed first,
-    /// FP8 ones dequantised and narrowed (the grouped GEMM reads bf16 only).
+    /// FP8 and GPTQ ones dequantised and narrowed (the grouped GEMM reads bf16 only).
     pub fn upload_expert(
         &self,
         ckpt: &Checkpoint,
@@ -70,12 +70,13 @@ impl CudaDevice {
         inter: usize,
     ) -> Result<DeviceSwiGlu> {
         let upload = |proj: &str, rows: usize, cols: usize| -> Result<CudaSlice<u8>> {
-            let (dtype, bytes, _) = ckpt.bytes(&name(proj), &[rows, cols])?;
-            let s = self.stream();
-            match dtype {
-                DType::BF16 => s.clone_htod(bytes),
-                DType::F32 | DType::F16 | DType::F8E4M3 => {
-                    let narrowed: Vec<u8> = to_bf16(&ckpt.matrix(&name(proj), rows, cols)?)
+            let (name, s) = (name(proj), self.stream());
+            match ckpt.bytes(&name, &[rows, cols]) {
+                Ok((DType::BF16, bytes, _)) => s.clone_htod(bytes),
+                // Any other stored form (and a GPTQ weight, stored under other names) through
+                // the host matrix, which also reports what is wrong with the tensor.
+                _ => {
+                    let narrowed: Vec<u8> = to_bf16(&ckpt.matrix(&name, rows, cols)?)
                         .into_iter()
                         .flat_map(|v| v.to_bits().to_le_bytes())
                         .collect();

@@ -1,0 +1,118 @@
+//! Weight loading as the cluster shows it: every worker's load in `moectl status --json` and in
+//! the coordinator's `/metrics`, finished (done == total, state loaded) and the size of what
+//! it holds, as the checkpoint's own headers count it; and a GPTQ checkpoint, loaded by every
+//! worker, serving the engine's tokens.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use moe_model::checkpoint::Checkpoint;
+use moe_model::names::is_routed_expert;
+use moe_proto::v1::LoadState;
+use moe_runtime::client::ClusterClient;
+use moe_tests::cluster::LocalCluster;
+
+use crate::common::*;
+use crate::http_get;
+
+/// Tensors and bytes of the checkpoint's tensors that `keep` selects.
+fn size_of(ckpt: &Checkpoint, keep: impl Fn(&str) -> bool) -> (u64, u64) {
+    ckpt.tensor_names().filter(|n| keep(n)).fold((0, 0), |(t, b), n| {
+        let info = ckpt.info(n).unwrap();
+        (
+            t + 1,
+            b + (info.shape.iter().product::<usize>() * info.dtype.size_in_bytes()) as u64,
+        )
+    })
+}
+
+/// `name{worker="id"} value` samples of one metric, by worker.
+fn per_worker(body: &str, name: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix("{worker=\""))
+        .map(|rest| {
+            let (id, value) = rest.split_once("\"} ").unwrap();
+            (id.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workers_load_shows_finished_in_status_and_metrics() {
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--metrics-listen", "127.0.0.1:0"]);
+    let client = ClusterClient::new(&cluster.endpoint).unwrap();
+    // Loads finish before the placement is active; heartbeats carry them.
+    eventually(
+        Duration::from_secs(20),
+        "a worker never reported a finished load",
+        || {
+            let mut client = client.clone();
+            async move {
+                let s = client.status().await.unwrap();
+                let pending: Vec<_> = s
+                    .workers
+                    .iter()
+                    .filter(|w| w.load_state != LoadState::Loaded as i32)
+                    .map(|w| (w.worker_id.clone(), w.load_state))
+                    .collect();
+                if s.workers.len() == 3 && pending.is_empty() {
+                    Ok(())
+                } else {
+                    Err(pending)
+                }
+            }
+        },
+    )
+    .await;
+
+    let ckpt = Checkpoint::open(&tiny()).unwrap();
+    let attention = size_of(&ckpt, |n| !is_routed_expert(n));
+    let experts = size_of(&ckpt, is_routed_expert);
+    let out = std::process::Command::new(moectl())
+        .args(["status", "--json", "--endpoint", &cluster.endpoint])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut expert_sum = (0, 0);
+    let mut by_worker = BTreeMap::new();
+    for w in status["workers"].as_array().unwrap() {
+        let load = &w["load"];
+        let field = |f: &str| load[f].as_u64().unwrap();
+        assert_eq!(load["state"], "loaded", "{w}");
+        assert_eq!(field("bytes_done"), field("bytes_total"), "{w}");
+        assert_eq!(field("tensors_done"), field("tensors_total"), "{w}");
+        let done = (field("tensors_done"), field("bytes_done"));
+        match w["role"].as_str().unwrap() {
+            "ROLE_ATTENTION" => assert_eq!(done, attention, "the attention worker reads every non-expert tensor"),
+            "ROLE_EXPERT" => {
+                assert!(done.1 > 0, "{w}");
+                expert_sum = (expert_sum.0 + done.0, expert_sum.1 + done.1);
+            }
+            other => panic!("role {other}"),
+        }
+        by_worker.insert(w["worker_id"].as_str().unwrap().to_owned(), done.1 as f64);
+    }
+    assert_eq!(
+        expert_sum, experts,
+        "without spare slots the expert workers read each expert once"
+    );
+
+    let metrics = cluster.metrics.clone().expect("metrics address printed");
+    let (code, body) = http_get(&metrics, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(per_worker(&body, "moe_worker_load_bytes"), by_worker, "{body}");
+    assert_eq!(per_worker(&body, "moe_worker_load_size_bytes"), by_worker, "{body}");
+    let loaded = by_worker.keys().map(|id| (id.clone(), LoadState::Loaded as i32 as f64));
+    assert_eq!(per_worker(&body, "moe_worker_load_state"), loaded.collect(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gptq_model_serves_through_a_cluster_as_in_process() {
+    let model = moe_tests::fixtures_dir().join("hunyuan-tiny-gptq");
+    let prompts = decisive_prompts(&model, &[3, 11], 8);
+    let cluster = LocalCluster::start(moectl(), &model, 1, 2, &[]);
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    for (prompt, want) in &prompts {
+        assert_eq!(&client.generate(&greedy(prompt, 8)).await.unwrap().tokens, want);
+    }
+}
