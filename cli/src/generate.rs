@@ -12,12 +12,17 @@ pub struct Args {
     /// A running cluster's client endpoint (host:port). Without it, the single-process engine runs.
     #[arg(long)]
     endpoint: Option<String>,
-    /// Model directory for the single-process engine. Default: the built-in `medium` model.
-    #[arg(long, conflicts_with = "endpoint")]
+    /// Model directory for the single-process engine, and the tokenizer of `--prompt`.
+    /// Default: the built-in `medium` model.
+    #[arg(long)]
     model: Option<PathBuf>,
-    /// Prompt as comma-separated token ids, e.g. 5,6,7.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Prompt as comma-separated token ids, e.g. 5,6,7. Output: token ids.
+    #[arg(long, value_delimiter = ',', required_unless_present = "prompt", conflicts_with = "prompt")]
     prompt_ids: Vec<u32>,
+    /// Prompt as text, tokenised with the model's tokenizer as written (special-token text
+    /// such as `<|startoftext|>` becomes the special id; no chat template). Output: text.
+    #[arg(long)]
+    prompt: Option<String>,
     #[arg(long, default_value_t = 16)]
     max_tokens: u32,
     /// Stop after any of these token ids (comma-separated).
@@ -43,18 +48,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         stop_ids: args.stop_ids,
         max_tokens: args.max_tokens,
     };
-    if let Some(endpoint) = &args.endpoint {
-        return crate::remote::generate(endpoint, args.prompt_ids, sampling).await;
-    }
     let dir = match args.model {
         Some(d) => d,
         None => default_model_dir()?,
     };
+    let (prompt, tokenizer) = match &args.prompt {
+        None => (args.prompt_ids, None),
+        Some(text) => {
+            let t = moe_text::Tokenizer::from_dir(&dir).with_context(|| format!("the tokenizer of {}", dir.display()))?;
+            (t.encode(text)?, Some(t))
+        }
+    };
+    if let Some(endpoint) = &args.endpoint {
+        return crate::remote::generate(endpoint, prompt, sampling, tokenizer.as_ref()).await;
+    }
     let started = Instant::now();
     let engine = Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
     let loaded = started.elapsed();
     let request = GenerationRequest {
-        prompt: args.prompt_ids,
+        prompt,
         sampling,
         return_prompt_logits: false,
         return_token_logits: false,
@@ -66,7 +78,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let tokens = scheduler.run(request).await?.tokens;
     let elapsed = started.elapsed();
-    println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    match &tokenizer {
+        Some(t) => println!("{}", t.decode(&tokens, true)?),
+        None => println!("{}", tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+    }
     eprintln!(
         "{} tokens in {:.3} s ({:.1} tok/s; model loaded in {:.2} s)",
         tokens.len(),

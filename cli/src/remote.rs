@@ -8,8 +8,14 @@ use moe_proto::v1::{ClusterStatusResponse, Role};
 use moe_runtime::client::{ClusterClient, Generation};
 use tokio_stream::StreamExt;
 
-/// Streams tokens of one request to stdout as they arrive.
-pub async fn generate(endpoint: &str, prompt: Vec<u32>, sampling: SamplingParams) -> anyhow::Result<()> {
+/// Streams tokens of one request to stdout as they arrive: their ids, or with a tokenizer
+/// their text (special tokens left out, characters never split).
+pub async fn generate(
+    endpoint: &str,
+    prompt: Vec<u32>,
+    sampling: SamplingParams,
+    tokenizer: Option<&moe_text::Tokenizer>,
+) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(endpoint)?;
     let req = GenerationRequest {
         prompt,
@@ -23,16 +29,21 @@ pub async fn generate(endpoint: &str, prompt: Vec<u32>, sampling: SamplingParams
     let mut g = Generation::default();
     let mut out = std::io::stdout().lock();
     let mut printed = 0;
+    let mut decoder = tokenizer.map(|t| moe_text::StreamDecoder::new(t, true));
     while let Some(event) = stream.next().await {
         g.absorb(event?, since)?;
-        for t in &g.tokens[printed..] {
-            if printed > 0 {
-                write!(out, ",")?;
+        for &t in &g.tokens[printed..] {
+            match &mut decoder {
+                Some(d) => write!(out, "{}", d.push(t)?)?,
+                None if printed > 0 => write!(out, ",{t}")?,
+                None => write!(out, "{t}")?,
             }
-            write!(out, "{t}")?;
             printed += 1;
         }
         out.flush()?;
+    }
+    if let Some(d) = decoder {
+        write!(out, "{}", d.finish())?;
     }
     writeln!(out)?;
     let n = g.tokens.len();

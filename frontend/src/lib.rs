@@ -7,6 +7,7 @@ pub mod chat;
 mod error;
 pub mod fields;
 pub mod generate;
+pub mod http_client;
 pub mod metrics;
 pub mod model;
 pub mod output;

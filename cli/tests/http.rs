@@ -1,0 +1,263 @@
+//! The HTTP front end on a real cluster (`moectl up --http` on a generated model, 2 attention
+//! and 3 expert workers): the official `openai` Python client runs its checks
+//! (cli/tests/http/openai_client.py), then greedy parity with `moectl generate`, then a client
+//! that disconnects mid-stream is shown to cancel its request in the cluster.
+//!
+//! The Python client lives in a virtual environment that `scripts/test.sh` creates
+//! (`target/py-openai`, or `MOE_PY_OPENAI` naming its python); without it this test fails and
+//! says how to make one.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{eventually, moectl};
+use moe_frontend::http_client;
+use moe_model::{Engine, EngineOptions};
+use moe_runtime::client::ClusterClient;
+use moe_tests::cluster::LocalCluster;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "s3cret-http-token";
+
+fn python() -> PathBuf {
+    let python = match std::env::var_os("MOE_PY_OPENAI") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-openai/bin/python"),
+    };
+    assert!(
+        python.exists(),
+        "{} is missing: the openai client test needs a Python virtual environment with the `openai` package; \
+         run scripts/test.sh (it makes one), or `python3 -m venv target/py-openai && target/py-openai/bin/pip install openai`, \
+         or point MOE_PY_OPENAI at a python that has it",
+        python.display()
+    );
+    python
+}
+
+fn gen_model(dir: &Path) {
+    let out = Command::new(moectl())
+        .args(["gen-model", "--preset", "tiny", "--seed", "3", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `moectl frontend` against a coordinator address where nothing listens.
+struct DeadFrontend {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl DeadFrontend {
+    fn start(model: &Path, token_file: &Path) -> Self {
+        let mut child = Command::new(moectl())
+            .args(["frontend", "--listen", "127.0.0.1:0", "--coordinator", "127.0.0.1:1", "--watch-stdin"])
+            .arg("--model")
+            .arg(model)
+            .arg("--auth-token-file")
+            .arg(token_file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().expect("a LISTENING line").unwrap();
+        let addr = line.strip_prefix("LISTENING frontend ").expect(&line).parse().unwrap();
+        DeadFrontend { child, addr }
+    }
+}
+
+impl Drop for DeadFrontend {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn http_addr(cluster: &LocalCluster) -> SocketAddr {
+    let url = cluster.http.as_deref().expect("moectl up --http printed HTTP");
+    url.strip_prefix("http://").unwrap().parse().unwrap()
+}
+
+async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let answer = http_client::post(addr, path, &body, Some(TOKEN)).await.unwrap();
+    let status = answer.status;
+    (status, answer.json().await.unwrap())
+}
+
+/// Smallest top-1/top-2 logit gap over `steps` greedy steps of `prompt` on the engine: a
+/// cluster sums expert outputs in another order (~1e-5 apart), so only prompts with a clear
+/// gap can be compared token for token.
+fn min_gap(engine: &mut Engine, prompt: &[u32], steps: usize) -> f32 {
+    let g = engine
+        .generate_greedy(&[prompt.to_vec()], steps, &[], true)
+        .unwrap()
+        .remove(0);
+    g.step_logits
+        .iter()
+        .map(|l| {
+            let mut s = l.clone();
+            s.sort_by(|a, b| b.total_cmp(a));
+            s[0] - s[1]
+        })
+        .fold(f32::INFINITY, f32::min)
+}
+
+fn moectl_generate(args: &[&str]) -> String {
+    let out = Command::new(moectl())
+        .arg("generate")
+        .args(args)
+        .env("MOECTL_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim_end_matches('\n').to_owned()
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_client_parity_and_cancellation_on_a_cluster() {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-chat");
+    gen_model(&model);
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let token_arg = token_file.to_string_lossy().into_owned();
+    let cluster = LocalCluster::start(
+        moectl(),
+        &model,
+        2,
+        3,
+        &["--http", "127.0.0.1:0", "--max-in-flight", "2", "--auth-token-file", &token_arg],
+    );
+    let http = http_addr(&cluster);
+    let dead = DeadFrontend::start(&model, &token_file);
+
+    // 1. The openai client.
+    let out = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/http/openai_client.py"))
+        .env("BASE_URL", format!("http://{http}/v1"))
+        .env("DEAD_URL", format!("http://{}/v1", dead.addr))
+        .env("API_KEY", TOKEN)
+        .env("MODEL", "tiny-chat")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("ALL PASSED"),
+        "the openai client checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 2. Greedy parity: the ids behind a chat completion are what `moectl generate` makes
+    // from the rendered prompt's ids, in process and through the cluster.
+    let steps = 8;
+    let mut engine = Engine::load(&model, EngineOptions::default()).unwrap();
+    let served = moe_frontend::model::ServedModel::load(&model, None).unwrap();
+    let stop_ids = ids_arg(&served.stop_ids);
+    let mut compared = 0;
+    for question in ["Hello!", "What is the capital of France?", "Write a haiku.", "2+2=?", "Hi there", "Why?"] {
+        let request = json!({"model": "tiny-chat", "messages": [{"role": "user", "content": question}],
+            "max_tokens": steps, "temperature": 0, "return_token_ids": true});
+        let (status, body) = post(http, "/v1/chat/completions", request.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let prompt: Vec<u32> = serde_json::from_value(body["prompt_token_ids"].clone()).unwrap();
+        let tokens: Vec<u32> = serde_json::from_value(body["choices"][0]["token_ids"].clone()).unwrap();
+        let (_, tokenized) = post(http, "/tokenize", json!({"messages": request["messages"]})).await;
+        assert_eq!(tokenized["tokens"], json!(prompt), "/tokenize renders the same prompt");
+        if min_gap(&mut engine, &prompt, steps as usize) < 2e-3 {
+            continue;
+        }
+        let steps_arg = steps.to_string();
+        let ids = ids_arg(&prompt);
+        let mut args = vec!["--model", model.to_str().unwrap(), "--prompt-ids", &ids, "--max-tokens", &steps_arg];
+        if !stop_ids.is_empty() {
+            args.extend(["--stop-ids", &stop_ids]);
+        }
+        let in_process = moectl_generate(&args);
+        args.extend(["--endpoint", &cluster.endpoint]);
+        let through_cluster = moectl_generate(&args);
+        assert_eq!(in_process, ids_arg(&tokens), "in process, {question:?}");
+        assert_eq!(through_cluster, ids_arg(&tokens), "through the cluster, {question:?}");
+        // The completion's text is the decoding of those ids, as `generate --prompt` prints it.
+        let text = served.tokenizer.decode(&tokens, true).unwrap();
+        assert_eq!(body["choices"][0]["message"]["content"], json!(text), "{question:?}");
+        compared += 1;
+    }
+    assert!(compared >= 2, "only {compared} prompts had a clear enough greedy margin to compare");
+
+    // `moectl generate --prompt TEXT` prints what /v1/completions answers for the same text.
+    let (_, completion) = post(
+        http,
+        "/v1/completions",
+        json!({"model": "tiny-chat", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    let mut args = vec!["--model", model.to_str().unwrap(), "--prompt", "Once upon a time", "--max-tokens", "6"];
+    if !stop_ids.is_empty() {
+        args.extend(["--stop-ids", &stop_ids]);
+    }
+    assert_eq!(json!(moectl_generate(&args)), completion["choices"][0]["text"]);
+
+    // 3. A client that disconnects mid-stream cancels its request in the cluster.
+    let status_client = ClusterClient::with_token(&cluster.endpoint, Some(TOKEN)).unwrap();
+    let processed = |s: &moe_proto::v1::ClusterStatusResponse| s.workers.iter().map(|w| w.tokens_processed).sum::<u64>();
+    let before = processed(&status_client.clone().status().await.unwrap());
+    let max_tokens = 30000;
+    let answer = http_client::post(
+        http,
+        "/v1/chat/completions",
+        &json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "Count forever."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": true}),
+        Some(TOKEN),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200);
+    let mut seen = 0;
+    let answer = {
+        let mut answer = answer;
+        // Read until some text arrived, then drop the connection.
+        while seen < 3 {
+            let piece = answer.next_bytes().await.unwrap().expect("the stream ended early");
+            seen += String::from_utf8_lossy(&piece).matches("data: ").count();
+        }
+        answer
+    };
+    let running = |c: ClusterClient| async move {
+        let s = c.clone().status().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((s.running_requests, processed(&s)))
+    };
+    let (n, _) = running(status_client.clone()).await.unwrap();
+    assert_eq!(n, 1, "the streamed request runs in the cluster");
+    drop(answer);
+    let after = eventually(Duration::from_secs(30), "the request was not cancelled", || {
+        let c = status_client.clone();
+        async move {
+            match running(c).await? {
+                (0, tokens) => Ok(tokens),
+                (n, _) => Err(format!("{n} running")),
+            }
+        }
+    })
+    .await;
+    let generated = after - before;
+    assert!(
+        generated < max_tokens as u64,
+        "the cluster stopped after {generated} tokens, not at max_tokens {max_tokens}"
+    );
+    drop(dead);
+    drop(cluster);
+}
