@@ -64,10 +64,7 @@ pub async fn ask(http: SocketAddr, token: Option<&str>, prompt: &str, max_tokens
         .map(|a| a.iter().map(Value::to_string).collect())
         .unwrap_or_default();
     println!("token ids: {}", ids.join(","));
-    println!(
-        "finish_reason: {}  usage: {}",
-        choice["finish_reason"], body["usage"]
-    );
+    println!("finish_reason: {}  usage: {}", choice["finish_reason"], body["usage"]);
     Ok(())
 }
 
@@ -76,7 +73,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let token = std::env::var(HTTP_TOKEN_ENV).ok();
     let token = token.as_deref();
     let model = model_name(args.http, token).await?;
-    eprintln!("chatting with {model} at http://{}; an empty line or Ctrl-D ends", args.http);
+    eprintln!(
+        "chatting with {model} at http://{}; an empty line or Ctrl-D ends",
+        args.http
+    );
     let mut history: Vec<Value> = Vec::new();
     let stdin = std::io::stdin();
     loop {
@@ -107,7 +107,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mut thinking = false;
         answer
             .events(|data| {
-                let Ok(chunk) = serde_json::from_str::<Value>(data) else { return true };
+                let Ok(chunk) = serde_json::from_str::<Value>(data) else {
+                    return true;
+                };
                 if let Some(e) = chunk.get("error") {
                     eprintln!("\nerror: {e}");
                     return false;

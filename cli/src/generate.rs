@@ -17,7 +17,12 @@ pub struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Prompt as comma-separated token ids, e.g. 5,6,7. Output: token ids.
-    #[arg(long, value_delimiter = ',', required_unless_present = "prompt", conflicts_with = "prompt")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "prompt",
+        conflicts_with = "prompt"
+    )]
     prompt_ids: Vec<u32>,
     /// Prompt as text, tokenised with the model's tokenizer as written (special-token text
     /// such as `<|startoftext|>` becomes the special id; no chat template). Output: text.
@@ -55,7 +60,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (prompt, tokenizer) = match &args.prompt {
         None => (args.prompt_ids, None),
         Some(text) => {
-            let t = moe_text::Tokenizer::from_dir(&dir).with_context(|| format!("the tokenizer of {}", dir.display()))?;
+            let t =
+                moe_text::Tokenizer::from_dir(&dir).with_context(|| format!("the tokenizer of {}", dir.display()))?;
             (t.encode(text)?, Some(t))
         }
     };

@@ -306,10 +306,18 @@ impl LocalCluster {
             ];
             if let Some(f) = &args.auth_token_file {
                 let f = f.to_string_lossy().into_owned();
-                a.extend(["--auth-token-file".into(), f.clone(), "--cluster-auth-token-file".into(), f]);
+                a.extend([
+                    "--auth-token-file".into(),
+                    f.clone(),
+                    "--cluster-auth-token-file".into(),
+                    f,
+                ]);
             }
             let frontend = spawn("frontend", &a).await?;
-            println!("PROCESS {} pid={} addr={}", frontend.role, frontend.pid, frontend.address);
+            println!(
+                "PROCESS {} pid={} addr={}",
+                frontend.role, frontend.pid, frontend.address
+            );
             println!("HTTP http://{}", frontend.address);
             http = Some(frontend.address);
             procs.push(frontend);

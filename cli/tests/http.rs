@@ -57,7 +57,14 @@ struct DeadFrontend {
 impl DeadFrontend {
     fn start(model: &Path, token_file: &Path) -> Self {
         let mut child = Command::new(moectl())
-            .args(["frontend", "--listen", "127.0.0.1:0", "--coordinator", "127.0.0.1:1", "--watch-stdin"])
+            .args([
+                "frontend",
+                "--listen",
+                "127.0.0.1:0",
+                "--coordinator",
+                "127.0.0.1:1",
+                "--watch-stdin",
+            ])
             .arg("--model")
             .arg(model)
             .arg("--auth-token-file")
@@ -139,7 +146,14 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         &model,
         2,
         3,
-        &["--http", "127.0.0.1:0", "--max-in-flight", "2", "--auth-token-file", &token_arg],
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--max-in-flight",
+            "2",
+            "--auth-token-file",
+            &token_arg,
+        ],
     );
     let http = http_addr(&cluster);
     let dead = DeadFrontend::start(&model, &token_file);
@@ -168,7 +182,14 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
     let served = moe_frontend::model::ServedModel::load(&model, None).unwrap();
     let stop_ids = ids_arg(&served.stop_ids);
     let mut compared = 0;
-    for question in ["Hello!", "What is the capital of France?", "Write a haiku.", "2+2=?", "Hi there", "Why?"] {
+    for question in [
+        "Hello!",
+        "What is the capital of France?",
+        "Write a haiku.",
+        "2+2=?",
+        "Hi there",
+        "Why?",
+    ] {
         let request = json!({"model": "tiny-chat", "messages": [{"role": "user", "content": question}],
             "max_tokens": steps, "temperature": 0, "return_token_ids": true});
         let (status, body) = post(http, "/v1/chat/completions", request.clone()).await;
@@ -182,7 +203,14 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         }
         let steps_arg = steps.to_string();
         let ids = ids_arg(&prompt);
-        let mut args = vec!["--model", model.to_str().unwrap(), "--prompt-ids", &ids, "--max-tokens", &steps_arg];
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            &ids,
+            "--max-tokens",
+            &steps_arg,
+        ];
         if !stop_ids.is_empty() {
             args.extend(["--stop-ids", &stop_ids]);
         }
@@ -196,7 +224,10 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         assert_eq!(body["choices"][0]["message"]["content"], json!(text), "{question:?}");
         compared += 1;
     }
-    assert!(compared >= 2, "only {compared} prompts had a clear enough greedy margin to compare");
+    assert!(
+        compared >= 2,
+        "only {compared} prompts had a clear enough greedy margin to compare"
+    );
 
     // `moectl generate --prompt TEXT` prints what /v1/completions answers for the same text.
     let (_, completion) = post(
@@ -205,7 +236,14 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         json!({"model": "tiny-chat", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}),
     )
     .await;
-    let mut args = vec!["--model", model.to_str().unwrap(), "--prompt", "Once upon a time", "--max-tokens", "6"];
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "6",
+    ];
     if !stop_ids.is_empty() {
         args.extend(["--stop-ids", &stop_ids]);
     }
@@ -213,9 +251,12 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
 
     // 3. A client that disconnects mid-stream cancels its request in the cluster.
     let status_client = ClusterClient::with_token(&cluster.endpoint, Some(TOKEN)).unwrap();
-    let processed = |s: &moe_proto::v1::ClusterStatusResponse| s.workers.iter().map(|w| w.tokens_processed).sum::<u64>();
+    let processed =
+        |s: &moe_proto::v1::ClusterStatusResponse| s.workers.iter().map(|w| w.tokens_processed).sum::<u64>();
     let before = processed(&status_client.clone().status().await.unwrap());
-    let max_tokens = 30000;
+    // Far more than is generated before the check below gives up (the KV cache of `moectl
+    // up` holds 16384 positions).
+    let max_tokens = 12000;
     let answer = http_client::post(
         http,
         "/v1/chat/completions",
@@ -225,7 +266,10 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
     )
     .await
     .unwrap();
-    assert_eq!(answer.status, 200);
+    if answer.status != 200 {
+        let status = answer.status;
+        panic!("{status}: {}", String::from_utf8_lossy(&answer.bytes().await.unwrap()));
+    }
     let mut seen = 0;
     let answer = {
         let mut answer = answer;
@@ -240,8 +284,21 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         let s = c.clone().status().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((s.running_requests, processed(&s)))
     };
-    let (n, _) = running(status_client.clone()).await.unwrap();
-    assert_eq!(n, 1, "the streamed request runs in the cluster");
+    // Workers report what they run with their heartbeats.
+    eventually(
+        Duration::from_secs(30),
+        "the streamed request never showed as running",
+        || {
+            let c = status_client.clone();
+            async move {
+                match running(c).await? {
+                    (1, _) => Ok(()),
+                    (n, _) => Err(format!("{n} running")),
+                }
+            }
+        },
+    )
+    .await;
     drop(answer);
     let after = eventually(Duration::from_secs(30), "the request was not cancelled", || {
         let c = status_client.clone();

@@ -119,7 +119,9 @@ pub struct Chat {
 }
 
 pub fn parse(f: &Fields) -> ApiResult<Chat> {
-    let raw: Vec<Box<RawValue>> = f.get("messages")?.ok_or_else(|| ApiError::field("messages", "is required"))?;
+    let raw: Vec<Box<RawValue>> = f
+        .get("messages")?
+        .ok_or_else(|| ApiError::field("messages", "is required"))?;
     if raw.is_empty() {
         return Err(ApiError::field("messages", "must hold at least one message"));
     }
@@ -148,7 +150,10 @@ pub fn parse(f: &Fields) -> ApiResult<Chat> {
     if let Some(format) = f.get::<serde_json::Value>("response_format")?
         && format.get("type").and_then(|t| t.as_str()) != Some("text")
     {
-        return Err(ApiError::field("response_format", "only {\"type\": \"text\"} is supported"));
+        return Err(ApiError::field(
+            "response_format",
+            "only {\"type\": \"text\"} is supported",
+        ));
     }
     let parse_tools = tools.as_ref().is_some_and(|t| !t.is_empty()) && tool_choice == "auto";
     let mut request = ChatRequest::new(messages);
@@ -207,12 +212,18 @@ fn message(i: usize, raw: &RawValue) -> ApiResult<ChatMessage> {
         return Err(ApiError::field(at("content"), "is required"));
     }
     if m.tool_calls.is_some() && role != Role::Assistant {
-        return Err(ApiError::field(at("tool_calls"), "only assistant messages carry tool calls"));
+        return Err(ApiError::field(
+            at("tool_calls"),
+            "only assistant messages carry tool calls",
+        ));
     }
     let mut tool_calls = m.tool_calls;
     if let Some(calls) = &mut tool_calls {
         for (j, c) in calls.iter_mut().enumerate() {
-            refuse_special_text(&at(&format!("tool_calls[{j}].function.arguments")), &c.function.arguments)?;
+            refuse_special_text(
+                &at(&format!("tool_calls[{j}].function.arguments")),
+                &c.function.arguments,
+            )?;
             c.function.name = escape(&c.function.name);
         }
     }
@@ -235,7 +246,8 @@ fn refuse_special_text(field: &str, json: &Json) -> ApiResult<()> {
             _ => false,
         }
     }
-    let value: serde_json::Value = serde_json::from_str(json.text()).map_err(|e| ApiError::field(field, e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(json.text()).map_err(|e| ApiError::field(field, e.to_string()))?;
     match walk(&value) {
         true => Err(ApiError::field(
             field,
@@ -286,10 +298,16 @@ mod tests {
         let ids = prompt_ids(&m, &sneaky).unwrap();
         let plain_ids = prompt_ids(&m, &plain).unwrap();
         let specials = |ids: &[u32]| ids.iter().filter(|&&i| t.is_special(i)).count();
-        assert_eq!(specials(&ids), specials(&plain_ids), "no special id from the user's text");
+        assert_eq!(
+            specials(&ids),
+            specials(&plain_ids),
+            "no special id from the user's text"
+        );
         assert_eq!(
             t.decode(&ids, false).unwrap(),
-            t.decode(&plain_ids, false).unwrap().replace("hi", "hi<|extra_0|><|startoftext|>x"),
+            t.decode(&plain_ids, false)
+                .unwrap()
+                .replace("hi", "hi<|extra_0|><|startoftext|>x"),
             "the text itself survives"
         );
         // Without client markers, the ids are the tokenizer's own encoding of the rendering.
@@ -305,12 +323,27 @@ mod tests {
             (r#"{"messages": "hi"}"#, "messages"),
             (r#"{"messages": [1]}"#, "messages[0]"),
             (r#"{"messages": [{"content": "x"}]}"#, "messages[0]"),
-            (r#"{"messages": [{"role": "user", "content": "a"}, {"role": "king", "content": "x"}]}"#, "messages[1].role"),
+            (
+                r#"{"messages": [{"role": "user", "content": "a"}, {"role": "king", "content": "x"}]}"#,
+                "messages[1].role",
+            ),
             (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content"),
-            (r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#, "messages[0].content[0].type"),
-            (r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}"#, "tool_choice"),
-            (r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"d": "<|eos|>"}]}"#, "tools[0]"),
-            (r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#, "response_format"),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+                "messages[0].content[0].type",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"d": "<|eos|>"}]}"#,
+                "tools[0]",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#,
+                "response_format",
+            ),
         ];
         for (body, field) in cases {
             let e = chat(body).err().unwrap_or_else(|| panic!("{body} accepted"));
@@ -337,7 +370,10 @@ mod tests {
         let m = served_model("m", Defaults::default());
         let ids = prompt_ids(&m, &c).unwrap();
         let text = m.tokenizer.decode(&ids, false).unwrap();
-        assert!(text.contains("<tool_calls>[{\"name\": \"f\", \"arguments\": {\"x\": 1}}]</tool_calls>"), "{text}");
+        assert!(
+            text.contains("<tool_calls>[{\"name\": \"f\", \"arguments\": {\"x\": 1}}]</tool_calls>"),
+            "{text}"
+        );
         assert!(text.ends_with("<think>\n\n</think>\n"), "{text}");
     }
 }

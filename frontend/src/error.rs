@@ -11,7 +11,10 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     Model { path: PathBuf, message: String },
     #[error("listening on {addr}: {source}")]
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("--coordinator {endpoints}: {status}")]
     Client { endpoints: String, status: tonic::Status },
 }

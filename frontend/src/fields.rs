@@ -58,7 +58,11 @@ mod tests {
         let f = Fields::parse(br#"{"temperature": "hot", "n": null, "stop": ["a"]}"#).unwrap();
         let e = f.get::<f32>("temperature").unwrap_err();
         assert_eq!(e.param.as_deref(), Some("temperature"));
-        assert!(e.message.starts_with("temperature: invalid type: string \"hot\""), "{}", e.message);
+        assert!(
+            e.message.starts_with("temperature: invalid type: string \"hot\""),
+            "{}",
+            e.message
+        );
         assert_eq!(f.get::<u32>("n").unwrap(), None);
         assert_eq!(f.get::<Vec<String>>("stop").unwrap(), Some(vec!["a".to_owned()]));
         assert_eq!(f.get::<u32>("absent").unwrap(), None);

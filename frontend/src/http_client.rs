@@ -16,7 +16,12 @@ pub struct Answer {
     done: bool,
 }
 
-pub async fn post(addr: SocketAddr, path: &str, body: &serde_json::Value, token: Option<&str>) -> std::io::Result<Answer> {
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+    token: Option<&str>,
+) -> std::io::Result<Answer> {
     request(addr, "POST", path, Some(body), token).await
 }
 
@@ -136,7 +141,9 @@ impl Answer {
             while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
                 let event: Vec<u8> = pending.drain(..end + 2).collect();
                 let event = String::from_utf8_lossy(&event);
-                let Some(data) = event.trim_end().strip_prefix("data: ") else { continue };
+                let Some(data) = event.trim_end().strip_prefix("data: ") else {
+                    continue;
+                };
                 if data == "[DONE]" || !each(data) {
                     return Ok(());
                 }

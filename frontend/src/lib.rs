@@ -73,12 +73,11 @@ fn read_token(path: &Option<PathBuf>) -> Result<Option<String>> {
 pub fn state(args: &Args) -> Result<AppState> {
     let model = ServedModel::load(&args.model, args.served_model_name.clone())?;
     let cluster_token = read_token(&args.cluster_auth_token_file)?;
-    let client = ClusterClient::with_token(&args.coordinator, cluster_token.as_deref()).map_err(|status| {
-        Error::Client {
+    let client =
+        ClusterClient::with_token(&args.coordinator, cluster_token.as_deref()).map_err(|status| Error::Client {
             endpoints: args.coordinator.clone(),
             status,
-        }
-    })?;
+        })?;
     Ok(AppState {
         model: Arc::new(model),
         client,

@@ -112,7 +112,10 @@ mod tests {
         m.first_token(Duration::from_millis(3));
         m.first_token(Duration::from_millis(300));
         let text = m.render();
-        assert!(text.contains("moe_http_requests_total{endpoint=\"chat\",status=\"200\"} 2\n"), "{text}");
+        assert!(
+            text.contains("moe_http_requests_total{endpoint=\"chat\",status=\"200\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("moe_http_requests_total{endpoint=\"chat\",status=\"400\"} 1\n"));
         assert!(text.contains("moe_http_time_to_first_token_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("moe_http_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));

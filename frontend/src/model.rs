@@ -73,7 +73,11 @@ impl ServedModel {
             true => generation_config(&read_json(&gen_path)?, &gen_path, tokenizer.vocab_size())?,
             false => (Defaults::default(), Vec::new()),
         };
-        if let Some(eos) = tokenizer.config().eos_token.as_deref().and_then(|n| tokenizer.special_id(n))
+        if let Some(eos) = tokenizer
+            .config()
+            .eos_token
+            .as_deref()
+            .and_then(|n| tokenizer.special_id(n))
             && !stop_ids.contains(&eos)
         {
             stop_ids.push(eos);
@@ -166,6 +170,9 @@ mod tests {
         );
         assert_eq!(stops, [127960, 127967]);
         let bad = generation_config(&serde_json::json!({"temperature": "hot"}), Path::new("g.json"), 10);
-        assert_eq!(bad.unwrap_err().to_string(), "g.json: temperature is \"hot\", not a number");
+        assert_eq!(
+            bad.unwrap_err().to_string(),
+            "g.json: temperature is \"hot\", not a number"
+        );
     }
 }

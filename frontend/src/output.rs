@@ -192,9 +192,16 @@ mod tests {
         assert_eq!(whole.reasoning, "The user wants weather; 巴黎 is Paris.");
         assert_eq!(whole.content, "Checking 😀 ");
         assert_eq!(whole.tool_calls.len(), 1);
-        assert_eq!(whole.tool_calls[0].arguments, r#"{"city": "巴黎", "opts": {"unit": "c"}}"#);
+        assert_eq!(
+            whole.tool_calls[0].arguments,
+            r#"{"city": "巴黎", "opts": {"unit": "c"}}"#
+        );
         for (cut, _) in REFERENCE.char_indices() {
-            assert_eq!(run(&[&REFERENCE[..cut], &REFERENCE[cut..]], &[], BOTH), run(&[REFERENCE], &[], BOTH), "cut at {cut}");
+            assert_eq!(
+                run(&[&REFERENCE[..cut], &REFERENCE[cut..]], &[], BOTH),
+                run(&[REFERENCE], &[], BOTH),
+                "cut at {cut}"
+            );
         }
         let chars: Vec<String> = REFERENCE.chars().map(String::from).collect();
         let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
@@ -210,7 +217,11 @@ mod tests {
         assert!(stopped);
         assert_eq!((whole.reasoning.as_str(), whole.content.as_str()), ("r", "first "));
         for (cut, _) in text.char_indices() {
-            assert_eq!(run(&[&text[..cut], &text[cut..]], &["STOP"], BOTH), (whole.clone(), true), "cut {cut}");
+            assert_eq!(
+                run(&[&text[..cut], &text[cut..]], &["STOP"], BOTH),
+                (whole.clone(), true),
+                "cut {cut}"
+            );
         }
     }
 

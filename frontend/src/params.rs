@@ -89,7 +89,12 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
         // vLLM's spelling of "no cut".
         Some(-1) | Some(0) => 0,
         Some(k) if k > 0 && k <= u32::MAX as i64 => k as u32,
-        Some(k) => return Err(ApiError::field("top_k", format!("must be -1, 0 (off) or positive, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::field(
+                "top_k",
+                format!("must be -1, 0 (off) or positive, got {k}"),
+            ));
+        }
     };
     let seed = f.get::<u64>("seed")?;
     let max_tokens = {
@@ -111,7 +116,10 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
         Some(Stop::Many(v)) => v,
     };
     if stop.len() > MAX_STOPS {
-        return Err(ApiError::field("stop", format!("at most {MAX_STOPS} strings, got {}", stop.len())));
+        return Err(ApiError::field(
+            "stop",
+            format!("at most {MAX_STOPS} strings, got {}", stop.len()),
+        ));
     }
     if let Some(i) = stop.iter().position(String::is_empty) {
         return Err(ApiError::field(format!("stop[{i}]"), "must not be empty"));
@@ -119,7 +127,10 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
     let n = range("n", f.get::<u32>("n")?, 1, MAX_N)?.unwrap_or(1);
     let repetition_penalty = match f.get::<f32>("repetition_penalty")? {
         Some(r) if !(r > 0.0 && r <= 10.0) => {
-            return Err(ApiError::field("repetition_penalty", format!("must be in (0, 10], got {r}")));
+            return Err(ApiError::field(
+                "repetition_penalty",
+                format!("must be in (0, 10], got {r}"),
+            ));
         }
         r => r.unwrap_or(d.repetition_penalty),
     };
@@ -180,7 +191,9 @@ pub fn max_new_tokens(requested: Option<u32>, prompt_len: usize, context: usize,
     if prompt_len >= context {
         return Err(ApiError::field(
             field,
-            format!("the prompt has {prompt_len} tokens; the model's context is {context}, which leaves no room for an answer"),
+            format!(
+                "the prompt has {prompt_len} tokens; the model's context is {context}, which leaves no room for an answer"
+            ),
         ));
     }
     let room = (context - prompt_len).min(moe_model::sampling::MAX_NEW_TOKENS as usize) as u32;
@@ -225,7 +238,10 @@ mod tests {
             (r#"{"model": "m", "top_p": 0}"#, "top_p"),
             (r#"{"model": "m", "top_k": -2}"#, "top_k"),
             (r#"{"model": "m", "max_tokens": 0}"#, "max_tokens"),
-            (r#"{"model": "m", "max_completion_tokens": -1}"#, "max_completion_tokens"),
+            (
+                r#"{"model": "m", "max_completion_tokens": -1}"#,
+                "max_completion_tokens",
+            ),
             (r#"{"model": "m", "n": 17}"#, "n"),
             (r#"{"model": "m", "stop": ["a", ""]}"#, "stop[1]"),
             (r#"{"model": "m", "stop": 3}"#, "stop"),
@@ -233,9 +249,15 @@ mod tests {
             (r#"{"model": "m", "frequency_penalty": 2.1}"#, "frequency_penalty"),
             (r#"{"model": "m", "repetition_penalty": 0}"#, "repetition_penalty"),
             (r#"{"model": "m", "top_logprobs": 3}"#, "top_logprobs"),
-            (r#"{"model": "m", "logprobs": true, "top_logprobs": 21}"#, "top_logprobs"),
+            (
+                r#"{"model": "m", "logprobs": true, "top_logprobs": 21}"#,
+                "top_logprobs",
+            ),
             (r#"{"model": "m", "seed": -1}"#, "seed"),
-            (r#"{"model": "m", "stream_options": {"include_usage": true}}"#, "stream_options"),
+            (
+                r#"{"model": "m", "stream_options": {"include_usage": true}}"#,
+                "stream_options",
+            ),
             (r#"{"model": "m", "logit_bias": {"5": 1}}"#, "logit_bias"),
         ];
         for (body, field) in cases {
@@ -264,7 +286,12 @@ mod tests {
         let f = Fields::parse(br#"{"model": "m", "top_k": -1, "temperature": 0}"#).unwrap();
         let c = common(&f, &tuned, Endpoint::Chat).unwrap();
         assert_eq!(
-            (c.sampling.temperature, c.sampling.top_p, c.sampling.top_k, c.sampling.repetition_penalty),
+            (
+                c.sampling.temperature,
+                c.sampling.top_p,
+                c.sampling.top_k,
+                c.sampling.repetition_penalty
+            ),
             (0.0, 0.8, 0, 1.05)
         );
     }

@@ -397,16 +397,32 @@ mod tests {
     fn chat_stream_chunks_role_deltas_finish_usage_done() {
         let mut s = Streamer::new(meta(Kind::Chat), true);
         let start = s.start();
-        assert_eq!(parse(&start[0])["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(
+            parse(&start[0])["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
         let c = parse(&s.on(delta("Hel", 5)).unwrap());
         assert_eq!(c["object"], "chat.completion.chunk");
-        assert_eq!(c["usage"], Value::Null, "every chunk carries usage: null when usage is asked for");
+        assert_eq!(
+            c["usage"],
+            Value::Null,
+            "every chunk carries usage: null when usage is asked for"
+        );
         assert_eq!(c["choices"][0]["delta"], json!({"content": "Hel"}));
         assert!(s.on(delta("", 6)).is_none(), "a token without text makes no chunk");
-        let f = parse(&s.on(Event::Finish { index: 0, reason: Finish::Length }).unwrap());
+        let f = parse(
+            &s.on(Event::Finish {
+                index: 0,
+                reason: Finish::Length,
+            })
+            .unwrap(),
+        );
         assert_eq!(f["choices"][0]["finish_reason"], "length");
         let end = s.end();
-        assert_eq!(parse(&end[0])["usage"], json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}));
+        assert_eq!(
+            parse(&end[0])["usage"],
+            json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+        );
         assert_eq!(parse(&end[0])["choices"], json!([]));
         assert_eq!(end[1], Bytes::from_static(b"data: [DONE]\n\n"));
     }
@@ -431,8 +447,17 @@ mod tests {
         let c = parse(&s.on(e).unwrap());
         assert!(c.get("usage").is_none());
         let tc = &c["choices"][0]["delta"]["tool_calls"][0];
-        assert_eq!((tc["index"].clone(), tc["function"]["arguments"].clone()), (json!(0), json!("{\"a\": 1}")));
-        let f = parse(&s.on(Event::Finish { index: 0, reason: Finish::Stop }).unwrap());
+        assert_eq!(
+            (tc["index"].clone(), tc["function"]["arguments"].clone()),
+            (json!(0), json!("{\"a\": 1}"))
+        );
+        let f = parse(
+            &s.on(Event::Finish {
+                index: 0,
+                reason: Finish::Stop,
+            })
+            .unwrap(),
+        );
         assert_eq!(f["choices"][0]["finish_reason"], "tool_calls");
     }
 
@@ -441,7 +466,12 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         tx.send(delta("a", 5)).await.unwrap();
         tx.send(delta("b", 6)).await.unwrap();
-        tx.send(Event::Finish { index: 0, reason: Finish::Stop }).await.unwrap();
+        tx.send(Event::Finish {
+            index: 0,
+            reason: Finish::Stop,
+        })
+        .await
+        .unwrap();
         drop(tx);
         let (body, n) = collect(&meta(Kind::Completions), rx).await.unwrap();
         assert_eq!(n, 2);

@@ -116,8 +116,16 @@ enum Prompt {
 }
 
 fn completion_prompt(state: &AppState, f: &Fields) -> ApiResult<Vec<u32>> {
-    let batch = || ApiError::field("prompt", "a batch of prompts is not supported: send one prompt per request");
-    let ids = match f.get::<Prompt>("prompt")?.ok_or_else(|| ApiError::field("prompt", "is required"))? {
+    let batch = || {
+        ApiError::field(
+            "prompt",
+            "a batch of prompts is not supported: send one prompt per request",
+        )
+    };
+    let ids = match f
+        .get::<Prompt>("prompt")?
+        .ok_or_else(|| ApiError::field("prompt", "is required"))?
+    {
         // The raw interface: the client's own rendering, specials recognised (see `chat`).
         Prompt::Text(t) => state
             .model
@@ -209,7 +217,9 @@ async fn run(
     let mut events = generate::start(state, job, received);
     if !common.stream {
         let (body, generated) = respond::collect(&meta, events).await?;
-        state.metrics.finished(received.elapsed(), meta.prompt_ids.len(), generated);
+        state
+            .metrics
+            .finished(received.elapsed(), meta.prompt_ids.len(), generated);
         return Ok(axum::Json(body).into_response());
     }
     let first = events
@@ -228,7 +238,10 @@ async fn run(
     );
     Ok((
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body)),
     )
         .into_response())
@@ -255,8 +268,10 @@ async fn tokenize(State(state): State<AppState>, headers: HeaderMap, body: Bytes
                 .encode(&text)
                 .map_err(|e| ApiError::field("prompt", e.to_string()))?
         };
-        Ok(axum::Json(json!({"count": ids.len(), "max_model_len": state.model.context_len, "tokens": ids}))
-            .into_response())
+        Ok(
+            axum::Json(json!({"count": ids.len(), "max_model_len": state.model.context_len, "tokens": ids}))
+                .into_response(),
+        )
     })();
     counted(&state, "tokenize", result)
 }
@@ -265,7 +280,9 @@ async fn detokenize(State(state): State<AppState>, headers: HeaderMap, body: Byt
     let result = (|| {
         authorize(&state, &headers)?;
         let f = Fields::parse(&body)?;
-        let ids: Vec<u32> = f.get("tokens")?.ok_or_else(|| ApiError::field("tokens", "is required"))?;
+        let ids: Vec<u32> = f
+            .get("tokens")?
+            .ok_or_else(|| ApiError::field("tokens", "is required"))?;
         let vocab = state.model.tokenizer.vocab_size();
         if let Some((i, id)) = ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
             return Err(ApiError::field(

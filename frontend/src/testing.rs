@@ -13,9 +13,11 @@ use crate::model::{Defaults, ServedModel};
 pub fn served_model(name: &str, defaults: Defaults) -> ServedModel {
     let vocab = 512;
     let specials = specials_for_vocab(vocab).unwrap();
-    let config =
-        TokenizerConfig::from_json_str(TemplateFamily::A13b.release_config(), Path::new("tokenizer_config.json"))
-            .unwrap();
+    let config = TokenizerConfig::from_json_str(
+        TemplateFamily::A13b.release_config(),
+        Path::new("tokenizer_config.json"),
+    )
+    .unwrap();
     let tokenizer = Tokenizer::new(synthetic_ranks(vocab - specials), specials, config).unwrap();
     let clock = chrono_free_clock();
     let template = ChatTemplate::from_config(tokenizer.config(), clock).unwrap();
