@@ -2,6 +2,7 @@
 
 use moe_proto::tensor::encode_f32;
 use moe_proto::v1::{self, GenerateResponse, generate_response};
+use moe_runtime::convert::token_logprobs_to_wire;
 use tonic::Status;
 
 use crate::scheduler::{Event, FinishReason};
@@ -12,12 +13,21 @@ pub fn to_response(event: Event, vocab: usize) -> Result<GenerateResponse, Statu
         Event::PromptLogits { logits, rows } => generate_response::Event::PromptLogits(v1::PromptLogits {
             logits: Some(encode_f32(&logits, &[rows, vocab])),
         }),
-        Event::Token { index, id, logits } => generate_response::Event::Token(v1::Token {
+        Event::Token {
             index,
             id,
-            logits: logits.map(|l| encode_f32(&l, &[vocab])),
-            ..Default::default()
-        }),
+            logits,
+            logprobs,
+        } => {
+            let (logprob, top_logprobs) = token_logprobs_to_wire(logprobs.as_ref());
+            generate_response::Event::Token(v1::Token {
+                index,
+                id,
+                logits: logits.map(|l| encode_f32(&l, &[vocab])),
+                logprob,
+                top_logprobs,
+            })
+        }
         Event::Finished {
             reason,
             prompt_tokens,

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use moe_model::engine::{Engine, LogitsWanted, SeqChunk};
 use moe_model::kv_cache::SeqId;
-use moe_model::sampling::{GenerationRequest, Sampler};
+use moe_model::sampling::{GenerationRequest, Sampled, Sampler, TokenLogprobs};
 use tokio::sync::mpsc;
 
 /// What a request's client receives, in order: optionally the prompt logits, then tokens, then
@@ -27,6 +27,8 @@ pub enum Event {
         index: u32,
         id: u32,
         logits: Option<Vec<f32>>,
+        /// When the request asked (`sampling.logprobs`).
+        logprobs: Option<TokenLogprobs>,
     },
     Finished {
         reason: FinishReason,
@@ -90,6 +92,8 @@ pub struct SchedulerHandle {
 pub struct Completed {
     pub tokens: Vec<u32>,
     pub token_times: Vec<std::time::Duration>,
+    /// Per token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 impl SchedulerHandle {
@@ -101,9 +105,10 @@ impl SchedulerHandle {
         let mut done = Completed::default();
         while let Some(e) = events.recv().await {
             match e {
-                Event::Token { id, .. } => {
+                Event::Token { id, logprobs, .. } => {
                     done.tokens.push(id);
                     done.token_times.push(since.elapsed());
+                    done.logprobs.extend(logprobs);
                 }
                 Event::Finished { .. } => return Ok(done),
                 Event::Failed { code, message } => return Err(tonic::Status::new(code, message)),
@@ -234,8 +239,8 @@ impl Scheduler {
             return;
         }
         let id = self.engine.new_sequence();
-        let mut sampler = Sampler::new(s.request.sampling.clone());
-        sampler.skip(s.request.resumed);
+        // Counts the prompt for penalties and continues a resumed request's generator.
+        let sampler = Sampler::for_request(&s.request);
         self.waiting.push_back(Sequence {
             id,
             request: s.request,
@@ -389,14 +394,15 @@ impl Scheduler {
         if s.computed < s.total_len() {
             return; // more prefill to come
         }
-        let token = s.sampler.sample(&last);
-        s.generated.push(token);
+        let Sampled { id, logprobs } = s.sampler.sample(&last);
+        s.generated.push(id);
         let index = (s.generated_total() - 1) as u32;
         let logits = s.request.return_token_logits.then_some(last);
         let _ = s.events.send(Event::Token {
             index,
-            id: token,
+            id,
             logits,
+            logprobs,
         });
     }
 

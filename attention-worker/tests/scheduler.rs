@@ -64,11 +64,30 @@ async fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>
     (tokens, None)
 }
 
+/// Six prompts of 6..=11 tokens that, with 12 new tokens each, overflow `tight_scheduler`.
+fn pressure_prompts() -> Vec<Vec<u32>> {
+    (0..6)
+        .map(|i| (0..6 + i).map(|t| (5 + 37 * t + 101 * i) as u32 % 512).collect())
+        .collect()
+}
+
+/// 14 blocks of 4 positions: far less than the 6 x ~20 positions `pressure_prompts` need at once.
+fn tight_scheduler() -> SchedulerHandle {
+    scheduler::spawn(
+        engine(KvCacheConfig {
+            block_size: 4,
+            num_blocks: 14,
+        }),
+        SchedulerConfig {
+            max_batch_tokens: 8,
+            max_running: 8,
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preemption_and_admission_waits_do_not_change_tokens() {
-    let prompts: Vec<Vec<u32>> = (0..6)
-        .map(|i| (0..6 + i).map(|t| (5 + 37 * t + 101 * i) as u32 % 512).collect())
-        .collect();
+    let prompts = pressure_prompts();
     let mut solo = engine(KvCacheConfig::for_tokens(4096, 16));
     let want: Vec<Vec<u32>> = prompts
         .iter()
@@ -80,17 +99,7 @@ async fn preemption_and_admission_waits_do_not_change_tokens() {
         })
         .collect();
 
-    // 14 blocks of 4 positions: far less than the 6 x ~20 positions the load needs at once.
-    let s = scheduler::spawn(
-        engine(KvCacheConfig {
-            block_size: 4,
-            num_blocks: 14,
-        }),
-        SchedulerConfig {
-            max_batch_tokens: 8,
-            max_running: 8,
-        },
-    );
+    let s = tight_scheduler();
     // Submit everything before reading anything, so the requests compete for the pool.
     let receivers: Vec<_> = prompts
         .iter()
@@ -141,6 +150,49 @@ async fn stop_ids_and_seeded_sampling() {
     let (b, _) = collect(&s, request(prompt.clone(), hot)).await;
     assert_eq!(a, b, "same seed, same tokens");
     assert_eq!(a.len(), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalty_counts_survive_preemption() {
+    // A preempted request is recomputed from its prompt and streamed tokens; its sampler (with
+    // the penalty counts and the seeded generator) must carry on as if nothing happened.
+    let params = [
+        SamplingParams {
+            repetition_penalty: 1.8,
+            frequency_penalty: 0.5,
+            ..SamplingParams::greedy(12)
+        },
+        SamplingParams {
+            temperature: 1.0,
+            seed: 9,
+            repetition_penalty: 1.5,
+            presence_penalty: 0.7,
+            ..SamplingParams::greedy(12)
+        },
+    ];
+    let requests: Vec<GenerationRequest> = pressure_prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| request(p, params[i % 2].clone()))
+        .collect();
+    let roomy = scheduler::spawn(engine(KvCacheConfig::for_tokens(4096, 16)), SchedulerConfig::default());
+    let mut want = Vec::new();
+    for r in &requests {
+        want.push(collect(&roomy, r.clone()).await.0);
+    }
+    let plain = collect(&roomy, request(requests[0].prompt.clone(), SamplingParams::greedy(12)))
+        .await
+        .0;
+    assert_ne!(want[0], plain, "the penalties were meant to change the output");
+    let s = tight_scheduler();
+    let receivers: Vec<_> = requests.iter().map(|r| s.submit(r.clone())).collect();
+    for (rx, want) in receivers.into_iter().zip(want) {
+        assert_eq!(drain(rx).await.0, want);
+    }
+    assert!(
+        s.stats.preemptions.load(Ordering::Relaxed) > 0,
+        "the load was meant to force preemption"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

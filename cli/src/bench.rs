@@ -1,7 +1,12 @@
 //! `moectl bench`: drives a cluster (`--endpoint`) or the in-process engine with a configured
-//! load and prints one JSON object: throughput, time to first token and inter-token latency
-//! percentiles, failed requests, attention<->expert bytes per token per layer, and the machine's
-//! measured limits with the floors they imply.
+//! load and prints one JSON object: throughput of each phase (`bench/phases.rs` says exactly
+//! what is measured), time to first token and inter-token latency percentiles, failed requests,
+//! attention<->expert bytes per token per layer, and the machine's measured limits with the
+//! floors they imply.
+
+mod phases;
+
+use phases::{RequestTiming, latencies_ms, phase_rates, summary};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,14 +110,6 @@ fn floors(dir: &std::path::Path, config: &ModelConfig) -> anyhow::Result<Floors>
     })
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i]
-}
-
 fn prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = moe_model::rng::SplitMix64::new(seed);
     (0..n)
@@ -176,7 +173,8 @@ async fn counters(target: &Target) -> Counters {
 /// One run of the configured load.
 struct Phase {
     wall_s: f64,
-    results: Vec<Result<Generation, tonic::Status>>,
+    /// Each request: when it was sent (from the start of the run) and what came back.
+    results: Vec<(Duration, Result<Generation, tonic::Status>)>,
     before: Counters,
     after: Counters,
 }
@@ -194,7 +192,8 @@ impl Phase {
                 let mut results = Vec::new();
                 loop {
                     let Some(prompt) = queue.lock().await.pop() else { break };
-                    results.push(target.run(&greedy(prompt, gen_len)).await);
+                    let sent = started.elapsed();
+                    results.push((sent, target.run(&greedy(prompt, gen_len)).await));
                 }
                 results
             }));
@@ -212,16 +211,23 @@ impl Phase {
         })
     }
 
-    fn ok(&self) -> Vec<&Generation> {
-        self.results.iter().filter_map(|r| r.as_ref().ok()).collect()
+    /// The requests that succeeded, as times from the start of the run.
+    fn timings(&self, prompt_len: usize) -> Vec<RequestTiming> {
+        self.results
+            .iter()
+            .filter_map(|(sent, r)| {
+                let g = r.as_ref().ok()?;
+                Some(RequestTiming {
+                    sent_s: sent.as_secs_f64(),
+                    tokens_s: g.token_times.iter().map(|t| (*sent + *t).as_secs_f64()).collect(),
+                    prompt_tokens: prompt_len,
+                })
+            })
+            .collect()
     }
 
     fn failed(&self) -> usize {
-        self.results.iter().filter(|r| r.is_err()).count()
-    }
-
-    fn decode_tokens_per_s(&self) -> f64 {
-        self.ok().iter().map(|g| g.tokens.len()).sum::<usize>() as f64 / self.wall_s
+        self.results.iter().filter(|(_, r)| r.is_err()).count()
     }
 
     /// Measured per-step imbalance over this phase: assignments to the busiest expert worker
@@ -245,12 +251,12 @@ impl Phase {
         })
     }
 
-    fn balance(&self) -> serde_json::Value {
+    fn balance(&self, prompt_len: usize) -> serde_json::Value {
         json!({
             "placement_version": self.after.placement_version,
             "step_imbalance": self.step_imbalance(),
             "expected_imbalance": self.after.expected_imbalance,
-            "decode_tokens_per_s": self.decode_tokens_per_s(),
+            "decode_tokens_per_s": phase_rates(&self.timings(prompt_len)).decode_tokens_per_s(),
             "failed": self.failed(),
         })
     }
@@ -347,27 +353,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut phase = Phase::run(&target, &args, config.vocab_size).await?;
     let balance = match (&args.endpoint, args.rebalance) {
         (Some(endpoint), true) => {
-            let before = phase.balance();
+            let before = phase.balance(args.prompt_len);
             let rebalanced = rebalance(endpoint).await?;
             phase = Phase::run(&target, &args, config.vocab_size).await?;
-            Some(json!({ "before": before, "rebalance": rebalanced, "after": phase.balance() }))
+            Some(json!({ "before": before, "rebalance": rebalanced, "after": phase.balance(args.prompt_len) }))
         }
         _ => None,
     };
-    let (wall, failed, ok) = (phase.wall_s, phase.failed(), phase.ok());
-    let mut ttft: Vec<f64> = ok
-        .iter()
-        .filter_map(|g| g.token_times.first())
-        .map(|t| t.as_secs_f64() * 1e3)
-        .collect();
-    let mut itl: Vec<f64> = ok
-        .iter()
-        .flat_map(|g| g.token_times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3))
-        .collect();
-    ttft.sort_by(f64::total_cmp);
-    itl.sort_by(f64::total_cmp);
-    let generated: usize = ok.iter().map(|g| g.tokens.len()).sum();
-    let prompt_tokens = ok.len() * args.prompt_len;
+    let (wall, failed, timings) = (phase.wall_s, phase.failed(), phase.timings(args.prompt_len));
+    let rates = phase_rates(&timings);
+    let (ttft, itl) = latencies_ms(&timings);
+    let generated: usize = timings.iter().map(|t| t.tokens_s.len()).sum();
     let tokens = phase.after.tokens.saturating_sub(phase.before.tokens);
     let bytes_per_token_layer = if tokens > 0 {
         Some(
@@ -388,10 +384,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "load": { "concurrency": args.concurrency, "requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len },
         "wall_s": wall,
         "failed": failed,
-        "prefill_tokens_per_s": prompt_tokens as f64 / wall,
-        "decode_tokens_per_s": generated as f64 / wall,
-        "ttft_ms": { "p50": percentile(&ttft, 0.5), "p99": percentile(&ttft, 0.99) },
-        "itl_ms": { "p50": percentile(&itl, 0.5), "p99": percentile(&itl, 0.99) },
+        // Each phase's rate over the time some request was in it (see `bench/phases.rs`).
+        "prefill_tokens_per_s": rates.prefill_tokens_per_s(),
+        "decode_tokens_per_s": rates.decode_tokens_per_s(),
+        "phases": {
+            "prefill": {
+                "prompt_tokens": rates.prompt_tokens,
+                "busy_s": rates.prefill_s,
+                "measured_as": "prompt tokens / union over requests of [sent, first token]",
+            },
+            "decode": {
+                "tokens": rates.decode_tokens,
+                "busy_s": rates.decode_s,
+                "measured_as": "tokens after each request's first / union over requests of [first token, last token]",
+            },
+        },
+        // Every generated token over the whole run: what a user of the service gets end to end.
+        "output_tokens_per_s": generated as f64 / wall,
+        "ttft_ms": summary(&ttft),
+        "itl_ms": summary(&itl),
         "dispatch_bytes_per_token_per_layer": bytes_per_token_layer,
         "dispatch": args.endpoint.as_ref().map(|_| phase.dispatch()),
         "step_imbalance": phase.step_imbalance(),

@@ -1,51 +1,29 @@
 //! `moectl generate --endpoint` and `moectl status`: talking to a running cluster.
 
-use std::io::Write;
 use std::time::Instant;
 
-use moe_model::sampling::{GenerationRequest, SamplingParams};
+use moe_model::sampling::GenerationRequest;
 use moe_proto::v1::{ClusterStatusResponse, Role};
 use moe_runtime::client::{ClusterClient, Generation};
 use tokio_stream::StreamExt;
 
-/// Streams tokens of one request to stdout as they arrive: their ids, or with a tokenizer
-/// their text (special tokens left out, characters never split).
+/// Streams tokens of one request to stdout as they arrive (with a tokenizer: as text).
 pub async fn generate(
     endpoint: &str,
-    prompt: Vec<u32>,
-    sampling: SamplingParams,
+    req: GenerationRequest,
     tokenizer: Option<&moe_text::Tokenizer>,
 ) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(endpoint)?;
-    let req = GenerationRequest {
-        prompt,
-        sampling,
-        return_prompt_logits: false,
-        return_token_logits: false,
-        resumed: 0,
-    };
     let since = Instant::now();
     let mut stream = client.generate_stream(&req).await?;
-    let mut g = Generation::default();
+    let mut g = Generation::for_request(&req);
     let mut out = std::io::stdout().lock();
-    let mut printed = 0;
-    let mut decoder = tokenizer.map(|t| moe_text::StreamDecoder::new(t, true));
+    let mut printer = crate::generate::TokenPrinter::new(req.sampling.logprobs, tokenizer);
     while let Some(event) = stream.next().await {
         g.absorb(event?, since)?;
-        for &t in &g.tokens[printed..] {
-            match &mut decoder {
-                Some(d) => write!(out, "{}", d.push(t)?)?,
-                None if printed > 0 => write!(out, ",{t}")?,
-                None => write!(out, "{t}")?,
-            }
-            printed += 1;
-        }
-        out.flush()?;
+        printer.print_new(&mut out, &g.tokens, &g.token_logprobs)?;
     }
-    if let Some(d) = decoder {
-        write!(out, "{}", d.finish())?;
-    }
-    writeln!(out)?;
+    printer.finish(&mut out)?;
     let n = g.tokens.len();
     eprintln!("{n} tokens in {:.3} s", since.elapsed().as_secs_f64());
     Ok(())

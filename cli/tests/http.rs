@@ -219,6 +219,19 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         let through_cluster = moectl_generate(&args);
         assert_eq!(in_process, ids_arg(&tokens), "in process, {question:?}");
         assert_eq!(through_cluster, ids_arg(&tokens), "through the cluster, {question:?}");
+        // With penalties, the front end's request equals `moectl generate`'s through the cluster.
+        let mut penalised = request.clone();
+        penalised["repetition_penalty"] = json!(1.3);
+        penalised["frequency_penalty"] = json!(0.5);
+        let (status, body_p) = post(http, "/v1/chat/completions", penalised).await;
+        assert_eq!(status, 200, "{body_p}");
+        let tokens_p: Vec<u32> = serde_json::from_value(body_p["choices"][0]["token_ids"].clone()).unwrap();
+        args.extend(["--repetition-penalty", "1.3", "--frequency-penalty", "0.5"]);
+        assert_eq!(
+            moectl_generate(&args),
+            ids_arg(&tokens_p),
+            "with penalties, {question:?}"
+        );
         // The completion's text is the decoding of those ids, as `generate --prompt` prints it.
         let text = served.tokenizer.decode(&tokens, true).unwrap();
         assert_eq!(body["choices"][0]["message"]["content"], json!(text), "{question:?}");

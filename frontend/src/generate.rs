@@ -88,6 +88,11 @@ fn cluster_sampling(job: &Job, index: u32, stop_ids: &[u32]) -> SamplingParams {
         None => random_u64(),
     };
     p.stop_ids = stop_ids.to_vec();
+    p.repetition_penalty = s.repetition_penalty;
+    p.presence_penalty = s.presence_penalty;
+    p.frequency_penalty = s.frequency_penalty;
+    p.logprobs = s.logprobs;
+    p.top_logprobs = s.top_logprobs;
     p
 }
 

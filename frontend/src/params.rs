@@ -12,7 +12,8 @@ pub const MAX_N: u32 = 16;
 /// Most stop strings.
 pub const MAX_STOPS: usize = 16;
 /// Most alternatives per token (what the cluster returns at most).
-pub const MAX_TOP_LOGPROBS: u32 = 20;
+pub use moe_model::sampling::MAX_TOP_LOGPROBS;
+use moe_model::sampling::{MAX_PRESENCE_FREQUENCY_PENALTY as MAX_PF, MAX_REPETITION_PENALTY};
 /// OpenAI's default `max_tokens` of `/v1/completions`.
 pub const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
 
@@ -134,8 +135,10 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
         }
         r => r.unwrap_or(d.repetition_penalty),
     };
-    let presence_penalty = range("presence_penalty", f.get::<f32>("presence_penalty")?, -2.0, 2.0)?.unwrap_or(0.0);
-    let frequency_penalty = range("frequency_penalty", f.get::<f32>("frequency_penalty")?, -2.0, 2.0)?.unwrap_or(0.0);
+    let presence_penalty =
+        range("presence_penalty", f.get::<f32>("presence_penalty")?, -MAX_PF, MAX_PF)?.unwrap_or(0.0);
+    let frequency_penalty =
+        range("frequency_penalty", f.get::<f32>("frequency_penalty")?, -MAX_PF, MAX_PF)?.unwrap_or(0.0);
     let (logprobs, top_logprobs) = match endpoint {
         Endpoint::Chat => {
             let on = f.get::<bool>("logprobs")?.unwrap_or(false);

@@ -1,4 +1,14 @@
 //! Generation requests as the engine sees them, their validation, and the token sampler.
+//!
+//! The sampler's order per step (vLLM's): penalties on the raw logits (`sampling/penalties.rs`),
+//! then greedy argmax, or temperature, top-k, top-p and a seeded draw; log-probabilities when
+//! asked (`sampling/logprobs.rs`) from the penalised distribution at that temperature.
+
+mod logprobs;
+mod penalties;
+
+pub use logprobs::{TokenLogprobs, TopLogprob, token_logprobs};
+pub use penalties::Penalties;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -7,6 +17,13 @@ use crate::rng::SplitMix64;
 
 /// Largest `max_tokens` a request may ask for, whatever the context allows.
 pub const MAX_NEW_TOKENS: u32 = 1 << 20;
+/// Largest repetition penalty accepted (transformers and vLLM set none; beyond this a seen
+/// token is effectively banned, which `stop_ids`-free generation rarely wants).
+pub const MAX_REPETITION_PENALTY: f32 = 10.0;
+/// Presence and frequency penalties lie in [-this, this] (OpenAI's range).
+pub const MAX_PRESENCE_FREQUENCY_PENALTY: f32 = 2.0;
+/// Most alternatives a token may carry (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -19,6 +36,16 @@ pub struct SamplingParams {
     pub seed: u64,
     pub stop_ids: Vec<u32>,
     pub max_tokens: u32,
+    /// 0 or 1 = off; otherwise in (0, MAX_REPETITION_PENALTY]. Over prompt and generated ids.
+    pub repetition_penalty: f32,
+    /// In [-2, 2], 0 = off. Over generated ids only.
+    pub presence_penalty: f32,
+    /// In [-2, 2], 0 = off. Over generated ids only, times each id's count.
+    pub frequency_penalty: f32,
+    /// Return each token's log-probability (and `top_logprobs` alternatives).
+    pub logprobs: bool,
+    /// 0..=MAX_TOP_LOGPROBS, only with `logprobs`.
+    pub top_logprobs: u32,
 }
 
 impl SamplingParams {
@@ -30,6 +57,11 @@ impl SamplingParams {
             seed: 0,
             stop_ids: Vec::new(),
             max_tokens,
+            repetition_penalty: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -115,22 +147,86 @@ impl GenerationRequest {
                 "sampling.stop_ids contains {t}, outside the vocabulary (vocab_size {vocab})"
             ));
         }
+        s.validate_penalties_and_logprobs().map_err(Error::InvalidInput)
+    }
+}
+
+impl SamplingParams {
+    fn validate_penalties_and_logprobs(&self) -> std::result::Result<(), String> {
+        let r = self.repetition_penalty;
+        // NaN is in no range.
+        if !(0.0..=MAX_REPETITION_PENALTY).contains(&r) {
+            return Err(format!(
+                "sampling.repetition_penalty = {r} must be in (0, {MAX_REPETITION_PENALTY}] (0 or 1 = off)"
+            ));
+        }
+        let m = MAX_PRESENCE_FREQUENCY_PENALTY;
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-m..=m).contains(&v) {
+                return Err(format!("sampling.{name} = {v} must be in [-{m}, {m}]"));
+            }
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(format!(
+                "sampling.top_logprobs = {} exceeds the limit {MAX_TOP_LOGPROBS}",
+                self.top_logprobs
+            ));
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return Err(format!(
+                "sampling.top_logprobs = {} needs sampling.logprobs set",
+                self.top_logprobs
+            ));
+        }
         Ok(())
     }
 }
 
+/// A token the sampler chose, with its log-probabilities when the request asked for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub id: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
 /// Picks tokens from logits. Per request and seeded, so the choice depends only on the request
-/// and the logits, never on what else shares the batch.
+/// and the logits, never on what else shares the batch. Keeps what penalties need to know of the
+/// request's tokens (nothing when they are off).
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: SplitMix64,
+    penalties: Option<Penalties>,
+    /// The penalised logits of the current step, reused from step to step (penalties only).
+    scratch: Vec<f32>,
 }
 
 impl Sampler {
+    /// A sampler with no history: penalties see only the tokens it samples.
     pub fn new(params: SamplingParams) -> Self {
+        Self::with_history(params, &[], 0)
+    }
+
+    /// The sampler of `request`: penalties know its prompt, and a resumed request (its last
+    /// `resumed` prompt ids generated earlier) continues exactly as the uninterrupted one would.
+    pub fn for_request(request: &GenerationRequest) -> Self {
+        Self::with_history(request.sampling.clone(), &request.prompt, request.resumed)
+    }
+
+    fn with_history(params: SamplingParams, prompt: &[u32], resumed: u32) -> Self {
         let rng = SplitMix64::new(params.seed);
-        Sampler { params, rng }
+        let penalties = Penalties::new(&params, prompt, resumed as usize);
+        let mut sampler = Sampler {
+            params,
+            rng,
+            penalties,
+            scratch: Vec::new(),
+        };
+        sampler.skip(resumed);
+        sampler
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -139,7 +235,7 @@ impl Sampler {
 
     /// Advances the generator past `n` earlier samples, so a resumed request draws what the
     /// interrupted one would have drawn next. Each non-greedy sample takes exactly one draw.
-    pub fn skip(&mut self, n: u32) {
+    fn skip(&mut self, n: u32) {
         if self.params.temperature != 0.0 {
             for _ in 0..n {
                 self.rng.unit();
@@ -147,96 +243,71 @@ impl Sampler {
         }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Chooses the next token from one row of raw logits and counts it for the penalties.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let logits = match &self.penalties {
+            Some(p) => {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(logits);
+                p.apply(&mut self.scratch);
+                &self.scratch[..]
+            }
+            None => logits,
+        };
         let p = &self.params;
-        if p.temperature == 0.0 {
-            return argmax(logits) as u32;
+        let id = if p.temperature == 0.0 {
+            argmax(logits) as u32
+        } else {
+            draw(logits, p, &mut self.rng)
+        };
+        let logprobs = p
+            .logprobs
+            .then(|| token_logprobs(logits, p.temperature, id, p.top_logprobs as usize));
+        if let Some(pen) = &mut self.penalties {
+            pen.record(id);
         }
-        // Candidates in descending logit order (ties: lower id first), cut by top-k.
-        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
-        ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-        if p.top_k > 0 {
-            ids.truncate(p.top_k as usize);
-        }
-        let max = logits[ids[0] as usize];
-        let mut probs: Vec<f64> = ids
+        Sampled { id, logprobs }
+    }
+}
+
+/// One seeded draw from softmax(logits / temperature), cut by top-k and top-p.
+fn draw(logits: &[f32], p: &SamplingParams, rng: &mut SplitMix64) -> u32 {
+    // Candidates in descending logit order (ties: lower id first), cut by top-k.
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if p.top_k > 0 {
+        ids.truncate(p.top_k as usize);
+    }
+    let max = logits[ids[0] as usize];
+    let mut probs: Vec<f64> = ids
+        .iter()
+        .map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|v| *v /= total);
+    if p.top_p > 0.0 && p.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs
             .iter()
-            .map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp())
-            .collect();
+            .position(|&v| {
+                acc += v;
+                acc >= p.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        ids.truncate(keep);
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|v| *v /= total);
-        if p.top_p > 0.0 && p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&v| {
-                    acc += v;
-                    acc >= p.top_p as f64
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            ids.truncate(keep);
-            let total: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|v| *v /= total);
-        }
-        let mut u = self.rng.unit();
-        for (&id, &pr) in ids.iter().zip(&probs) {
-            if u <= pr {
-                return id;
-            }
-            u -= pr;
-        }
-        *ids.last().expect("at least one candidate")
     }
+    let mut u = rng.unit();
+    for (&id, &pr) in ids.iter().zip(&probs) {
+        if u <= pr {
+            return id;
+        }
+        u -= pr;
+    }
+    *ids.last().expect("at least one candidate")
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_is_argmax_and_sampling_is_seeded() {
-        let logits = [0.1f32, 3.0, 2.9, -1.0];
-        assert_eq!(Sampler::new(SamplingParams::greedy(1)).sample(&logits), 1);
-        let params = SamplingParams {
-            temperature: 1.0,
-            seed: 42,
-            ..SamplingParams::greedy(1)
-        };
-        let a: Vec<u32> = {
-            let mut s = Sampler::new(params.clone());
-            (0..50).map(|_| s.sample(&logits)).collect()
-        };
-        let b: Vec<u32> = {
-            let mut s = Sampler::new(params);
-            (0..50).map(|_| s.sample(&logits)).collect()
-        };
-        assert_eq!(a, b);
-        assert!(
-            a.contains(&1) && a.contains(&2),
-            "temperature 1 mixes the two close logits: {a:?}"
-        );
-    }
-
-    #[test]
-    fn top_k_and_top_p_cut_the_tail() {
-        let logits = [5.0f32, 4.9, 0.0, -3.0, 4.8];
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 2.0,
-            top_k: 2,
-            seed: 1,
-            ..SamplingParams::greedy(1)
-        });
-        assert!((0..200).all(|_| matches!(s.sample(&logits), 0 | 1)));
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
-            top_p: 0.3,
-            seed: 1,
-            ..SamplingParams::greedy(1)
-        });
-        assert!(
-            (0..200).all(|_| s.sample(&logits) == 0),
-            "top-p 0.3 keeps only the most likely id"
-        );
-    }
-}
+mod tests;

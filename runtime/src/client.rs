@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use moe_model::sampling::GenerationRequest;
+use moe_model::sampling::{GenerationRequest, TokenLogprobs};
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::tensor::decode_f32;
 use moe_proto::v1::inference_client::InferenceClient;
@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::auth::AddBearer;
-use crate::convert::generate_request;
+use crate::convert::{generate_request, token_logprobs_from_wire};
 use crate::failover::{self, Failover};
 use crate::net::{self, MAX_MESSAGE_BYTES};
 use crate::resume::Progress;
@@ -39,9 +39,21 @@ pub struct Generation {
     pub finish_reason: i32,
     /// Arrival time of each token, from the moment the request was sent.
     pub token_times: Vec<Duration>,
+    /// Per token, its log-probabilities (when the request asked: see `Generation::for_request`).
+    pub token_logprobs: Vec<TokenLogprobs>,
+    /// Whether tokens carry log-probabilities to keep.
+    pub with_logprobs: bool,
 }
 
 impl Generation {
+    /// An empty generation that keeps what `req` asked for.
+    pub fn for_request(req: &GenerationRequest) -> Self {
+        Generation {
+            with_logprobs: req.sampling.logprobs,
+            ..Default::default()
+        }
+    }
+
     /// Folds one event in.
     pub fn absorb(&mut self, event: GenerateResponse, since: Instant) -> Result<(), Status> {
         match event.event {
@@ -61,6 +73,9 @@ impl Generation {
                 }
                 self.tokens.push(t.id);
                 self.token_times.push(since.elapsed());
+                if self.with_logprobs {
+                    self.token_logprobs.push(token_logprobs_from_wire(&t));
+                }
                 if let Some(l) = t.logits {
                     self.token_logits
                         .push(decode_f32(&l).map_err(|e| Status::internal(e.to_string()))?.0);
@@ -219,7 +234,7 @@ impl ClusterClient {
     pub async fn generate(&mut self, req: &GenerationRequest) -> Result<Generation, Status> {
         let since = Instant::now();
         let mut stream = self.generate_stream(req).await?;
-        let mut g = Generation::default();
+        let mut g = Generation::for_request(req);
         while let Some(event) = stream.next().await {
             g.absorb(event?, since)?;
         }
@@ -239,7 +254,7 @@ impl ClusterClient {
                 async move { c.submit_batch(b).await }
             })
             .await?;
-        let mut out = vec![Generation::default(); reqs.len()];
+        let mut out: Vec<Generation> = reqs.iter().map(Generation::for_request).collect();
         while let Some(item) = stream.next().await {
             let item = item?;
             let g = out

@@ -1,6 +1,6 @@
 //! Between wire messages and the model crate's types, and from errors to gRPC statuses.
 
-use moe_model::sampling::{GenerationRequest, SamplingParams};
+use moe_model::sampling::{GenerationRequest, SamplingParams, TokenLogprobs, TopLogprob};
 use moe_proto::PROTOCOL_VERSION;
 use moe_proto::v1::{self, GenerateRequest};
 use tonic::Status;
@@ -40,6 +40,11 @@ fn sampling_from_wire(s: &v1::SamplingParams) -> SamplingParams {
         seed: s.seed,
         stop_ids: s.stop_ids.clone(),
         max_tokens: s.max_tokens,
+        repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        logprobs: s.logprobs,
+        top_logprobs: s.top_logprobs,
     }
 }
 
@@ -51,7 +56,44 @@ fn sampling_to_wire(s: &SamplingParams) -> v1::SamplingParams {
         seed: s.seed,
         stop_ids: s.stop_ids.clone(),
         max_tokens: s.max_tokens,
-        ..Default::default()
+        repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        logprobs: s.logprobs,
+        top_logprobs: s.top_logprobs,
+    }
+}
+
+/// A token's `logprob` and `top_logprobs` wire fields: zero and empty when not asked for.
+pub fn token_logprobs_to_wire(l: Option<&TokenLogprobs>) -> (f32, Vec<v1::TopLogprob>) {
+    match l {
+        None => (0.0, Vec::new()),
+        Some(l) => (
+            l.logprob,
+            l.top
+                .iter()
+                .map(|t| v1::TopLogprob {
+                    id: t.id,
+                    logprob: t.logprob,
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// A token's log-probabilities from its wire form (meaningful when the request asked for them:
+/// the wire cannot tell a log-probability of 0 from none).
+pub fn token_logprobs_from_wire(t: &v1::Token) -> TokenLogprobs {
+    TokenLogprobs {
+        logprob: t.logprob,
+        top: t
+            .top_logprobs
+            .iter()
+            .map(|a| TopLogprob {
+                id: a.id,
+                logprob: a.logprob,
+            })
+            .collect(),
     }
 }
 
@@ -78,5 +120,52 @@ pub fn status(e: &moe_model::Error) -> Status {
         E::KvCacheFull { .. } => Status::resource_exhausted(e.to_string()),
         E::Experts(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_token_logprobs_survive_the_wire() {
+        let req = GenerationRequest {
+            prompt: vec![5, 6, 7],
+            sampling: SamplingParams {
+                temperature: 0.7,
+                top_k: 9,
+                top_p: 0.8,
+                seed: 3,
+                stop_ids: vec![2],
+                max_tokens: 11,
+                repetition_penalty: 1.3,
+                presence_penalty: -0.5,
+                frequency_penalty: 0.25,
+                logprobs: true,
+                top_logprobs: 4,
+            },
+            return_prompt_logits: true,
+            return_token_logits: false,
+            resumed: 1,
+        };
+        assert_eq!(generation_request(&generate_request(&req)).unwrap(), req);
+
+        let l = TokenLogprobs {
+            logprob: -0.75,
+            top: vec![
+                TopLogprob { id: 4, logprob: -0.5 },
+                TopLogprob { id: 9, logprob: -0.75 },
+            ],
+        };
+        let (logprob, top_logprobs) = token_logprobs_to_wire(Some(&l));
+        let token = v1::Token {
+            index: 0,
+            id: 9,
+            logits: None,
+            logprob,
+            top_logprobs,
+        };
+        assert_eq!(token_logprobs_from_wire(&token), l);
+        assert_eq!(token_logprobs_to_wire(None), (0.0, Vec::new()));
     }
 }

@@ -15,6 +15,7 @@ mod connections;
 mod failures;
 mod parity;
 mod protocol;
+mod sampling;
 
 /// Waits (bounded) until no attention worker holds KV blocks or requests; panics with `what`.
 async fn wait_idle(client: &ClusterClient, what: &str) {

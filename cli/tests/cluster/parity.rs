@@ -159,6 +159,16 @@ async fn bench_prints_json_for_the_engine_and_a_cluster() {
     assert_eq!(engine["failed"], 0);
     assert!(engine["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(engine["ttft_ms"]["p99"].as_f64().unwrap() >= engine["ttft_ms"]["p50"].as_f64().unwrap());
+    // Each phase counts its own tokens (6 requests of 9 prompt tokens, 5 new tokens of which 4
+    // are decoded) over a time within the run.
+    let phases = &engine["phases"];
+    assert_eq!(phases["prefill"]["prompt_tokens"], 6 * 9, "{phases}");
+    assert_eq!(phases["decode"]["tokens"], 6 * 4, "{phases}");
+    let wall = engine["wall_s"].as_f64().unwrap();
+    for phase in ["prefill", "decode"] {
+        let busy = phases[phase]["busy_s"].as_f64().unwrap();
+        assert!(busy > 0.0 && busy <= wall, "{phase}: {busy} s in a {wall} s run");
+    }
     assert!(
         engine["dispatch_bytes_per_token_per_layer"].is_null(),
         "nothing crosses a wire in process"

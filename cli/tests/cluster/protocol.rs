@@ -42,6 +42,9 @@ async fn invalid_requests_get_invalid_argument_and_disturb_nothing() {
         (with(&|r| r.sampling.top_p = 1.5), "top_p"),
         (with(&|r| r.sampling.top_k = 100_000), "top_k"),
         (with(&|r| r.sampling.stop_ids = vec![9999]), "stop_ids"),
+        (with(&|r| r.sampling.repetition_penalty = -1.0), "repetition_penalty"),
+        (with(&|r| r.sampling.frequency_penalty = 3.0), "frequency_penalty"),
+        (with(&|r| r.sampling.top_logprobs = 3), "top_logprobs"),
     ];
     for (req, want_msg) in cases {
         let err = client.generate(&req).await.unwrap_err();

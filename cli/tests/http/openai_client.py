@@ -125,8 +125,16 @@ check("tools and tool results accepted")
 
 # Logprobs are asked for and returned per token.
 lp = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, logprobs=True, top_logprobs=2, **GREEDY)
-assert lp.choices[0].logprobs is not None and len(lp.choices[0].logprobs.content) == lp.usage.completion_tokens
-check("logprobs present")
+entries = lp.choices[0].logprobs.content
+assert len(entries) == lp.usage.completion_tokens, entries
+for e in entries:
+    # Greedy: the chosen token is the most likely alternative, and alternatives are ordered.
+    assert len(e.top_logprobs) == 2 and e.logprob <= 0, e
+    assert e.top_logprobs[0].logprob == e.logprob and e.top_logprobs[0].token == e.token, e
+    assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob, e
+comp_lp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, logprobs=2, **GREEDY)
+assert len(comp_lp.choices[0].logprobs.token_logprobs) == 3 and len(comp_lp.choices[0].logprobs.top_logprobs[0]) <= 2
+check("logprobs: greedy tokens are their own top alternative")
 
 # A concurrent request completes unchanged while bad requests are refused.
 long = dict(messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=200, **GREEDY)
