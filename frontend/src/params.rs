@@ -127,10 +127,10 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
     }
     let n = range("n", f.get::<u32>("n")?, 1, MAX_N)?.unwrap_or(1);
     let repetition_penalty = match f.get::<f32>("repetition_penalty")? {
-        Some(r) if !(r > 0.0 && r <= 10.0) => {
+        Some(r) if !(r > 0.0 && r <= MAX_REPETITION_PENALTY) => {
             return Err(ApiError::field(
                 "repetition_penalty",
-                format!("must be in (0, 10], got {r}"),
+                format!("must be in (0, {MAX_REPETITION_PENALTY}], got {r}"),
             ));
         }
         r => r.unwrap_or(d.repetition_penalty),
