@@ -331,3 +331,47 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
     drop(dead);
     drop(cluster);
 }
+
+/// `moectl demo` starts a cluster with the front end and prints the answer as text: the
+/// decoding of the token ids it prints beside it.
+#[test]
+fn demo_prints_the_answer_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("demo-model");
+    gen_model(&model);
+    let out = Command::new(moectl())
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--prompt",
+            "Hi there",
+            "--max-tokens",
+            "6",
+            "--model",
+        ])
+        .arg(&model)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids_line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("token ids: "))
+        .unwrap_or_else(|| panic!("no token ids in:\n{stdout}"));
+    let ids: Vec<u32> = ids_line.split(',').map(|t| t.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 6, "{stdout}");
+    let text = moe_text::Tokenizer::from_dir(&model)
+        .unwrap()
+        .decode(&ids, true)
+        .unwrap();
+    assert!(
+        stdout.contains(&format!("user: Hi there\nassistant: {text}\n")),
+        "{stdout}"
+    );
+}
