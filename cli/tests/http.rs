@@ -94,7 +94,16 @@ fn http_addr(cluster: &LocalCluster) -> SocketAddr {
 }
 
 async fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
-    let answer = http_client::post(addr, path, &body, Some(TOKEN)).await.unwrap();
+    post_with(addr, path, body, Some(TOKEN)).await
+}
+
+/// To a front end that requires no token.
+async fn post_plain(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    post_with(addr, path, body, None).await
+}
+
+async fn post_with(addr: SocketAddr, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
+    let answer = http_client::post(addr, path, &body, token).await.unwrap();
     let status = answer.status;
     (status, answer.json().await.unwrap())
 }
@@ -374,4 +383,50 @@ fn demo_prints_the_answer_as_text() {
         stdout.contains(&format!("user: Hi there\nassistant: {text}\n")),
         "{stdout}"
     );
+}
+
+/// An A13B-shaped generated model carrying Tencent's real tokenizer: the front end renders and
+/// encodes every golden conversation of `chat-golden.json` without tools (tool prompts embed
+/// the clock) to the ids transformers made, and serves a chat completion on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a13b_shaped_model_with_the_real_tokenizer() {
+    let release = moe_tests::fixtures_dir().join("hunyuan-a13b-release");
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("a13b-real-tokenizer");
+    let out = Command::new(moectl())
+        .args(["gen-model", "--preset", "tiny", "--vocab", "128167", "--tokenizer"])
+        .arg(&release)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cluster = LocalCluster::start(moectl(), &model, 1, 2, &["--http", "127.0.0.1:0"]);
+    let http = http_addr(&cluster);
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(release.join("chat-golden.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for case in golden["chat"].as_array().unwrap() {
+        if case["family"] != "a13b" || !case["tools"].is_null() {
+            continue;
+        }
+        let request = json!({"messages": case["messages"], "chat_template_kwargs": case["kwargs"]});
+        let (status, body) = post_plain(http, "/tokenize", request).await;
+        assert_eq!(status, 200, "{}: {body}", case["case"]);
+        assert_eq!(body["tokens"], case["ids"], "{}", case["case"]);
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} golden conversations without tools");
+    let request = json!({"model": "a13b-real-tokenizer", "messages": [{"role": "user", "content": "你好"}],
+        "max_tokens": 4, "temperature": 0});
+    let (status, body) = post_plain(http, "/v1/chat/completions", request).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, tokenized) = post_plain(
+        http,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "你好"}]}),
+    )
+    .await;
+    assert_eq!(body["usage"]["prompt_tokens"], tokenized["count"], "{body}");
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{body}");
 }
