@@ -313,6 +313,10 @@ impl LocalCluster {
                     f,
                 ]);
             }
+            // The coordinators' client API is server TLS: the CA is enough.
+            if let Some(ca) = &args.tls.tls_ca {
+                a.extend(["--tls-ca".into(), ca.to_string_lossy().into_owned()]);
+            }
             let frontend = spawn("frontend", &a).await?;
             println!(
                 "PROCESS {} pid={} addr={}",

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 use moe_runtime::client::ClusterClient;
+use moe_runtime::tls::ClientTls;
 
 use crate::model::ServedModel;
 use crate::state::AppState;
@@ -36,8 +37,8 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
     /// The cluster's client endpoint(s): a coordinator, or a leader and its standbys
-    /// (comma-separated), followed through failover. TLS to them: `MOECTL_TLS_CA` (and
-    /// `MOECTL_TLS_CERT`/`_KEY`), as for every client command.
+    /// (comma-separated), followed through failover. TLS to them: `--tls-ca`, or
+    /// `MOECTL_TLS_CA` (and `MOECTL_TLS_CERT`/`_KEY`) as for every client command.
     #[arg(long, required = true)]
     pub coordinator: String,
     /// Model directory: only config.json, generation_config.json and the tokenizer files
@@ -53,6 +54,14 @@ pub struct Args {
     /// The client token the coordinators require (their `--auth-token-file`).
     #[arg(long)]
     pub cluster_auth_token_file: Option<PathBuf>,
+    /// TLS to the coordinators: the cluster CA (PEM) to trust (default: `MOECTL_TLS_CA`).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate and key (PEM) to present to the coordinators, with `--tls-ca`.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Stop when stdin closes (how `moectl up` ties its children's lives to its own).
     #[arg(long)]
     pub watch_stdin: bool,
@@ -73,11 +82,20 @@ fn read_token(path: &Option<PathBuf>) -> Result<Option<String>> {
 pub fn state(args: &Args) -> Result<AppState> {
     let model = ServedModel::load(&args.model, args.served_model_name.clone())?;
     let cluster_token = read_token(&args.cluster_auth_token_file)?;
-    let client =
-        ClusterClient::with_token(&args.coordinator, cluster_token.as_deref()).map_err(|status| Error::Client {
-            endpoints: args.coordinator.clone(),
-            status,
-        })?;
+    let client_error = |status| Error::Client {
+        endpoints: args.coordinator.clone(),
+        status,
+    };
+    let client = match &args.tls_ca {
+        Some(ca) => {
+            let cert_key = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+            let tls = ClientTls::from_files(ca, cert_key)
+                .map_err(|e| client_error(tonic::Status::invalid_argument(format!("--tls-ca: {e}"))))?;
+            ClusterClient::with_options(&args.coordinator, cluster_token.as_deref(), Some(&tls))
+        }
+        None => ClusterClient::with_token(&args.coordinator, cluster_token.as_deref()),
+    }
+    .map_err(client_error)?;
     Ok(AppState {
         model: Arc::new(model),
         client,

@@ -165,6 +165,9 @@ async fn setup() -> Setup {
         served_model_name: Some("scripted".into()),
         auth_token_file: Some(token_file),
         cluster_auth_token_file: None,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
         watch_stdin: false,
     };
     let state = moe_frontend::state(&args).unwrap();
