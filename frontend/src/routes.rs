@@ -23,6 +23,9 @@ use crate::params::{self, Common, Endpoint};
 use crate::respond::{self, Kind, Meta, Streamer};
 use crate::state::AppState;
 
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -33,6 +36,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
+        // axum's default of 2 MB is less than a long-context prompt's JSON.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
