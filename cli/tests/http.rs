@@ -20,6 +20,7 @@ use moe_frontend::http_client;
 use moe_model::{Engine, EngineOptions};
 use moe_runtime::client::ClusterClient;
 use moe_tests::cluster::LocalCluster;
+use moe_tests::scripted::{ScriptedCoordinator, write_text_model};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "s3cret-http-token";
@@ -39,6 +40,23 @@ fn python() -> PathBuf {
     python
 }
 
+/// Runs `cli/tests/http/<script>` with `env` (and the token in API_KEY); it must pass.
+fn run_python(python: &Path, script: &str, env: &[(&str, String)]) {
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/http").join(script))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("API_KEY", TOKEN)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("ALL PASSED"),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn gen_model(dir: &Path) {
     let out = Command::new(moectl())
         .args(["gen-model", "--preset", "tiny", "--seed", "3", "--out"])
@@ -48,22 +66,22 @@ fn gen_model(dir: &Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// `moectl frontend` against a coordinator address where nothing listens.
-struct DeadFrontend {
+/// `moectl frontend` before `coordinator`, as a process of its own.
+struct Frontend {
     child: std::process::Child,
     addr: SocketAddr,
 }
 
-impl DeadFrontend {
-    fn start(model: &Path, token_file: &Path) -> Self {
+impl Frontend {
+    fn start(model: &Path, token_file: &Path, coordinator: &str) -> Self {
         let mut child = Command::new(moectl())
             .args([
                 "frontend",
                 "--listen",
                 "127.0.0.1:0",
-                "--coordinator",
-                "127.0.0.1:1",
                 "--watch-stdin",
+                "--coordinator",
+                coordinator,
             ])
             .arg("--model")
             .arg(model)
@@ -77,11 +95,11 @@ impl DeadFrontend {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = lines.next().expect("a LISTENING line").unwrap();
         let addr = line.strip_prefix("LISTENING frontend ").expect(&line).parse().unwrap();
-        DeadFrontend { child, addr }
+        Frontend { child, addr }
     }
 }
 
-impl Drop for DeadFrontend {
+impl Drop for Frontend {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
@@ -165,23 +183,18 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         ],
     );
     let http = http_addr(&cluster);
-    let dead = DeadFrontend::start(&model, &token_file);
+    // Nothing listens on port 1.
+    let dead = Frontend::start(&model, &token_file, "127.0.0.1:1");
 
     // 1. The openai client.
-    let out = Command::new(&python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/http/openai_client.py"))
-        .env("BASE_URL", format!("http://{http}/v1"))
-        .env("DEAD_URL", format!("http://{}/v1", dead.addr))
-        .env("API_KEY", TOKEN)
-        .env("MODEL", "tiny-chat")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success() && stdout.contains("ALL PASSED"),
-        "the openai client checks failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_python(
+        &python,
+        "openai_client.py",
+        &[
+            ("BASE_URL", format!("http://{http}/v1")),
+            ("DEAD_URL", format!("http://{}/v1", dead.addr)),
+            ("MODEL", "tiny-chat".into()),
+        ],
     );
 
     // 2. Greedy parity: the ids behind a chat completion are what `moectl generate` makes
@@ -429,4 +442,24 @@ async fn a13b_shaped_model_with_the_real_tokenizer() {
     .await;
     assert_eq!(body["usage"]["prompt_tokens"], tokenized["count"], "{body}");
     assert!(body["usage"]["completion_tokens"].as_u64().unwrap() >= 1, "{body}");
+}
+
+/// The openai client on output with reasoning and a nested tool call (a scripted coordinator
+/// writes it): `reasoning_content`, `tool_calls` with arguments as a JSON string, whole and
+/// streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_client_sees_reasoning_and_tool_calls() {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = ScriptedCoordinator::start(write_text_model(dir.path())).await;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let frontend = Frontend::start(dir.path(), &token_file, &coordinator.addr.to_string());
+    let model = dir.path().file_name().unwrap().to_string_lossy().into_owned();
+    let base_url = format!("http://{}/v1", frontend.addr);
+    let python_env = [("BASE_URL", base_url), ("MODEL", model)];
+    // The python client blocks; the scripted coordinator runs on this runtime meanwhile.
+    tokio::task::spawn_blocking(move || run_python(&python, "openai_tools.py", &python_env))
+        .await
+        .unwrap();
 }

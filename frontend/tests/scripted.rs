@@ -4,163 +4,28 @@
 //! cancels the cluster stream; RESOURCE_EXHAUSTED is 429; the bearer token is required.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use moe_frontend::http_client;
-use moe_proto::v1::inference_server::{Inference, InferenceServer};
-use moe_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, FinishReason, Finished, GenerateRequest, GenerateResponse,
-    HealthRequest, HealthResponse, SubmitBatchRequest, SubmitBatchResponse, Token, generate_response,
-};
-use moe_text::synthetic::{TemplateFamily, write_tokenizer};
+use moe_tests::scripted::{ENDLESS, FULL, ScriptedCoordinator, write_text_model};
 use serde_json::{Value, json};
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
 
-const REFERENCE: &str = "<think>\nThe user wants the weather; 巴黎 is Paris.\n</think>\n<answer>\nChecking 😀 <tool_calls>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"巴黎\", \"opts\": {\"unit\": \"c\", \"days\": [1, 2]}}}]</tool_calls>\n</answer>";
 const TOKEN: &str = "tok";
-/// A request with this `max_tokens` is refused as if the cluster were full.
-const FULL: u32 = 429;
-/// A request with this `max_tokens` gets filler tokens after the reference until it has
-/// them all or the front end drops the stream (far more than HTTP/2 buffers hold).
-const ENDLESS: u32 = 1_000_000;
-
-type Events = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
-
-struct Scripted {
-    ids: Vec<u32>,
-    /// Streams the front end dropped before their end.
-    dropped: Arc<AtomicUsize>,
-}
-
-/// Counts a stream as dropped unless it was sent to its end.
-struct DropGuard {
-    done: bool,
-    dropped: Arc<AtomicUsize>,
-}
-
-impl Drop for DropGuard {
-    fn drop(&mut self) {
-        if !self.done {
-            self.dropped.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl Inference for Scripted {
-    type GenerateStream = Events;
-    type SubmitBatchStream = Pin<Box<dyn Stream<Item = Result<SubmitBatchResponse, Status>> + Send>>;
-
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Events>, Status> {
-        let max = request.into_inner().sampling.map_or(0, |s| s.max_tokens);
-        if max == FULL {
-            return Err(Status::resource_exhausted("1 requests in flight, limit 1"));
-        }
-        let mut ids = self.ids.clone();
-        if max == ENDLESS {
-            let filler = *ids.last().expect("a script");
-            ids.resize(ENDLESS as usize, filler);
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let guard = DropGuard {
-            done: false,
-            dropped: self.dropped.clone(),
-        };
-        tokio::spawn(async move {
-            // The whole guard moves into the task (not just the field it sets).
-            let mut guard = guard;
-            for (index, id) in ids.iter().enumerate().take(max as usize) {
-                let token = Token {
-                    index: index as u32,
-                    id: *id,
-                    ..Default::default()
-                };
-                let event = GenerateResponse {
-                    event: Some(generate_response::Event::Token(token)),
-                };
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            let reason = match ids.len() > max as usize {
-                true => FinishReason::Length,
-                false => FinishReason::Stop,
-            };
-            let finished = Finished {
-                reason: reason as i32,
-                ..Default::default()
-            };
-            let _ = tx
-                .send(Ok(GenerateResponse {
-                    event: Some(generate_response::Event::Finished(finished)),
-                }))
-                .await;
-            guard.done = true;
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
-    }
-
-    async fn submit_batch(&self, _: Request<SubmitBatchRequest>) -> Result<Response<Self::SubmitBatchStream>, Status> {
-        Err(Status::unimplemented("not scripted"))
-    }
-
-    async fn cluster_status(
-        &self,
-        _: Request<ClusterStatusRequest>,
-    ) -> Result<Response<ClusterStatusResponse>, Status> {
-        Ok(Response::new(ClusterStatusResponse::default()))
-    }
-
-    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        Ok(Response::new(HealthResponse {
-            serving: true,
-            detail: "scripted".into(),
-        }))
-    }
-}
-
-/// A model directory the front end can read: config.json and a generated tokenizer.
-fn model_dir(dir: &Path) {
-    std::fs::write(
-        dir.join("config.json"),
-        json!({"vocab_size": 512, "max_position_embeddings": 2 * ENDLESS}).to_string(),
-    )
-    .unwrap();
-    write_tokenizer(dir, 512, TemplateFamily::A13b).unwrap();
-}
 
 struct Setup {
     http: SocketAddr,
-    dropped: Arc<AtomicUsize>,
+    coordinator: ScriptedCoordinator,
     _dir: tempfile::TempDir,
 }
 
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    model_dir(dir.path());
-    let tokenizer = moe_text::Tokenizer::from_dir(dir.path()).unwrap();
-    let dropped = Arc::new(AtomicUsize::new(0));
-    let scripted = Scripted {
-        ids: tokenizer.encode(REFERENCE).unwrap(),
-        dropped: dropped.clone(),
-    };
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let coordinator = grpc.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(InferenceServer::new(scripted))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
-    );
+    let coordinator = ScriptedCoordinator::start(write_text_model(dir.path())).await;
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, TOKEN).unwrap();
     let args = moe_frontend::Args {
         listen: "127.0.0.1:0".parse().unwrap(),
-        coordinator: coordinator.to_string(),
+        coordinator: coordinator.addr.to_string(),
         model: dir.path().to_owned(),
         served_model_name: Some("scripted".into()),
         auth_token_file: Some(token_file),
@@ -176,7 +41,7 @@ async fn setup() -> Setup {
     tokio::spawn(async move { axum::serve(listener, moe_frontend::routes::router(state)).await });
     Setup {
         http,
-        dropped,
+        coordinator,
         _dir: dir,
     }
 }
@@ -269,7 +134,7 @@ async fn reasoning_and_tool_calls_whole_and_streamed() {
             .contains("<tool_calls>[{")
     );
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
-    assert_eq!(s.dropped.load(Ordering::SeqCst), 0, "every stream was read to its end");
+    assert_eq!(s.coordinator.dropped(), 0, "every stream was read to its end");
 }
 
 #[tokio::test]
@@ -294,12 +159,12 @@ async fn a_stop_string_ends_the_answer_and_cancels_the_cluster_stream() {
     // Both cluster streams were dropped by the front end before their end (bounded wait: the
     // scripted server notices at its next send).
     for _ in 0..3000 {
-        if s.dropped.load(Ordering::SeqCst) == 2 {
+        if s.coordinator.dropped() == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(s.dropped.load(Ordering::SeqCst), 2);
+    assert_eq!(s.coordinator.dropped(), 2);
 }
 
 #[tokio::test]

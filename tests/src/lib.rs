@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod scripted;
 
 use std::path::{Path, PathBuf};
 
