@@ -96,10 +96,12 @@ fn cluster_sampling(job: &Job, index: u32, stop_ids: &[u32]) -> SamplingParams {
     p
 }
 
-/// A random number from the standard library's per-process random hasher keys.
+/// A random number: the standard library's randomly keyed hasher over a counter (ids and
+/// unseeded sampler seeds need to differ, not to be secret).
 pub fn random_u64() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     h.finish()
 }
 

@@ -246,7 +246,8 @@ impl Streamer {
             } => {
                 let i = index as usize;
                 self.completion_tokens += usize::from(token.is_some());
-                if delta.is_empty() && logprob.is_none() {
+                let ids_asked = self.meta.return_token_ids && token.is_some();
+                if delta.is_empty() && logprob.is_none() && !ids_asked {
                     return None;
                 }
                 let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
