@@ -25,6 +25,8 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// None: up to the end of the context.
     pub max_tokens: Option<u32>,
+    /// The field `max_tokens` came from (errors name it).
+    pub max_tokens_field: &'static str,
     pub stop: Vec<String>,
     pub n: u32,
     pub repetition_penalty: f32,
@@ -106,11 +108,18 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
             1,
             u32::MAX,
         )?;
-        match (endpoint, b.or(a)) {
+        let field = if b.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        let value = match (endpoint, b.or(a)) {
             (Endpoint::Completions, None) => Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
             (_, m) => m,
-        }
+        };
+        (value, field)
     };
+    let (max_tokens, max_tokens_field) = max_tokens;
     let stop = match f.get::<Stop>("stop")? {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -174,6 +183,7 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
             top_k,
             seed,
             max_tokens,
+            max_tokens_field,
             stop,
             n,
             repetition_penalty,
@@ -188,9 +198,16 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
     })
 }
 
-/// Tokens to generate for a prompt of `prompt_len`: the request's `max_tokens`, refused when
-/// prompt and answer would not fit the context; without one, the rest of the context.
-pub fn max_new_tokens(requested: Option<u32>, prompt_len: usize, context: usize, field: &str) -> ApiResult<u32> {
+/// Tokens to generate for a prompt of `prompt_len`: the request's `max_tokens` (from the field
+/// `max_field`), refused when prompt and answer would not fit the context; without one, the
+/// rest of the context. `field` names the prompt in errors.
+pub fn max_new_tokens(
+    requested: Option<u32>,
+    max_field: &str,
+    prompt_len: usize,
+    context: usize,
+    field: &str,
+) -> ApiResult<u32> {
     if prompt_len >= context {
         return Err(ApiError::field(
             field,
@@ -203,7 +220,7 @@ pub fn max_new_tokens(requested: Option<u32>, prompt_len: usize, context: usize,
     match requested {
         None => Ok(room),
         Some(m) if m > room => Err(ApiError::field(
-            "max_tokens",
+            max_field,
             format!(
                 "{m} tokens after a prompt of {prompt_len} exceed the model's context of {context} (at most {room})"
             ),
@@ -309,6 +326,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.sampling.stop, ["END"]);
         assert_eq!(c.sampling.max_tokens, Some(7), "max_completion_tokens wins");
+        assert_eq!(c.sampling.max_tokens_field, "max_completion_tokens");
         assert_eq!((c.sampling.seed, c.sampling.n), (Some(3), 2));
         assert_eq!((c.sampling.logprobs, c.sampling.top_logprobs), (true, 4));
         assert!(c.stream && c.include_usage);
@@ -318,11 +336,11 @@ mod tests {
 
     #[test]
     fn prompt_and_answer_must_fit_the_context() {
-        assert_eq!(max_new_tokens(None, 10, 64, "messages").unwrap(), 54);
-        assert_eq!(max_new_tokens(Some(54), 10, 64, "messages").unwrap(), 54);
-        let e = max_new_tokens(Some(55), 10, 64, "messages").unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("max_tokens"));
-        let e = max_new_tokens(None, 64, 64, "prompt").unwrap_err();
+        assert_eq!(max_new_tokens(None, "max_tokens", 10, 64, "messages").unwrap(), 54);
+        assert_eq!(max_new_tokens(Some(54), "max_tokens", 10, 64, "messages").unwrap(), 54);
+        let e = max_new_tokens(Some(55), "max_completion_tokens", 10, 64, "messages").unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
+        let e = max_new_tokens(None, "max_tokens", 64, 64, "prompt").unwrap_err();
         assert_eq!(e.param.as_deref(), Some("prompt"));
     }
 }

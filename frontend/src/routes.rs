@@ -192,6 +192,7 @@ async fn run(
 ) -> ApiResult<Response> {
     let max_tokens = params::max_new_tokens(
         common.sampling.max_tokens,
+        common.sampling.max_tokens_field,
         prompt.len(),
         state.model.context_len,
         prompt_field,
