@@ -17,7 +17,8 @@ fi
 # virtual environment of its own; made once, kept in target/.
 PY_OPENAI="${MOE_PY_OPENAI:-$PWD/target/py-openai/bin/python}"
 if ! "$PY_OPENAI" -c 'import openai' >/dev/null 2>&1; then
-    echo "== installing the openai Python client into target/py-openai (pip, from $(python3 -m pip config get global.index-url 2>/dev/null || echo 'https://pypi.org/simple'))"
+    INDEX="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || echo 'https://pypi.org/simple')}"
+    echo "== installing the openai Python client into target/py-openai (pip, from $INDEX)"
     python3 -m venv target/py-openai
     target/py-openai/bin/pip install --quiet openai
     PY_OPENAI="$PWD/target/py-openai/bin/python"
