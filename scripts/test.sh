@@ -20,6 +20,19 @@ deploy_tools="$(scripts/install-deploy-tools.sh)"
 eval "$deploy_tools"
 export MOE_KUBECTL MOE_KUBERNETES_VALIDATE
 
+# The official `openai` Python client for the HTTP front end's test (cli/tests/http.rs), in a
+# virtual environment of its own; made once, kept in target/.
+PY_OPENAI="${MOE_PY_OPENAI:-$PWD/target/py-openai/bin/python}"
+if ! "$PY_OPENAI" -c 'import openai' >/dev/null 2>&1; then
+    INDEX="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || echo 'https://pypi.org/simple')}"
+    echo "== installing the openai Python client into target/py-openai (pip, from $INDEX)"
+    python3 -m venv target/py-openai
+    target/py-openai/bin/pip install --quiet openai
+    PY_OPENAI="$PWD/target/py-openai/bin/python"
+fi
+echo "== openai client: $("$PY_OPENAI" -c 'import openai; print(openai.__version__, openai.__file__)')"
+export MOE_PY_OPENAI="$PY_OPENAI"
+
 # Each test binary runs its tests on 2 threads: the cluster tests start real processes and the
 # machines this runs on have 2 cores.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"

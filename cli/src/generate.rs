@@ -1,5 +1,6 @@
 //! `moectl generate`: one request, in process or through a cluster (`remote`), printed as
-//! comma-separated ids, or with `--logprobs` as one JSON object per token.
+//! comma-separated ids, with `--logprobs` as one JSON object per token, or with `--prompt` as
+//! text.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,12 +17,23 @@ pub struct Args {
     /// A running cluster's client endpoint (host:port). Without it, the single-process engine runs.
     #[arg(long)]
     endpoint: Option<String>,
-    /// Model directory for the single-process engine. Default: the built-in `medium` model.
-    #[arg(long, conflicts_with = "endpoint")]
+    /// Model directory for the single-process engine, and the tokenizer of `--prompt`.
+    /// Default: the built-in `medium` model.
+    #[arg(long)]
     model: Option<PathBuf>,
-    /// Prompt as comma-separated token ids, e.g. 5,6,7.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Prompt as comma-separated token ids, e.g. 5,6,7. Output: token ids.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "prompt",
+        conflicts_with = "prompt"
+    )]
     prompt_ids: Vec<u32>,
+    /// Prompt as text, tokenised with the model's tokenizer as written (special-token text
+    /// such as `<|startoftext|>` becomes the special id; no chat template). Output: text
+    /// (special tokens left out, characters never split), unless `--logprobs`.
+    #[arg(long)]
+    prompt: Option<String>,
     #[arg(long, default_value_t = 16)]
     max_tokens: u32,
     /// Stop after any of these token ids (comma-separated).
@@ -52,15 +64,24 @@ pub struct Args {
     logprobs: Option<u32>,
 }
 
-/// Prints tokens as they come: ids separated by commas, or JSON lines with log-probabilities.
-pub struct TokenPrinter {
+/// Prints tokens as they come: ids separated by commas, JSON lines with log-probabilities, or
+/// text.
+pub struct TokenPrinter<'t> {
     printed: usize,
     json: bool,
+    text: Option<moe_text::StreamDecoder<&'t moe_text::Tokenizer>>,
 }
 
-impl TokenPrinter {
-    pub fn new(json: bool) -> Self {
-        TokenPrinter { printed: 0, json }
+impl<'t> TokenPrinter<'t> {
+    /// `tokenizer`: print text (ignored in JSON mode).
+    pub fn new(json: bool, tokenizer: Option<&'t moe_text::Tokenizer>) -> Self {
+        TokenPrinter {
+            printed: 0,
+            json,
+            text: tokenizer
+                .filter(|_| !json)
+                .map(|t| moe_text::StreamDecoder::new(t, true)),
+        }
     }
 
     /// Prints `tokens[self.printed..]` (with their log-probabilities in JSON mode).
@@ -71,7 +92,10 @@ impl TokenPrinter {
         logprobs: &[TokenLogprobs],
     ) -> std::io::Result<()> {
         for (i, &id) in tokens.iter().enumerate().skip(self.printed) {
-            if self.json {
+            if let Some(decoder) = &mut self.text {
+                let text = decoder.push(id).map_err(std::io::Error::other)?;
+                write!(out, "{text}")?;
+            } else if self.json {
                 let lp = logprobs.get(i);
                 let line = serde_json::json!({
                     "index": i,
@@ -91,8 +115,11 @@ impl TokenPrinter {
         out.flush()
     }
 
-    /// Ends the output (the id list's newline).
-    pub fn finish(&self, out: &mut impl Write) -> std::io::Result<()> {
+    /// Ends the output (the rest of the text, the newline of the id list or text).
+    pub fn finish(self, out: &mut impl Write) -> std::io::Result<()> {
+        if let Some(decoder) = self.text {
+            write!(out, "{}", decoder.finish())?;
+        }
         if !self.json {
             writeln!(out)?;
         }
@@ -114,19 +141,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         logprobs: args.logprobs.is_some(),
         top_logprobs: args.logprobs.unwrap_or(0),
     };
-    let request = GenerationRequest::new(args.prompt_ids, sampling);
-    if let Some(endpoint) = &args.endpoint {
-        return crate::remote::generate(endpoint, request).await;
-    }
     let dir = match args.model {
         Some(d) => d,
         None => default_model_dir()?,
     };
+    let (prompt, tokenizer) = match &args.prompt {
+        None => (args.prompt_ids, None),
+        Some(text) => {
+            let t =
+                moe_text::Tokenizer::from_dir(&dir).with_context(|| format!("the tokenizer of {}", dir.display()))?;
+            (t.encode(text)?, Some(t))
+        }
+    };
+    let request = GenerationRequest::new(prompt, sampling);
+    if let Some(endpoint) = &args.endpoint {
+        return crate::remote::generate(endpoint, request, tokenizer.as_ref()).await;
+    }
     let started = Instant::now();
     let engine = Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
     let loaded = started.elapsed();
     request.validate(engine.config())?;
-    let mut printer = TokenPrinter::new(request.sampling.logprobs);
+    let mut printer = TokenPrinter::new(request.sampling.logprobs, tokenizer.as_ref());
     // The same scheduler an attention worker runs, with the experts in process.
     let scheduler = moe_attention_worker::scheduler::spawn(engine, Default::default());
     let started = Instant::now();

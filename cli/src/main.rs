@@ -2,6 +2,7 @@
 
 mod bench;
 mod certs;
+mod chat;
 mod check_golden;
 mod default_model;
 mod flags;
@@ -33,17 +34,22 @@ struct Cli {
 enum Command {
     /// Start a whole cluster on this host (separate processes on loopback) and serve until Ctrl-C.
     Up(up::Args),
-    /// Start a local cluster, serve one request through it, print the tokens, stop.
+    /// Start a local cluster and its HTTP front end, send one chat request through them, print
+    /// the answer's text and token ids, stop.
     Demo {
         #[command(flatten)]
         cluster: up::Args,
-        #[arg(long, value_delimiter = ',', default_value = "5,6,7")]
-        prompt_ids: Vec<u32>,
+        /// The user message.
+        #[arg(long, default_value = "Hello! Who are you?")]
+        prompt: String,
         #[arg(long, default_value_t = 16)]
         max_tokens: u32,
     },
     /// Generate tokens: through a cluster (--endpoint) or on the single-process engine.
     Generate(generate::Args),
+    /// Chat in the terminal with a model behind the HTTP front end (answers stream; reasoning
+    /// on stderr).
+    Chat(chat::Args),
     /// Show the cluster's workers, roles, experts, load and KV use.
     Status {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -92,6 +98,8 @@ enum Command {
     AttentionWorker(moe_attention_worker::Args),
     /// Run an expert worker.
     ExpertWorker(moe_expert_worker::Args),
+    /// Run the OpenAI-compatible HTTP front end before a cluster's coordinators.
+    Frontend(moe_frontend::Args),
 }
 
 fn main() -> ExitCode {
@@ -102,7 +110,8 @@ fn main() -> ExitCode {
         | Command::Demo { .. }
         | Command::Coordinator(_)
         | Command::AttentionWorker(_)
-        | Command::ExpertWorker(_) => "info",
+        | Command::ExpertWorker(_)
+        | Command::Frontend(_) => "info",
         _ => "warn",
     };
     moe_runtime::worker::init_tracing(default_level);
@@ -112,7 +121,7 @@ fn main() -> ExitCode {
         cli.command,
         Command::Up(_) | Command::Coordinator(_) | Command::AttentionWorker(_) | Command::ExpertWorker(_)
     );
-    if serves || matches!(cli.command, Command::Demo { .. }) {
+    if serves || matches!(cli.command, Command::Demo { .. } | Command::Frontend(_)) {
         // Each connection served is a descriptor, and the bound on them follows this limit;
         // `up` and `demo` pass theirs on to the processes they start.
         moe_runtime::fdlimit::raise();
@@ -142,10 +151,11 @@ fn main() -> ExitCode {
             Command::Up(args) => ok(up::run(args).await),
             Command::Demo {
                 cluster,
-                prompt_ids,
+                prompt,
                 max_tokens,
-            } => ok(up::demo(cluster, prompt_ids, max_tokens).await),
+            } => ok(up::demo(cluster, prompt, max_tokens).await),
             Command::Generate(args) => ok(generate::run(args).await),
+            Command::Chat(args) => ok(chat::run(args).await),
             Command::Status { endpoint, json } => ok(remote::status(&endpoint, json).await),
             Command::CheckGolden(args) => check_golden::run(args).await,
             Command::Bench(args) => ok(bench::run(args).await),
@@ -171,6 +181,7 @@ fn main() -> ExitCode {
             Command::Coordinator(args) => ok(moe_coordinator::run(args).await.map_err(Into::into)),
             Command::AttentionWorker(args) => ok(moe_attention_worker::run(args).await.map_err(Into::into)),
             Command::ExpertWorker(args) => ok(moe_expert_worker::run(args).await.map_err(Into::into)),
+            Command::Frontend(args) => ok(moe_frontend::run(args).await.map_err(Into::into)),
         }
     });
     match result {

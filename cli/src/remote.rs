@@ -7,14 +7,18 @@ use moe_proto::v1::{ClusterStatusResponse, LoadState, Role, WorkerStatus};
 use moe_runtime::client::{ClusterClient, Generation};
 use tokio_stream::StreamExt;
 
-/// Streams tokens of one request to stdout as they arrive.
-pub async fn generate(endpoint: &str, req: GenerationRequest) -> anyhow::Result<()> {
+/// Streams tokens of one request to stdout as they arrive (with a tokenizer: as text).
+pub async fn generate(
+    endpoint: &str,
+    req: GenerationRequest,
+    tokenizer: Option<&moe_text::Tokenizer>,
+) -> anyhow::Result<()> {
     let mut client = ClusterClient::new(endpoint)?;
     let since = Instant::now();
     let mut stream = client.generate_stream(&req).await?;
     let mut g = Generation::for_request(&req);
     let mut out = std::io::stdout().lock();
-    let mut printer = crate::generate::TokenPrinter::new(req.sampling.logprobs);
+    let mut printer = crate::generate::TokenPrinter::new(req.sampling.logprobs, tokenizer);
     while let Some(event) = stream.next().await {
         g.absorb(event?, since)?;
         printer.print_new(&mut out, &g.tokens, &g.token_logprobs)?;

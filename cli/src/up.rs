@@ -102,6 +102,11 @@ pub struct Args {
     /// Coordinators to start; more than one (a leader and standbys) needs `--etcd`.
     #[arg(long, default_value_t = 1, value_parser = crate::flags::positive::<usize>())]
     coordinators: usize,
+    /// Also start the OpenAI-compatible HTTP front end (`moectl frontend`) here, once the
+    /// cluster serves (port 0: any free port); prints `HTTP http://<addr>`. It takes the
+    /// `--auth-token-file` token from its clients and presents it to the coordinators.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
 }
 
 /// One child process of a local cluster, with what it takes to start it again.
@@ -167,6 +172,8 @@ pub(crate) async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result
 pub struct LocalCluster {
     procs: Vec<Proc>,
     pub endpoint: String,
+    /// The HTTP front end's address, with `--http`.
+    pub http: Option<SocketAddr>,
 }
 
 impl LocalCluster {
@@ -298,7 +305,39 @@ impl LocalCluster {
         let mut client = ClusterClient::with_options(&endpoint, token.as_deref(), tls.as_ref())?;
         let detail = client.wait_ready(Duration::from_secs(args.ready_timeout)).await?;
         eprintln!("cluster ready: {detail}");
-        Ok(LocalCluster { procs, endpoint })
+        let mut http = None;
+        if let Some(listen) = args.http {
+            let mut a = vec![
+                "--listen".to_owned(),
+                listen.to_string(),
+                "--coordinator".into(),
+                endpoint.clone(),
+                "--model".into(),
+                model.to_string_lossy().into_owned(),
+            ];
+            if let Some(f) = &args.auth_token_file {
+                let f = f.to_string_lossy().into_owned();
+                a.extend([
+                    "--auth-token-file".into(),
+                    f.clone(),
+                    "--cluster-auth-token-file".into(),
+                    f,
+                ]);
+            }
+            // The coordinators' client API is server TLS: the CA is enough.
+            if let Some(ca) = &args.tls.tls_ca {
+                a.extend(["--tls-ca".into(), ca.to_string_lossy().into_owned()]);
+            }
+            let frontend = spawn("frontend", &a).await?;
+            println!(
+                "PROCESS {} pid={} addr={}",
+                frontend.role, frontend.pid, frontend.address
+            );
+            println!("HTTP http://{}", frontend.address);
+            http = Some(frontend.address);
+            procs.push(frontend);
+        }
+        Ok(LocalCluster { procs, endpoint, http })
     }
 
     /// Closing stdin asks each child to stop gracefully; whatever is left after a grace period
@@ -321,6 +360,9 @@ impl LocalCluster {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut cluster = LocalCluster::start(&args).await?;
     println!("READY {}", cluster.endpoint);
+    if let Some(http) = cluster.http {
+        eprintln!("OpenAI API at http://{http}/v1 (try: curl http://{http}/v1/models)");
+    }
     eprintln!(
         "serving; try: moectl generate --endpoint {} --prompt-ids 5,6,7 --max-tokens 16  (Ctrl-C stops the cluster)",
         cluster.endpoint
@@ -335,16 +377,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `moectl demo`: start a local cluster, serve one request, print it, stop.
-pub async fn demo(args: Args, prompt: Vec<u32>, max_tokens: u32) -> anyhow::Result<()> {
+/// `moectl demo`: start a local cluster and its HTTP front end, send one chat request, print
+/// the answer, stop.
+pub async fn demo(mut args: Args, prompt: String, max_tokens: u32) -> anyhow::Result<()> {
+    if args.http.is_none() {
+        args.http = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    }
+    let token = match &args.auth_token_file {
+        Some(f) => Some(moe_runtime::auth::read_token_file(f).with_context(|| format!("reading {}", f.display()))?),
+        None => None,
+    };
     let cluster = LocalCluster::start(&args).await?;
+    let http = cluster.http.expect("started with --http");
     eprintln!(
-        "cluster ready at {}; generating {max_tokens} tokens for prompt {prompt:?}",
+        "cluster ready at {}, HTTP front end at http://{http}; asking for {max_tokens} tokens (greedy)",
         cluster.endpoint
     );
-    let request =
-        moe_model::sampling::GenerationRequest::new(prompt, moe_model::sampling::SamplingParams::greedy(max_tokens));
-    let result = crate::remote::generate(&cluster.endpoint, request).await;
+    let result = crate::chat::ask(http, token.as_deref(), &prompt, max_tokens).await;
     cluster.stop().await;
     result
 }

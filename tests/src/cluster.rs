@@ -19,6 +19,8 @@ pub struct LocalCluster {
     pub endpoint: String,
     /// Where the coordinator serves metrics, when started with `--metrics-listen`.
     pub metrics: Option<String>,
+    /// The HTTP front end's URL (`http://host:port`), when started with `--http`.
+    pub http: Option<String>,
     pub processes: Vec<ProcessInfo>,
     /// What `moectl up` prints after `READY` (`EXITED`, `PROCESS` lines of restarts).
     lines: Mutex<mpsc::Receiver<String>>,
@@ -80,6 +82,7 @@ impl LocalCluster {
         });
         let mut processes = Vec::new();
         let mut metrics = None;
+        let mut http = None;
         let endpoint = loop {
             let line = match rx.recv_timeout(Duration::from_secs(180)) {
                 Ok(l) => l,
@@ -95,6 +98,8 @@ impl LocalCluster {
                     pid: parts[1].trim_start_matches("pid=").parse().expect("pid"),
                     address: parts[2].trim_start_matches("addr=").to_owned(),
                 });
+            } else if let Some(h) = line.strip_prefix("HTTP ") {
+                http = Some(h.trim().to_owned());
             } else if let Some(m) = line.strip_prefix("METRICS ") {
                 metrics = Some(m.trim().to_owned());
             } else if let Some(ep) = line.strip_prefix("READY ") {
@@ -105,6 +110,7 @@ impl LocalCluster {
             child,
             endpoint,
             metrics,
+            http,
             processes,
             lines: Mutex::new(rx),
         }

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod progress;
+pub mod scripted;
 
 use std::path::{Path, PathBuf};
 

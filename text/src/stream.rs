@@ -5,14 +5,16 @@
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
 
-pub struct StreamDecoder<'t> {
-    tokenizer: &'t Tokenizer,
+/// Generic over how the tokenizer is held (`&Tokenizer`, or an `Arc` in a stream that must
+/// own it).
+pub struct StreamDecoder<T> {
+    tokenizer: T,
     skip_special: bool,
     pending: Vec<u8>,
 }
 
-impl<'t> StreamDecoder<'t> {
-    pub fn new(tokenizer: &'t Tokenizer, skip_special: bool) -> Self {
+impl<T: std::ops::Deref<Target = Tokenizer>> StreamDecoder<T> {
+    pub fn new(tokenizer: T, skip_special: bool) -> Self {
         StreamDecoder {
             tokenizer,
             skip_special,

@@ -114,6 +114,18 @@ impl Tokenizer {
             .map_err(|e| Error::Encode(e.message))
     }
 
+    /// Token ids of `text` after NFC normalisation with special-token text treated as ordinary
+    /// text (`<|eos|>` becomes the tokens of its characters, not the special id).
+    pub fn encode_ordinary(&self, text: &str) -> Vec<u32> {
+        let text: String = text.nfc().collect();
+        self.bpe.encode_ordinary(&text)
+    }
+
+    /// Names of the special tokens, in id order.
+    pub fn special_names(&self) -> &[String] {
+        &self.specials
+    }
+
     /// The bytes of `ids`; special tokens as their names, or dropped with `skip_special`.
     pub fn decode_bytes(&self, ids: &[u32], skip_special: bool) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(ids.len() * 4);
