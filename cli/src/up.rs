@@ -124,10 +124,10 @@ pub(crate) async fn spawn(role: &'static str, args: &[String]) -> anyhow::Result
     let exe = std::env::current_exe().context("locating the moectl binary")?;
     // Workers share this terminal: progress bars of several processes would overwrite each
     // other, so their loading is shown as log lines.
-    let progress: &[&str] = if role == "coordinator" {
-        &[]
-    } else {
+    let progress: &[&str] = if matches!(role, "attention-worker" | "expert-worker") {
         &["--progress", "log"]
+    } else {
+        &[]
     };
     let mut child = Command::new(exe)
         .arg(role)

@@ -30,6 +30,11 @@ pub(crate) struct RawGptq {
     desc_act: Option<serde_json::Value>,
     sym: Option<serde_json::Value>,
     checkpoint_format: Option<String>,
+    /// GPTQModel writes the layout here as well (and reads it first).
+    format: Option<String>,
+    /// Per-module overrides of the settings above (GPTQModel): not supported.
+    dynamic: Option<serde_json::Value>,
+    is_marlin_format: Option<serde_json::Value>,
 }
 
 /// A validated `quantization_config` with `quant_method: "gptq"`.
@@ -52,15 +57,45 @@ impl GptqQuantization {
                 "only 4-bit GPTQ is supported",
             ));
         }
-        match raw.checkpoint_format.as_deref() {
-            None | Some("gptq") => {}
-            Some(other) => {
-                return Err(Error::field(
-                    "quantization_config.checkpoint_format",
-                    other,
-                    "only \"gptq\" (AutoGPTQ's v1 layout, zero points stored minus one) is supported",
-                ));
+        // A v2 checkpoint has v1's shapes but zero points stored without the minus one: read
+        // as v1, every weight would be one zero step off, so both names must say v1.
+        for (field, value) in [
+            ("quantization_config.checkpoint_format", &raw.checkpoint_format),
+            ("quantization_config.format", &raw.format),
+        ] {
+            match value.as_deref() {
+                None | Some("gptq") => {}
+                Some(other) => {
+                    return Err(Error::field(
+                        field,
+                        other,
+                        "only \"gptq\" (AutoGPTQ's v1 layout, zero points stored minus one) is supported",
+                    ));
+                }
             }
+        }
+        let overrides = match &raw.dynamic {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Object(m)) => !m.is_empty(),
+            Some(_) => true,
+        };
+        if overrides {
+            return Err(Error::field(
+                "quantization_config.dynamic",
+                raw.dynamic.as_ref().map_or(String::new(), |d| d.to_string()),
+                "per-module GPTQ overrides are not supported",
+            ));
+        }
+        if raw
+            .is_marlin_format
+            .as_ref()
+            .is_some_and(|v| v != &serde_json::Value::Bool(false))
+        {
+            return Err(Error::field(
+                "quantization_config.is_marlin_format",
+                raw.is_marlin_format.as_ref().map_or(String::new(), |v| v.to_string()),
+                "Marlin-packed GPTQ is not supported (only the GPTQ v1 packing)",
+            ));
         }
         let group_size = match raw.group_size.as_ref().and_then(serde_json::Value::as_i64) {
             Some(-1) => None,

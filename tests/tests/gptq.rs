@@ -106,6 +106,18 @@ fn unsupported_settings_are_refused_by_name() {
             serde_json::json!("marlin"),
             "quantization_config.checkpoint_format",
         ),
+        // GPTQModel's own name for the layout: v2 zero points read as v1 would be one step off.
+        ("format", serde_json::json!("gptq_v2"), "quantization_config.format"),
+        (
+            "dynamic",
+            serde_json::json!({"-:.*experts.0.*": {}}),
+            "quantization_config.dynamic",
+        ),
+        (
+            "is_marlin_format",
+            serde_json::json!(true),
+            "quantization_config.is_marlin_format",
+        ),
         ("group_size", serde_json::json!(0), "quantization_config.group_size"),
         ("desc_act", serde_json::json!("yes"), "quantization_config.desc_act"),
         ("sym", serde_json::json!(1), "quantization_config.sym"),
