@@ -29,8 +29,14 @@ pub fn scale_index(r: usize, c: usize, block_cols: u32) -> usize {
     }
 }
 
+/// Values between the starts of widened weights in the scratch buffer: 128 bf16 values, 256
+/// bytes, the alignment of a fresh device allocation, so that cuBLAS sees a widened weight
+/// aligned as it would see the same weight uploaded as bf16 (its kernel choice depends on it).
+pub const SCRATCH_ALIGN: usize = 128;
+
 /// Where each weight that needs widening (`Some(len)`, in values; `None` for one the GEMM reads
-/// as it is) starts in the scratch buffer, one after the other, and the values they take in all.
+/// as it is) starts in the scratch buffer, one after the other at [`SCRATCH_ALIGN`]ed starts,
+/// and the values they take in all.
 pub fn scratch_layout(lens: impl IntoIterator<Item = Option<usize>>) -> (Vec<Option<usize>>, usize) {
     let mut total = 0;
     let at = lens
@@ -38,7 +44,7 @@ pub fn scratch_layout(lens: impl IntoIterator<Item = Option<usize>>) -> (Vec<Opt
         .map(|len| {
             len.map(|len| {
                 let start = total;
-                total += len;
+                total += len.next_multiple_of(SCRATCH_ALIGN);
                 start
             })
         })
@@ -46,15 +52,15 @@ pub fn scratch_layout(lens: impl IntoIterator<Item = Option<usize>>) -> (Vec<Opt
     (at, total)
 }
 
-/// Threads per block of the widening kernel.
+/// Threads per block of the widening kernel: they stride over one row's columns.
 pub const WIDEN_THREADS: u32 = 256;
-/// At most this many blocks: the kernel strides over the rest (a weight of A13B's experts is
-/// 12.6M values; more blocks than the GPU runs at once only cost scheduling).
+/// At most this many blocks, one row each at a time: the kernel strides over the other rows
+/// (more blocks than the GPU runs at once only cost scheduling).
 pub const WIDEN_MAX_BLOCKS: u32 = 4096;
 
-/// The grid of a widening of `n` values (`n > 0`).
-pub fn widen_blocks(n: usize) -> u32 {
-    n.div_ceil(WIDEN_THREADS as usize).clamp(1, WIDEN_MAX_BLOCKS as usize) as u32
+/// The grid of a widening of a weight of `rows` rows (`rows > 0`).
+pub fn widen_blocks(rows: usize) -> u32 {
+    rows.clamp(1, WIDEN_MAX_BLOCKS as usize) as u32
 }
 
 #[cfg(test)]
@@ -88,20 +94,20 @@ mod tests {
 
     #[test]
     fn scratch_holds_the_widened_weights_one_after_the_other() {
-        let (at, total) = scratch_layout([Some(6), None, Some(4), None, Some(10)]);
-        assert_eq!(at, [Some(0), None, Some(6), None, Some(10)]);
-        assert_eq!(total, 20);
+        let (at, total) = scratch_layout([Some(256), None, Some(4), None, Some(130), Some(1)]);
+        assert_eq!(at, [Some(0), None, Some(256), None, Some(384), Some(640)]);
+        assert_eq!(total, 768);
+        assert!(at.iter().flatten().all(|a| a % SCRATCH_ALIGN == 0));
         let (at, total) = scratch_layout([None, None]);
         assert_eq!((at, total), (vec![None, None], 0));
     }
 
     #[test]
-    fn the_grid_covers_small_weights_and_strides_over_large_ones() {
+    fn the_grid_has_a_block_per_row_up_to_its_cap() {
         assert_eq!(widen_blocks(1), 1);
-        assert_eq!(widen_blocks(256), 1);
-        assert_eq!(widen_blocks(257), 2);
-        let a13b = 3072 * 4096;
-        assert_eq!(widen_blocks(a13b), WIDEN_MAX_BLOCKS);
-        assert!(WIDEN_MAX_BLOCKS as usize * WIDEN_THREADS as usize <= a13b);
+        assert_eq!(widen_blocks(200), 200);
+        // A13B's gate/up [3072, 4096] gets a block per row; Large's [18304, 6400] strides.
+        assert_eq!(widen_blocks(3072), 3072);
+        assert_eq!(widen_blocks(18304), WIDEN_MAX_BLOCKS);
     }
 }

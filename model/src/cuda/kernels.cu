@@ -208,13 +208,16 @@ __device__ __forceinline__ float e4m3_to_f32(unsigned char code) {
 // An FP8 weight [rows, cols] (row-major codes) widened to bf16: out[r, c] = bf16(float(q[r, c]) *
 // scale), the product in f32 (as kernels::widen_fp8 computes it) rounded once to nearest even
 // (as the host's bf16 rounding does). The scale is scales[0] when block_cols is 0 (per tensor),
-// else scales[(r / 128) * block_cols + c / 128] (cuda::fp8_widen::scale_index). Grid-stride.
+// else scales[(r / 128) * block_cols + c / 128] (cuda::fp8_widen::scale_index). Blocks stride
+// over the rows, a block's threads over a row's columns (coalesced, no 64-bit division).
 extern "C" __global__ void fp8_e4m3_to_bf16(const unsigned char* codes, const float* scales, bf16_t* out, u32 rows,
                                             u32 cols, u32 block_cols) {
-    const size_t n = (size_t)rows * cols, stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const u32 r = (u32)(i / cols), c = (u32)(i % cols);
-        const float s = block_cols == 0u ? scales[0] : scales[(size_t)(r / FP8_BLOCK) * block_cols + c / FP8_BLOCK];
-        out[i] = f2bf(__fmul_rn(e4m3_to_f32(codes[i]), s));
+    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const size_t row = (size_t)r * cols;
+        const float* row_scales = scales + (size_t)(r / FP8_BLOCK) * block_cols;
+        for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float s = block_cols == 0u ? scales[0] : row_scales[c / FP8_BLOCK];
+            out[row + c] = f2bf(__fmul_rn(e4m3_to_f32(codes[row + c]), s));
+        }
     }
 }

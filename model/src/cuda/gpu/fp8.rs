@@ -121,7 +121,7 @@ impl CudaDevice {
             .arg(&c)
             .arg(block_cols);
         let cfg = LaunchConfig {
-            grid_dim: (widen_blocks(n), 1, 1),
+            grid_dim: (widen_blocks(rows), 1, 1),
             block_dim: (WIDEN_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
