@@ -93,7 +93,9 @@ pub struct LocalExperts {
 #[derive(Debug)]
 enum Held {
     Host(SwiGlu),
-    Gpu(DeviceSwiGlu),
+    /// Boxed: a device expert (three weights, each possibly FP8 codes plus scales) is larger
+    /// than a host one.
+    Gpu(Box<DeviceSwiGlu>),
 }
 
 impl LocalExperts {
@@ -207,7 +209,7 @@ impl LocalExperts {
             let name = |p: &str| names::expert(l, e, p);
             let held = match &self.device {
                 Device::Cpu => Held::Host(SwiGlu::load(ckpt, name, hidden, inter)?),
-                Device::Cuda(gpu) => Held::Gpu(gpu.upload_expert(ckpt, name, hidden, inter)?),
+                Device::Cuda(gpu) => Held::Gpu(Box::new(gpu.upload_expert(ckpt, name, hidden, inter)?)),
             };
             experts[l][e] = Some(Arc::new(held));
             progress.loaded(size);

@@ -13,13 +13,33 @@ use moe_tests::write_preset;
 #[test]
 #[ignore = "needs an NVIDIA GPU and --features cuda"]
 fn gpu_experts_match_the_cpu_within_bf16_tolerance() {
+    gpu_experts_match_the_cpu(DType::BF16);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and --features cuda"]
+fn gpu_fp8_experts_stay_fp8_and_match_the_cpu_fp8_path() {
+    // FP8 experts (per-tensor scales, as `gen-model --dtype fp8` writes them) are kept as FP8 on
+    // the device and widened per dispatch; the CPU computes them with f32 weights.
+    gpu_experts_match_the_cpu(DType::F8E4M3);
+}
+
+/// The tiny preset's experts in `dtype`, every layer, on the GPU and on the CPU.
+fn gpu_experts_match_the_cpu(dtype: DType) {
     let dir = tempfile::tempdir().unwrap();
-    write_preset(dir.path(), "tiny", 5, DType::BF16, None);
+    write_preset(dir.path(), "tiny", 5, dtype, None);
     let ckpt = Checkpoint::open(dir.path()).unwrap();
     let config = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
     let gpu = Device::open("cuda:0").expect("a GPU (this test is run with --ignored on GPU hosts)");
     let cpu_experts = LocalExperts::load(&ckpt, &config, &ExpertSelection::All).unwrap();
     let gpu_experts = LocalExperts::load_on(&ckpt, &config, &ExpertSelection::All, gpu).unwrap();
+    // The device holds the weights as stored: for FP8, one byte per weight and a 4-byte scale,
+    // the bytes the CPU holds.
+    assert_eq!(
+        gpu_experts.size_in_bytes(),
+        cpu_experts.size_in_bytes(),
+        "{dtype:?} experts' bytes"
+    );
     let h = config.hidden_size;
     let rows = 37;
     let x: Vec<f32> = (0..rows * h)
@@ -45,13 +65,14 @@ fn gpu_experts_match_the_cpu_within_bf16_tolerance() {
     }
 }
 
-/// Greedy generations of the golden model's engine on the CPU and with `options`: two prompts,
-/// a prefill and 16 decode steps each, logits kept.
+/// Greedy generations of a golden model's engine (`fixture`) on the CPU and with `options`:
+/// two prompts, a prefill and 16 decode steps each, logits kept.
 fn cpu_and_engine_with(
+    fixture: &str,
     options: moe_model::EngineOptions,
 ) -> (Vec<moe_model::engine::Greedy>, Vec<moe_model::engine::Greedy>) {
     use moe_model::{Engine, EngineOptions};
-    let dir = moe_tests::fixtures_dir().join("hunyuan-tiny");
+    let dir = moe_tests::fixtures_dir().join(fixture);
     let mut other = Engine::load(&dir, options).unwrap();
     let mut cpu = Engine::load(&dir, EngineOptions::default()).unwrap();
     let prompts: Vec<Vec<u32>> = vec![(5..40).collect(), vec![7, 99, 3, 250, 17]];
@@ -64,10 +85,13 @@ fn cpu_and_engine_with(
 #[test]
 #[ignore = "needs an NVIDIA GPU and --features cuda"]
 fn the_engine_with_gpu_experts_matches_the_cpu_engine_on_the_golden_model() {
-    let (want, got) = cpu_and_engine_with(moe_model::EngineOptions {
-        expert_device: Device::open("cuda:0").expect("a GPU"),
-        ..Default::default()
-    });
+    let (want, got) = cpu_and_engine_with(
+        "hunyuan-tiny",
+        moe_model::EngineOptions {
+            expert_device: Device::open("cuda:0").expect("a GPU"),
+            ..Default::default()
+        },
+    );
     for (w, g) in want.iter().zip(&got) {
         // First-step logits: bf16 expert activations put differences near 1e-2 of the scale.
         let scale = w.step_logits[0].iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -81,14 +105,28 @@ fn the_engine_with_gpu_experts_matches_the_cpu_engine_on_the_golden_model() {
 #[test]
 #[ignore = "needs an NVIDIA GPU and --features cuda"]
 fn the_engine_wholly_on_the_gpu_matches_the_cpu_engine_within_bf16_tolerance() {
+    the_engine_wholly_on_the_gpu_matches_the_cpu_engine("hunyuan-tiny");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU and --features cuda"]
+fn the_fp8_engine_wholly_on_the_gpu_matches_the_cpu_fp8_engine_within_bf16_tolerance() {
+    // The FP8 fixture: attention projections and experts kept as FP8 on the device.
+    the_engine_wholly_on_the_gpu_matches_the_cpu_engine("hunyuan-tiny-fp8");
+}
+
+fn the_engine_wholly_on_the_gpu_matches_the_cpu_engine(fixture: &str) {
     // Attention layers, KV cache and routed experts on the GPU (what `--device cuda:N` does to
     // an attention worker plus an expert worker), over a prefill and 16 decode steps.
     let gpu = Device::open("cuda:0").expect("a GPU");
-    let (want, got) = cpu_and_engine_with(moe_model::EngineOptions {
-        expert_device: gpu.clone(),
-        attention_device: gpu,
-        ..Default::default()
-    });
+    let (want, got) = cpu_and_engine_with(
+        fixture,
+        moe_model::EngineOptions {
+            expert_device: gpu.clone(),
+            attention_device: gpu,
+            ..Default::default()
+        },
+    );
     for (w, g) in want.iter().zip(&got) {
         // Every step whose tokens so far agree: bf16 activations put differences near 1e-2 of
         // the logits' scale.

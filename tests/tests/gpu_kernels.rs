@@ -46,6 +46,51 @@ mod support {
             .collect()
     }
 
+    /// A `[rows, cols]` FP8 weight: codes drawn from every e4m3fn code but the two NaNs
+    /// (subnormals, zeros of both signs and ±448 included), with one scale per tensor or, when
+    /// `blocks`, a different one per 128x128 block.
+    pub fn fp8_matrix(rows: usize, cols: usize, seed: u64, blocks: bool) -> moe_model::weights::Matrix {
+        use moe_model::fp8::{BLOCK, Fp8Data, Fp8Scale};
+        use moe_model::weights::{Matrix, MatrixData};
+        let codes = values(rows * cols, seed, 1.0)
+            .into_iter()
+            .map(|v| ((v + 1.0) * 127.5) as u8)
+            .map(|c| if c & 0x7f == 0x7f { c ^ 1 } else { c })
+            .collect();
+        let scale = if blocks {
+            let block_cols = cols.div_ceil(BLOCK);
+            let scales = (0..rows.div_ceil(BLOCK) * block_cols)
+                .map(|b| 1e-3 * (1.0 + b as f32 * 0.75))
+                .collect();
+            Fp8Scale::Blocks { block_cols, scales }
+        } else {
+            Fp8Scale::PerTensor(1.5e-3)
+        };
+        let data = Fp8Data {
+            codes,
+            scale,
+            input_scale: None,
+        };
+        Matrix {
+            rows,
+            cols,
+            data: MatrixData::F8E4M3(Box::new(data)),
+        }
+    }
+
+    /// The FP8 weight `m` as the GPU's widening kernel must compute it: dequantised in f32 on
+    /// the host (the CPU path's values), rounded once to bf16.
+    pub fn widened_on_the_host(m: &moe_model::weights::Matrix) -> moe_model::weights::Matrix {
+        use moe_model::weights::{Matrix, MatrixData};
+        let mut wide = vec![0.0; m.rows * m.cols];
+        m.rows_to_f32(0, m.rows, &mut wide);
+        Matrix {
+            rows: m.rows,
+            cols: m.cols,
+            data: MatrixData::BF16(wide.into_iter().map(f32_to_bf16).collect()),
+        }
+    }
+
     /// |gpu - cpu| within `rel` of the largest |cpu| value.
     pub fn assert_close(what: &str, cpu: &[f32], gpu: &[f32], rel: f32) {
         assert_eq!(cpu.len(), gpu.len(), "{what}: lengths");
@@ -180,6 +225,156 @@ gpu_test!(linear_matches_the_cpu, |gpu| {
     let got = gpu.linear(&x, rows, &gpu.upload_matrix(&w).unwrap()).unwrap();
     // f32 accumulation over 96 products, one bf16 rounding of the output.
     assert_close("linear", &want, &got, 8e-3);
+});
+
+gpu_test!(fp8_linear_matches_the_cpu_fp8_path_and_the_bf16_upload_exactly, |gpu| {
+    // An attention projection kept as FP8 on the device, widened before its GEMM. Shapes with
+    // partial 128x128 blocks in both directions.
+    let (rows, n, k) = (5, 200, 300);
+    let x = values(rows * k, 42, 2.0);
+    for blocks in [false, true] {
+        let w = fp8_matrix(n, k, 43, blocks);
+        let device = gpu.upload_matrix(&w).unwrap();
+        let got = gpu.linear(&x, rows, &device).unwrap();
+        // The widening kernel's weights are exactly the host's bf16 rounding of the dequantised
+        // weight, so the same GEMM over that bf16 upload gives the same bits.
+        let reference = gpu
+            .linear(&x, rows, &gpu.upload_matrix(&widened_on_the_host(&w)).unwrap())
+            .unwrap();
+        assert_eq!(
+            got, reference,
+            "blocks {blocks}: FP8 widened on the device vs bf16 widened on the host"
+        );
+        // Against the CPU's FP8 product (f32 weights): the weights' bf16 rounding (2^-9
+        // relative) adds to linear_matches_the_cpu's differences; the expert tests' 2e-2.
+        let mut want = vec![0.0; rows * n];
+        moe_model::kernels::linear(&x, rows, &w, &mut want);
+        assert_close(&format!("FP8 linear, blocks {blocks}"), &want, &got, 2e-2);
+    }
+});
+
+gpu_test!(fp8_experts_stay_fp8_and_match_the_cpu_fp8_path, |gpu| {
+    use moe_model::DType;
+    use moe_model::checkpoint::Checkpoint;
+    use moe_model::cuda::ExpertGroup;
+    use moe_model::experts::ExpertAssignment;
+    use moe_model::mlp::SwiGlu;
+    use moe_model::weights::{Matrix, MatrixData};
+    use moe_model_tools::safetensors_writer::{TensorSpec, write_file};
+    // Two experts with block-wise scales (partial blocks: inter 200 over 128) in one dispatch,
+    // so the second expert's widened weights sit after the first's in the scratch buffer.
+    let (hidden, inter, rows) = (256, 200, 9);
+    let shapes = [
+        ("gate_proj", inter, hidden),
+        ("up_proj", inter, hidden),
+        ("down_proj", hidden, inter),
+    ];
+    let weights: Vec<(String, Matrix)> = (0..2)
+        .flat_map(|e| {
+            shapes.iter().enumerate().map(move |(p, &(proj, r, c))| {
+                (
+                    format!("e{e}.{proj}.weight"),
+                    fp8_matrix(r, c, 100 + 3 * e as u64 + p as u64, true),
+                )
+            })
+        })
+        .collect();
+    // The FP8 checkpoint, and a bf16 one holding the host's widening of the same weights.
+    let dir = tempfile::tempdir().unwrap();
+    let write = |file: &str, widened: bool| {
+        let mut specs = Vec::new();
+        let mut bytes: Vec<Vec<u8>> = Vec::new();
+        for (name, m) in &weights {
+            let MatrixData::F8E4M3(d) = &m.data else { unreachable!() };
+            let moe_model::fp8::Fp8Scale::Blocks { block_cols, scales } = &d.scale else {
+                unreachable!()
+            };
+            if widened {
+                let MatrixData::BF16(bits) = widened_on_the_host(m).data else {
+                    unreachable!()
+                };
+                specs.push(TensorSpec {
+                    name: name.clone(),
+                    dtype: DType::BF16,
+                    shape: vec![m.rows, m.cols],
+                });
+                bytes.push(bits.iter().flat_map(|b| b.to_le_bytes()).collect());
+            } else {
+                specs.push(TensorSpec {
+                    name: name.clone(),
+                    dtype: DType::F8E4M3,
+                    shape: vec![m.rows, m.cols],
+                });
+                bytes.push(d.codes.clone());
+                let shape = vec![scales.len() / block_cols, *block_cols];
+                specs.push(TensorSpec {
+                    name: format!("{name}_scale_inv"),
+                    dtype: DType::F32,
+                    shape,
+                });
+                bytes.push(scales.iter().flat_map(|s| s.to_le_bytes()).collect());
+            }
+        }
+        let path = dir.path().join(file);
+        let mut next = bytes.into_iter();
+        write_file(&path, &specs, &mut |_, out| out.extend(next.next().unwrap())).unwrap();
+        Checkpoint::open(&path).unwrap()
+    };
+    let (fp8, bf16) = (write("fp8.safetensors", false), write("bf16.safetensors", true));
+    let name = |e: usize| move |proj: &str| format!("e{e}.{proj}.weight");
+    let x = values(rows * hidden, 44, 1.0);
+    // Every row to both experts, expert 1 first for odd rows (assignment order matters).
+    let assignments: Vec<ExpertAssignment> = (0..rows as u32)
+        .flat_map(|row| {
+            let (a, b) = if row % 2 == 0 { (0, 1) } else { (1, 0) };
+            [(a, 0.75), (b, 0.25)].map(|(expert, weight)| ExpertAssignment { row, expert, weight })
+        })
+        .collect();
+    let members: Vec<Vec<usize>> = (0..2)
+        .map(|e| (0..assignments.len()).filter(|&i| assignments[i].expert == e).collect())
+        .collect();
+    let on_gpu = |ckpt: &Checkpoint| {
+        let experts: Vec<_> = (0..2)
+            .map(|e| gpu.upload_expert(ckpt, name(e), hidden, inter).unwrap())
+            .collect();
+        let groups: Vec<ExpertGroup<'_>> = (0..2)
+            .map(|e| ExpertGroup {
+                weights: &experts[e],
+                members: &members[e],
+            })
+            .collect();
+        let sizes: Vec<usize> = experts.iter().map(|e| e.size_in_bytes()).collect();
+        (
+            gpu.experts_forward(&x, rows, hidden, &assignments, &groups).unwrap(),
+            sizes,
+        )
+    };
+    let (got, sizes) = on_gpu(&fp8);
+    // One byte per weight plus 4 per block scale (2x2 blocks for each of the three weights).
+    assert_eq!(
+        sizes,
+        vec![3 * hidden * inter + 3 * 4 * 4; 2],
+        "FP8 experts' device bytes"
+    );
+    let (reference, bf16_sizes) = on_gpu(&bf16);
+    assert_eq!(bf16_sizes, vec![3 * 2 * hidden * inter; 2]);
+    assert_eq!(got, reference, "FP8 widened on the device vs bf16 widened on the host");
+    // The CPU's FP8 path: f32 weights, f32 activations, the same assignment order.
+    let cpu: Vec<Vec<f32>> = (0..2)
+        .map(|e| SwiGlu::load(&fp8, name(e), hidden, inter).unwrap().forward(&x, rows))
+        .collect();
+    let mut want = vec![0.0f32; rows * hidden];
+    for a in &assignments {
+        let r = a.row as usize;
+        for (o, y) in want[r * hidden..(r + 1) * hidden]
+            .iter_mut()
+            .zip(&cpu[a.expert as usize][r * hidden..])
+        {
+            *o += a.weight * y;
+        }
+    }
+    // bf16 activations between the products: the tolerance of tests/gpu.rs's expert test.
+    assert_close("FP8 experts", &want, &got, 2e-2);
 });
 
 gpu_test!(an_attention_layer_matches_the_cpu_over_prefill_then_decode, |gpu| {

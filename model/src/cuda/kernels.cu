@@ -1,6 +1,8 @@
 // NVRTC kernels of the CUDA backend. Compiled at run time (no CUDA headers needed: bf16 travels as
 // its 16 bits in `unsigned short`), checked in CI by compiling them with NVRTC for sm_80 and sm_90
-// (`model/src/cuda/gpu/source.rs`). Storage is bf16, all arithmetic f32, as the CPU kernels do.
+// (`model/src/cuda/gpu/source.rs`). Storage is bf16 (FP8 weights stay one byte per weight and are
+// widened to bf16 scratch by fp8_e4m3_to_bf16 before a product), all arithmetic f32, as the CPU
+// kernels do.
 //
 // Each kernel mirrors one CPU function; the GPU tests compare them (tests/tests/gpu.rs):
 //   rms_norm        <- kernels::rms_norm
@@ -10,6 +12,7 @@
 //   router_topk     <- Router::route
 //   swiglu          <- kernels::silu_mul
 //   combine_rows    <- the weighted combine of LocalExperts::compute (assignment order)
+//   fp8_e4m3_to_bf16 <- kernels::widen_fp8 (Fp8Data::row_to_f32), then rounded to bf16
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
@@ -186,5 +189,35 @@ extern "C" __global__ void combine_rows(const bf16_t* y, const u32* starts, cons
         for (u32 j = starts[r]; j < starts[r + 1]; ++j)
             acc = __fadd_rn(acc, __fmul_rn(weights[j], bf2f(y[(size_t)slots[j] * hidden + c])));
         out[(size_t)r * hidden + c] = acc;
+    }
+}
+
+// One float8 e4m3fn code (bias 7, 3 mantissa bits, exponent field 0 subnormal: m * 2^-9), as
+// fp8::e4m3_to_f32 decodes it: a normal code's exponent and mantissa bits moved into place and
+// the exponent rebiased (+120); a subnormal's integer times 2^-9 (exact). The NaN codes (0x7f,
+// 0xff) are refused when the weight is loaded (quant::load_fp8), so none reaches this.
+__device__ __forceinline__ float e4m3_to_f32(unsigned char code) {
+    const u32 c = code, sign = (c & 0x80u) << 24, mag = c & 0x7Fu;
+    if (mag < 8u) return __uint_as_float(sign | __float_as_uint((float)mag * (1.0f / 512.0f)));
+    return __uint_as_float(sign | ((mag << 20) + (120u << 23)));
+}
+
+// Side of the square blocks of block-wise FP8 scales (fp8::BLOCK).
+#define FP8_BLOCK 128u
+
+// An FP8 weight [rows, cols] (row-major codes) widened to bf16: out[r, c] = bf16(float(q[r, c]) *
+// scale), the product in f32 (as kernels::widen_fp8 computes it) rounded once to nearest even
+// (as the host's bf16 rounding does). The scale is scales[0] when block_cols is 0 (per tensor),
+// else scales[(r / 128) * block_cols + c / 128] (cuda::fp8_widen::scale_index). Blocks stride
+// over the rows, a block's threads over a row's columns (coalesced, no 64-bit division).
+extern "C" __global__ void fp8_e4m3_to_bf16(const unsigned char* codes, const float* scales, bf16_t* out, u32 rows,
+                                            u32 cols, u32 block_cols) {
+    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const size_t row = (size_t)r * cols;
+        const float* row_scales = scales + (size_t)(r / FP8_BLOCK) * block_cols;
+        for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float s = block_cols == 0u ? scales[0] : row_scales[c / FP8_BLOCK];
+            out[row + c] = f2bf(__fmul_rn(e4m3_to_f32(codes[row + c]), s));
+        }
     }
 }

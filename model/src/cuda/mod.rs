@@ -1,10 +1,12 @@
 //! GPU support. With the `cuda` feature, [`gpu`]; without it, a stub with the same API whose
 //! types cannot be constructed, so the rest of the crate never branches on the feature. The
 //! decisions the GPU code makes that do not need a GPU (the NCCL group plan and abort state,
-//! the kernel target, the combine order) are plain modules compiled and tested in every build.
+//! the kernel target, the combine order, the FP8 widening layout) are plain modules compiled
+//! and tested in every build.
 
 pub mod combine;
 pub mod exchange;
+pub mod fp8_widen;
 pub mod grouped;
 pub mod target;
 

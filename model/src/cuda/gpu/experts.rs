@@ -1,18 +1,21 @@
 //! Routed experts on the GPU: weights uploaded straight from the mmapped checkpoint, and one
 //! dispatch computed as two grouped GEMMs (gate+up for every expert, then down), SwiGLU in
 //! between, and the weighted combine on the device in assignment order (the CPU's order): one
-//! upload of the rows and one download of the combined output per dispatch.
+//! upload of the rows and one download of the combined output per dispatch. FP8 experts stay
+//! FP8 in device memory; a dispatch widens the ones it computes into the device's scratch
+//! buffer just before each grouped GEMM (`gpu::fp8`).
 
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::fp8::DeviceWeight;
 use super::grouped_gemm::PointerArrays;
-use super::ops::to_bf16;
 use super::{CudaDevice, err};
 use crate::checkpoint::Checkpoint;
 use crate::config::DType;
 use crate::cuda::ExpertGroup;
 use crate::cuda::combine::combine_plan;
+use crate::cuda::fp8_widen::scratch_layout;
 use crate::cuda::grouped::{GemmGroup, bf16_at};
 use crate::router::ExpertAssignment;
 use crate::{Error, Result};
@@ -27,27 +30,33 @@ fn starts(lens: impl Iterator<Item = usize>) -> Vec<usize> {
     .collect()
 }
 
-/// One expert's weights on the GPU: the checkpoint's row-major bf16 bytes, as stored.
+/// One expert's weights on the GPU, row-major as the checkpoint stores them: bf16, or FP8
+/// (one byte per weight and its scales).
 #[derive(Debug)]
 pub struct DeviceSwiGlu {
-    /// `[inter, hidden]`, `[inter, hidden]`, `[hidden, inter]` as bf16 bytes.
-    gate: CudaSlice<u8>,
-    up: CudaSlice<u8>,
-    down: CudaSlice<u8>,
+    /// `[inter, hidden]`, `[inter, hidden]`, `[hidden, inter]`.
+    gate: DeviceWeight,
+    up: DeviceWeight,
+    down: DeviceWeight,
     hidden: usize,
     inter: usize,
 }
 
 impl DeviceSwiGlu {
+    /// The device memory its weights take (not counting the device's shared widening scratch).
     pub fn size_in_bytes(&self) -> usize {
-        self.gate.len() + self.up.len() + self.down.len()
+        self.gate.size_in_bytes() + self.up.size_in_bytes() + self.down.size_in_bytes()
     }
 
     /// Zeroed weights of one expert (for measurements: a product's speed does not depend on
     /// the values).
     pub(super) fn zeroed(gpu: &CudaDevice, hidden: usize, inter: usize) -> Result<DeviceSwiGlu> {
         let s = gpu.stream();
-        let alloc = || s.alloc_zeros::<u8>(2 * hidden * inter).map_err(err("allocating"));
+        let alloc = || {
+            s.alloc_zeros::<u8>(2 * hidden * inter)
+                .map(DeviceWeight::Bf16)
+                .map_err(err("allocating"))
+        };
         Ok(DeviceSwiGlu {
             gate: alloc()?,
             up: alloc()?,
@@ -60,8 +69,9 @@ impl DeviceSwiGlu {
 
 impl CudaDevice {
     /// Uploads `{prefix}.{gate,up,down}_proj.weight` (via `name(proj)`). bf16 tensors go from
-    /// the mmapped file to the device with no host copy; f32 and f16 ones are narrowed first,
-    /// FP8 and GPTQ ones dequantised and narrowed (the grouped GEMM reads bf16 only).
+    /// the mmapped file to the device with no host copy; FP8 ones as their codes and scales
+    /// (widened on the device per dispatch); f32 and f16 ones are narrowed first, GPTQ ones
+    /// dequantised and narrowed (the grouped GEMM reads bf16 only).
     pub fn upload_expert(
         &self,
         ckpt: &Checkpoint,
@@ -69,21 +79,18 @@ impl CudaDevice {
         hidden: usize,
         inter: usize,
     ) -> Result<DeviceSwiGlu> {
-        let upload = |proj: &str, rows: usize, cols: usize| -> Result<CudaSlice<u8>> {
-            let (name, s) = (name(proj), self.stream());
+        let upload = |proj: &str, rows: usize, cols: usize| -> Result<DeviceWeight> {
+            let name = name(proj);
             match ckpt.bytes(&name, &[rows, cols]) {
-                Ok((DType::BF16, bytes, _)) => s.clone_htod(bytes),
+                Ok((DType::BF16, bytes, _)) => Ok(DeviceWeight::Bf16(
+                    self.stream()
+                        .clone_htod(bytes)
+                        .map_err(err("uploading expert weights"))?,
+                )),
                 // Any other stored form (and a GPTQ weight, stored under other names) through
                 // the host matrix, which also reports what is wrong with the tensor.
-                _ => {
-                    let narrowed: Vec<u8> = to_bf16(&ckpt.matrix(&name, rows, cols)?)
-                        .into_iter()
-                        .flat_map(|v| v.to_bits().to_le_bytes())
-                        .collect();
-                    s.clone_htod(&narrowed)
-                }
+                _ => self.upload_weight(&ckpt.matrix(&name, rows, cols)?),
             }
-            .map_err(err("uploading expert weights"))
         };
         Ok(DeviceSwiGlu {
             gate: upload("gate_proj", inter, hidden)?,
@@ -180,7 +187,24 @@ impl CudaDevice {
         let (gate_up, mut act, y) = (alloc(gate_up_len)?, alloc(gate_up_len / 2)?, alloc(total * hidden)?);
         let base = |buf: &CudaSlice<bf16>| buf.device_ptr(s).0;
         let (x_p, gu_p, act_p, y_p) = (base(x_d), base(&gate_up), base(&act), base(&y));
-        let weight = |w: &CudaSlice<u8>| w.device_ptr(s).0;
+        // FP8 experts' gate and up, then their down, widened into the scratch buffer; the down
+        // widenings are queued after the first GEMM, which has then read the gate and up ones.
+        let (gate_up_wide, gate_up_scratch) = scratch_layout(
+            groups
+                .iter()
+                .flat_map(|(w, _)| [w.gate.widened_len(), w.up.widened_len()]),
+        );
+        let (down_wide, down_scratch) = scratch_layout(groups.iter().map(|(w, _)| w.down.widened_len()));
+        let mut guard = self.scratch(gate_up_scratch.max(down_scratch))?;
+        let scratch = guard.as_mut().expect("scratch() allocates");
+        for (g, (w, _)) in groups.iter().enumerate() {
+            for (proj, at) in [(&w.gate, gate_up_wide[2 * g]), (&w.up, gate_up_wide[2 * g + 1])] {
+                if let Some(at) = at {
+                    self.widen(proj, w.inter, hidden, scratch, at)?;
+                }
+            }
+        }
+        let weight = |w: &DeviceWeight, at: Option<usize>| self.weight_ptr(w, scratch, at);
 
         // Gate and up of each expert: one group of two problems of the same shape.
         let gate_up_gemm: Vec<GemmGroup> = groups
@@ -194,11 +218,20 @@ impl CudaDevice {
                     m: w.inter,
                     n: *rows,
                     k: hidden,
-                    problems: vec![(weight(&w.gate), x, gate), (weight(&w.up), x, up)],
+                    problems: vec![
+                        (weight(&w.gate, gate_up_wide[2 * g]), x, gate),
+                        (weight(&w.up, gate_up_wide[2 * g + 1]), x, up),
+                    ],
                 }
             })
             .collect();
         let first = self.grouped_gemm_bf16(&gate_up_gemm)?;
+        for (g, (w, _)) in groups.iter().enumerate() {
+            if let Some(at) = down_wide[g] {
+                self.widen(&w.down, hidden, w.inter, scratch, at)?;
+            }
+        }
+        let weight = |w: &DeviceWeight, at: Option<usize>| self.weight_ptr(w, scratch, at);
         for (g, (w, rows)) in groups.iter().enumerate() {
             let n = rows * w.inter;
             if n == 0 {
@@ -222,7 +255,7 @@ impl CudaDevice {
                 n: *rows,
                 k: w.inter,
                 problems: vec![(
-                    weight(&w.down),
+                    weight(&w.down, down_wide[g]),
                     bf16_at(act_p, act_at[g]),
                     bf16_at(y_p, rows_at[g] * hidden),
                 )],

@@ -1,4 +1,5 @@
-//! The CUDA backend (`cuda` feature): bf16 storage, f32 arithmetic. Products through cuBLAS
+//! The CUDA backend (`cuda` feature): bf16 storage (FP8 weights kept as FP8 and widened to bf16
+//! scratch before each product), f32 arithmetic. Products through cuBLAS
 //! (the experts' as one grouped GEMM per dispatch), everything else as NVRTC kernels
 //! (`kernels.cu`). The CUDA libraries are loaded at run time (cudarc's dynamic loading), so a
 //! `cuda` build starts on machines without them and says so instead of panicking.
@@ -7,6 +8,7 @@
 
 mod attention;
 mod experts;
+mod fp8;
 mod grouped_gemm;
 mod measure;
 mod nccl;
@@ -45,6 +47,8 @@ struct Gpu {
     /// cuBLAS calls on one handle are serialised.
     blas: Mutex<CudaBlas>,
     kernels: HashMap<&'static str, CudaFunction>,
+    /// Where FP8 weights are widened to bf16 before a product (`fp8::Scratch`).
+    scratch: Mutex<fp8::Scratch>,
 }
 
 /// One GPU: its stream, cuBLAS handle and compiled kernels. Cheap to clone.
@@ -139,6 +143,7 @@ impl CudaDevice {
                 stream,
                 blas: Mutex::new(blas),
                 kernels,
+                scratch: Mutex::new(None),
             }),
         })
     }

@@ -8,6 +8,7 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::fp8::DeviceWeight;
 use super::{CudaDevice, err};
 use crate::router::Routing;
 use crate::weights::{Matrix, MatrixData};
@@ -20,8 +21,8 @@ fn narrow(x: &[f32]) -> Vec<bf16> {
 /// A weight as bf16: bf16 bits as they are, f32 and f16 rounded.
 pub(super) fn to_bf16(m: &Matrix) -> Vec<bf16> {
     match &m.data {
-        // Dequantised, then rounded to bf16: the GPU kernels read bf16 weights only (FP8
-        // stays FP8 on the CPU; on a GPU it takes bf16's two bytes per weight).
+        // Dequantised, then rounded to bf16: what the GPU's widening kernel computes for an FP8
+        // weight kept as FP8 (`gpu::fp8`); callers upload FP8 as FP8 instead.
         MatrixData::F8E4M3(_) => {
             let mut wide = vec![0.0; m.rows * m.cols];
             m.rows_to_f32(0, m.rows, &mut wide);
@@ -53,9 +54,10 @@ fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
     Ok(())
 }
 
-/// A `[rows, cols]` weight on the device in bf16, row-major as the checkpoint stores it.
+/// A `[rows, cols]` weight on the device, row-major as the checkpoint stores it: bf16, or FP8
+/// widened into the scratch buffer for each product.
 pub struct DeviceMatrix {
-    data: CudaSlice<bf16>,
+    data: DeviceWeight,
     rows: usize,
     cols: usize,
 }
@@ -88,13 +90,10 @@ pub struct PagedRows<'a> {
 }
 
 impl CudaDevice {
-    /// Uploads a weight as bf16 (f32 and f16 weights are narrowed).
+    /// Uploads a weight: FP8 as FP8, bf16 as it is, f32 and f16 narrowed to bf16.
     pub fn upload_matrix(&self, m: &Matrix) -> Result<DeviceMatrix> {
         Ok(DeviceMatrix {
-            data: self
-                .stream()
-                .clone_htod(&to_bf16(m))
-                .map_err(err("uploading a weight"))?,
+            data: self.upload_weight(m)?,
             rows: m.rows,
             cols: m.cols,
         })
@@ -124,8 +123,15 @@ impl CudaDevice {
             beta: bf16::ZERO,
             ldc: w.rows as i32,
         };
-        // SAFETY: x is [rows, cols], w [n, cols], y [rows, n], as allocated above.
-        unsafe { self.blas().gemm(cfg, &w.data, &x_d, &mut y) }.map_err(err("linear"))?;
+        {
+            // An FP8 weight is widened into the scratch buffer, held until the GEMM is queued
+            // (later users of the buffer queue behind it on the stream).
+            let mut guard = self.scratch(w.data.widened_len().unwrap_or(0))?;
+            let scratch = guard.as_mut().expect("scratch() allocates");
+            let weight = self.bf16_view(&w.data, w.rows, w.cols, scratch)?;
+            // SAFETY: x is [rows, cols], w [n, cols], y [rows, n], as allocated above.
+            unsafe { self.blas().gemm(cfg, &weight, &x_d, &mut y) }.map_err(err("linear"))?;
+        }
         self.download(&y)
     }
 

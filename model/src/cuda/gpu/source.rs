@@ -13,7 +13,7 @@ use crate::{Error, Result};
 pub const SOURCE: &str = include_str!("../kernels.cu");
 
 /// Every kernel in [`SOURCE`], loaded by name when a device opens.
-pub const KERNELS: [&str; 7] = [
+pub const KERNELS: [&str; 8] = [
     "rms_norm",
     "rope_qk_norm",
     "kv_write",
@@ -21,6 +21,7 @@ pub const KERNELS: [&str; 7] = [
     "router_topk",
     "swiglu",
     "combine_rows",
+    "fp8_e4m3_to_bf16",
 ];
 
 pub fn nvrtc_present() -> bool {
@@ -128,6 +129,13 @@ fn build(prog: sys::nvrtcProgram, target: KernelTarget) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_widening_kernel_uses_the_hosts_block_side() {
+        // The kernel hard-codes the block side of block-wise scales; it must be fp8::BLOCK.
+        let define = format!("#define FP8_BLOCK {}u", crate::fp8::BLOCK);
+        assert!(SOURCE.contains(&define), "kernels.cu lacks `{define}`");
+    }
 
     /// Needs NVRTC, not a GPU: `.ci/run` installs it and runs this with `--ignored`.
     #[test]
