@@ -316,3 +316,28 @@ fn layer_dispatch_histogram(out: &mut String, attention: &[&moe_proto::v1::Worke
         totals.sum_micros as f64 / 1e6,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::probe;
+
+    #[test]
+    fn livez_answers_before_a_placement_and_on_a_standby_healthz_does_not() {
+        for leading in [true, false] {
+            for placement in [true, false] {
+                let (status, _) = probe("/livez", leading, placement).unwrap();
+                assert_eq!(status, "200 OK", "livez leading={leading} placement={placement}");
+                let (status, body) = probe("/healthz", leading, placement).unwrap();
+                let serving = leading && placement;
+                assert_eq!(
+                    status.starts_with("200"),
+                    serving,
+                    "healthz {leading} {placement}: {body}"
+                );
+            }
+        }
+        assert_eq!(probe("/livez", false, false).unwrap().1, "alive: standby\n");
+        assert!(probe("/metrics", true, true).is_none());
+        assert!(probe("/other", true, true).is_none());
+    }
+}
