@@ -3,9 +3,10 @@
 # are as shell assignments for scripts/test.sh to eval:
 #   MOE_KUBECTL=...              kubectl with kustomize v5 (renders deploy/k8s/overlays/*)
 #   MOE_KUBERNETES_VALIDATE=...  kubernetes-validate (offline Kubernetes schema validation)
-# kubectl: the one on PATH if it has kustomize v5, otherwise the official release binary from
-# dl.k8s.io, checked against its published SHA-256 (Debian's kubernetes-client package lags
-# several releases behind). kubernetes-validate: from PyPI into a virtual environment. Both go to
+# kubectl: the one on PATH if it has kustomize v5, otherwise (fallback) the official Kubernetes
+# release binary downloaded from dl.k8s.io, checked against its published SHA-256 (Debian's
+# kubernetes-client package lags several releases behind). kubernetes-validate needs python3 -m
+# venv (Debian: python3-venv, which scripts/test.sh installs when missing). kubernetes-validate: from PyPI into a virtual environment. Both go to
 # a cache directory, so a second run downloads nothing. Any failure exits non-zero.
 set -euo pipefail
 
@@ -49,5 +50,6 @@ if [ ! -x "$validate" ]; then
 fi
 "$validate" --version >/dev/null
 
-echo "MOE_KUBECTL=$kubectl"
-echo "MOE_KUBERNETES_VALIDATE=$validate"
+# Quoted for the caller's eval: a cache path with spaces or shell characters stays one value.
+printf 'MOE_KUBECTL=%q\n' "$kubectl"
+printf 'MOE_KUBERNETES_VALIDATE=%q\n' "$validate"

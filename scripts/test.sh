@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what the tests need outside cargo when it is missing:
-# etcd (Debian's etcd-server package) for the registry and failover tests; kubectl (kustomize)
+# etcd (Debian's etcd-server package) for the registry and failover tests; python3-venv (Debian)
+# for the Python tools' virtual environments; kubectl (kustomize)
 # and kubernetes-validate for the deploy/ tests (scripts/install-deploy-tools.sh says from
 # where). protoc needs no install: scripts/protoc finds the vendored one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v etcd >/dev/null 2>&1; then
-    echo "== installing etcd (Debian package etcd-server) for the etcd tests"
-    SUDO=""
+# Debian packages, installed with apt when what they provide is missing.
+apt_install() {
+    local SUDO=""
     if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends etcd-server
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "$@"
+}
+
+if ! command -v etcd >/dev/null 2>&1; then
+    echo "== installing etcd (Debian package etcd-server) for the etcd tests"
+    apt_install etcd-server
+fi
+
+# Virtual environments (kubernetes-validate, the openai client): Debian's python3 lacks venv
+# and ensurepip until python3-venv is installed.
+if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    echo "== installing python3-venv (Debian package) for the Python virtual environments"
+    apt_install python3-venv
 fi
 
 # Stops here (set -e on the assignment) if they cannot be installed: the deploy tests would

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use moe_model::ModelConfig;
 use moe_proto::v1::{HeartbeatResponse, Placement, RebalanceResponse, Role, WorkerStatus};
 
+use crate::departures::{Departure, Departures};
 use crate::load::LoadWindow;
 use crate::members::{DrainError, Members};
 use crate::nccl::{NcclPlane, PublishError};
@@ -80,6 +81,8 @@ pub struct Cluster {
     nccl: NcclPlane,
     /// The leader reaches etcd (always, with the in-memory registry).
     registry_reachable: bool,
+    /// Workers that left, by cause (for moe_worker_departures_total).
+    departures: Departures,
 }
 
 impl Cluster {
@@ -105,6 +108,7 @@ impl Cluster {
             load,
             nccl: NcclPlane::starting_after(millis),
             registry_reachable: true,
+            departures: Departures::default(),
         }
     }
 
@@ -162,7 +166,7 @@ impl Cluster {
             }
             self.changes_allowed()?;
             tracing::warn!(worker = %joining.id, "a new process took this worker id: replacing the member");
-            self.forget(&joining.id);
+            self.forget(&joining.id, Departure::Replaced);
         } else {
             self.changes_allowed()?;
         }
@@ -209,7 +213,7 @@ impl Cluster {
                     if known.incarnation == m.incarnation || known.last_seen.elapsed() < self.config.heartbeat_timeout {
                         return;
                     }
-                    replaced = self.forget(&id);
+                    replaced = self.forget(&id, Departure::Replaced);
                 }
                 if let Err(why) = self.check_joining(&m) {
                     tracing::warn!(worker = %id, %why, "member record refused");
@@ -225,7 +229,7 @@ impl Cluster {
                 let Some(known) = self.members.get(&id) else { return };
                 if known.last_seen.elapsed() < self.config.heartbeat_timeout {
                     tracing::info!(worker = %id, "member record gone, but the worker heartbeats: keeping it");
-                } else if self.forget(&id) {
+                } else if self.forget(&id, Departure::LeaseExpired) {
                     tracing::warn!(worker = %id, "member record gone (its lease ended): dropped");
                     self.reconcile();
                 }
@@ -249,7 +253,7 @@ impl Cluster {
         let released = known && self.releasable(id);
         if released {
             tracing::info!(worker = %id, "drained: released");
-            self.forget(id);
+            self.forget(id, Departure::Drained);
         }
         HeartbeatResponse {
             known,
@@ -305,7 +309,7 @@ impl Cluster {
             tracing::warn!(%reporter, %worker, "failure report from no attention worker of the cluster: ignored");
             return false;
         }
-        let removed = self.forget(worker);
+        let removed = self.forget(worker, Departure::ReportedFailed);
         if removed {
             tracing::warn!(%worker, %reporter, %reason, "worker reported failed: dropped");
             self.reconcile();
@@ -340,6 +344,7 @@ impl Cluster {
         let timeout = self.config.heartbeat_timeout;
         for w in self.members.expire(timeout) {
             tracing::warn!(worker = %w.id, role = ?w.role, "no heartbeat within {timeout:?}: dropped");
+            self.departures.count(Departure::HeartbeatTimeout);
             self.forget_removed(&w.id);
         }
         self.reconcile();
@@ -410,13 +415,19 @@ impl Cluster {
         }
     }
 
-    /// Drops a member from the view; true when it was one.
-    fn forget(&mut self, id: &str) -> bool {
+    /// Drops a member from the view, counting why; true when it was one.
+    fn forget(&mut self, id: &str, why: Departure) -> bool {
         let known = self.members.remove(id).is_some();
         if known {
+            self.departures.count(why);
             self.forget_removed(id);
         }
         known
+    }
+
+    /// Workers that left so far, by cause.
+    pub fn departures(&self) -> Departures {
+        self.departures
     }
 
     /// Everything kept about a member already gone from the view.

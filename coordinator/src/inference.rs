@@ -62,6 +62,20 @@ impl InferenceService {
         r.validate(&self.config).map_err(|e| moe_runtime::convert::status(&e))
     }
 
+    /// Validates every request of `batch` and admits them together.
+    fn admit_batch(&self, batch: &SubmitBatchRequest) -> Result<OwnedSemaphorePermit, Status> {
+        moe_runtime::convert::check_version(batch.protocol_version)?;
+        if batch.requests.is_empty() {
+            return Err(Status::invalid_argument("requests is empty"));
+        }
+        for (i, r) in batch.requests.iter().enumerate() {
+            self.validate(r)
+                .map_err(|s| Status::invalid_argument(format!("requests[{i}]: {}", s.message())))?;
+        }
+        let n = u32::try_from(batch.requests.len()).map_err(|_| Status::invalid_argument("too many requests"))?;
+        self.admit(n)
+    }
+
     fn admit(&self, n: u32) -> Result<OwnedSemaphorePermit, Status> {
         self.admission.clone().try_acquire_many_owned(n).map_err(|_| {
             Status::resource_exhausted(format!(
@@ -213,8 +227,10 @@ impl Inference for InferenceService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let arrived = Instant::now();
         let req = request.into_inner();
-        self.validate(&req)?;
-        let permit = self.admit(1)?;
+        let permit = self
+            .validate(&req)
+            .and_then(|()| self.admit(1))
+            .inspect_err(|_| self.handoff.metrics.reject(1))?;
         let span = tracing::info_span!("generate", prompt = req.prompt_ids.len());
         let (tx, rx) = mpsc::channel(64);
         let handoff = self.handoff.clone();
@@ -234,16 +250,10 @@ impl Inference for InferenceService {
     ) -> Result<Response<Self::SubmitBatchStream>, Status> {
         let arrived = Instant::now();
         let batch = request.into_inner();
-        moe_runtime::convert::check_version(batch.protocol_version)?;
-        if batch.requests.is_empty() {
-            return Err(Status::invalid_argument("requests is empty"));
-        }
-        for (i, r) in batch.requests.iter().enumerate() {
-            self.validate(r)
-                .map_err(|s| Status::invalid_argument(format!("requests[{i}]: {}", s.message())))?;
-        }
-        let n = u32::try_from(batch.requests.len()).map_err(|_| Status::invalid_argument("too many requests"))?;
-        let permit = Arc::new(self.admit(n)?);
+        let permit = self
+            .admit_batch(&batch)
+            .inspect_err(|_| self.handoff.metrics.reject(batch.requests.len().max(1) as u64))?;
+        let permit = Arc::new(permit);
         let (tx, rx) = mpsc::channel(64);
         for (i, req) in batch.requests.into_iter().enumerate() {
             let (tx, permit, handoff) = (tx.clone(), permit.clone(), self.handoff.clone());

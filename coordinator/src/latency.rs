@@ -68,6 +68,9 @@ pub enum Outcome {
     Failed,
     /// The client went away first.
     Cancelled,
+    /// Refused before it started: invalid (INVALID_ARGUMENT) or over the admission bound
+    /// (RESOURCE_EXHAUSTED). Counted by [`RequestMetrics::reject`], never timed.
+    Rejected,
 }
 
 /// The coordinator's request metrics, shared by the client API and the metrics endpoint.
@@ -79,7 +82,7 @@ pub struct RequestMetrics {
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     /// Indexed by `Outcome as usize`.
-    outcomes: [AtomicU64; 3],
+    outcomes: [AtomicU64; 4],
 }
 
 impl Default for RequestMetrics {
@@ -136,16 +139,24 @@ impl RequestMetrics {
         let name = "moe_requests_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Requests relayed, by how they ended.\n# TYPE {name} counter"
+            "# HELP {name} Requests received, by how they ended (rejected: refused at validation or admission).\n# TYPE {name} counter"
         );
         for (outcome, label) in [
             (Outcome::Finished, "finished"),
             (Outcome::Failed, "failed"),
             (Outcome::Cancelled, "cancelled"),
+            (Outcome::Rejected, "rejected"),
         ] {
             let v = self.outcomes[outcome as usize].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{outcome=\"{label}\"}} {v}");
         }
+    }
+}
+
+impl RequestMetrics {
+    /// `n` requests refused before they started (a batch counts each of its requests).
+    pub fn reject(&self, n: u64) {
+        self.outcomes[Outcome::Rejected as usize].fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -247,5 +258,12 @@ mod tests {
         assert_eq!(sample(&out, "moe_requests_total{outcome=\"finished\"}"), 1.0);
         assert_eq!(sample(&out, "moe_requests_total{outcome=\"failed\"}"), 1.0);
         assert_eq!(sample(&out, "moe_requests_total{outcome=\"cancelled\"}"), 0.0);
+        assert_eq!(sample(&out, "moe_requests_total{outcome=\"rejected\"}"), 0.0);
+        m.reject(3);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert_eq!(sample(&out, "moe_requests_total{outcome=\"rejected\"}"), 3.0);
+        // Rejections are not timed: no latency observation came with them.
+        assert_eq!(sample(&out, "moe_request_duration_seconds_count"), 2.0);
     }
 }

@@ -9,6 +9,8 @@
 mod cluster;
 mod codes;
 mod control;
+mod departures;
+mod dispatch_history;
 mod error;
 mod inference;
 mod latency;

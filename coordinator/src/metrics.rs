@@ -24,6 +24,8 @@ pub struct MetricsSource {
     pub serving: crate::leader::Serving,
     /// Latency histograms and token counters of the requests this coordinator relayed.
     pub requests: Arc<crate::latency::RequestMetrics>,
+    /// What departed attention workers had counted of layer dispatches.
+    pub dispatch_history: Arc<std::sync::Mutex<crate::dispatch_history::DispatchHistory>>,
 }
 
 /// A scrape endpoint needs few connections; the same handshake deadline (a request head of 24
@@ -34,7 +36,24 @@ const LISTEN: ListenConfig = ListenConfig {
     handshake_exchanges: 1,
 };
 
-/// Serves `/metrics` and `/healthz` on `incoming` until the task is dropped.
+/// The probes' answers (status line, body), `None` for other paths.
+/// - `/livez`: the process answers, leader or standby. What Kubernetes' readiness asks: workers
+///   reach the coordinators before any placement exists, so readiness cannot wait for one
+///   (deploy/k8s/base/coordinator.yaml).
+/// - `/healthz`: this coordinator serves requests: it leads and a placement is active.
+fn probe(path: &str, leading: bool, placement_active: bool) -> Option<(&'static str, &'static str)> {
+    const UNAVAILABLE: &str = "503 Service Unavailable";
+    Some(match path {
+        "/livez" if leading => ("200 OK", "alive: leading\n"),
+        "/livez" => ("200 OK", "alive: standby\n"),
+        "/healthz" if !leading => (UNAVAILABLE, "standby: not the leader\n"),
+        "/healthz" if placement_active => ("200 OK", "serving\n"),
+        "/healthz" => (UNAVAILABLE, "no active placement\n"),
+        _ => return None,
+    })
+}
+
+/// Serves `/metrics`, `/livez` and `/healthz` on `incoming` until the task is dropped.
 pub async fn serve(mut incoming: Incoming, source: MetricsSource) {
     while let Some(connection) = incoming.next().await {
         let Ok(mut socket) = connection else {
@@ -58,12 +77,10 @@ pub async fn serve(mut incoming: Incoming, source: MetricsSource) {
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let leading = *source.serving.borrow();
             let s = source.state.status();
-            let (status, body) = match path {
-                "/healthz" if !leading => ("503 Service Unavailable", "standby: not the leader\n".into()),
-                "/metrics" => ("200 OK", render(&s, &source)),
-                "/healthz" if s.placement_version > 0 => ("200 OK", "serving\n".into()),
-                "/healthz" => ("503 Service Unavailable", "no active placement\n".into()),
-                _ => ("404 Not Found", "try /metrics or /healthz\n".into()),
+            let (status, body) = match probe(path, leading, s.placement_version > 0) {
+                Some((status, body)) => (status, body.to_owned()),
+                None if path == "/metrics" => ("200 OK", render(&s, &source)),
+                None => ("404 Not Found", "try /metrics, /livez or /healthz\n".into()),
             };
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -273,34 +290,54 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
             w.millis_since_heartbeat as f64 / 1e3
         }),
     );
-    layer_dispatch_histogram(&mut out, &attention);
+    layer_dispatch_histogram(&mut out, &attention, source);
+    source.state.departures().render(&mut out);
     source.requests.render(&mut out);
     out
 }
 
 /// The attention workers' layer dispatch round trips, all workers together (one series per
-/// bucket, whatever the number of workers). A worker counting other buckets (another version)
-/// is left out. Falls when a worker leaves, which Prometheus takes as a counter reset.
-fn layer_dispatch_histogram(out: &mut String, attention: &[&moe_proto::v1::WorkerStatus]) {
+/// bucket, whatever the number of workers), departed workers' counts included so the counts
+/// never fall (dispatch_history.rs).
+fn layer_dispatch_histogram(out: &mut String, attention: &[&moe_proto::v1::WorkerStatus], source: &MetricsSource) {
     let bounds = moe_runtime::buckets::LAYER_DISPATCH_MICROS;
-    let mut counts = vec![0u64; bounds.len() + 1];
-    let mut sum_micros = 0u64;
-    for w in attention
-        .iter()
-        .filter(|w| w.layer_dispatch_buckets.len() == bounds.len() + 1)
-    {
-        for (c, n) in counts.iter_mut().zip(&w.layer_dispatch_buckets) {
-            *c += n;
-        }
-        sum_micros += w.layer_dispatch_micros;
-    }
+    let totals = source
+        .dispatch_history
+        .lock()
+        .expect("dispatch history lock")
+        .totals(attention, bounds.len() + 1);
     let seconds: Vec<f64> = bounds.iter().map(|&b| b as f64 / 1e6).collect();
     crate::latency::render_histogram(
         out,
         "moe_layer_dispatch_round_trip_seconds",
         "Layer dispatch round trips of the attention workers: from sending a layer's rows to holding every expert worker's answer (retries included).",
         &seconds,
-        &counts,
-        sum_micros as f64 / 1e6,
+        &totals.buckets,
+        totals.sum_micros as f64 / 1e6,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe;
+
+    #[test]
+    fn livez_answers_before_a_placement_and_on_a_standby_healthz_does_not() {
+        for leading in [true, false] {
+            for placement in [true, false] {
+                let (status, _) = probe("/livez", leading, placement).unwrap();
+                assert_eq!(status, "200 OK", "livez leading={leading} placement={placement}");
+                let (status, body) = probe("/healthz", leading, placement).unwrap();
+                let serving = leading && placement;
+                assert_eq!(
+                    status.starts_with("200"),
+                    serving,
+                    "healthz {leading} {placement}: {body}"
+                );
+            }
+        }
+        assert_eq!(probe("/livez", false, false).unwrap().1, "alive: standby\n");
+        assert!(probe("/metrics", true, true).is_none());
+        assert!(probe("/other", true, true).is_none());
+    }
 }

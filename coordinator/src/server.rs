@@ -246,6 +246,7 @@ pub async fn run(args: Args) -> Result<()> {
                 max_in_flight,
                 serving: serving.clone(),
                 requests,
+                dispatch_history: Default::default(),
             },
         ));
     }

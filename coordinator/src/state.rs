@@ -140,6 +140,11 @@ impl StateHandle {
         self.cluster().status()
     }
 
+    /// Workers that left so far, by cause.
+    pub fn departures(&self) -> crate::departures::Departures {
+        self.cluster().departures()
+    }
+
     /// Plans a placement for the load of the window and makes it the target.
     pub fn rebalance(&self, force: bool) -> Result<RebalanceResponse, PlacementError> {
         self.cluster().rebalance(force)

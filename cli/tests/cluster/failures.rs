@@ -9,7 +9,21 @@ use moe_tests::cluster::LocalCluster;
 use tokio_stream::StreamExt;
 
 use crate::common::*;
-use crate::wait_idle;
+use crate::{http_get, wait_idle};
+
+/// moe_worker_departures_total by reason, from the coordinator's metrics at `addr`.
+fn departures(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let (code, body) = http_get(addr, "/metrics");
+    assert_eq!(code, 200);
+    let prefix = "moe_worker_departures_total{reason=\"";
+    body.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .map(|l| {
+            let (reason, value) = l.split_once("\"} ").unwrap();
+            (reason.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_frees_its_kv_blocks() {
@@ -52,7 +66,7 @@ async fn kill_9_of_an_expert_worker_under_load_fails_no_request() {
     // Re-placement changes how each row's expert sum is split over workers (float rounding
     // ~1e-6), so only prompts whose greedy choices are clear by 2e-4 are used.
     let prompts = prompts_with_gap(&tiny(), &[3, 8, 15, 21, 30, 5], STEPS as usize, 2e-4);
-    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 3, &[]);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 3, &["--metrics-listen", "127.0.0.1:0"]);
     let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
     let killed = cluster.kill("expert-worker", 1);
     assert_some_unfinished(&streams, STEPS);
@@ -69,6 +83,10 @@ async fn kill_9_of_an_expert_worker_under_load_fails_no_request() {
     assert!(status.placement_version >= 2, "a new placement was made");
     // The two survivors hold all 64 experts of both layers between them.
     assert_eq!(experts.iter().map(|w| w.expert_slots.len()).sum::<usize>(), 128);
+    // Counted as a departure without a drain (what MoeWorkerFlapping alerts on).
+    let d = departures(cluster.metrics.as_deref().expect("metrics address printed"));
+    assert_eq!(d["drained"], 0.0, "{d:?}");
+    assert_eq!(d.values().sum::<f64>(), 1.0, "{d:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +262,7 @@ async fn sigterm_drains_an_expert_worker_under_load() {
     // to 2 (deploy/k8s: the pod gets SIGTERM, no preStop hook), under load.
     const STEPS: u32 = 150;
     let prompts = prompts_with_gap(&tiny(), &[6, 11, 18], STEPS as usize, 2e-4);
-    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 3, &[]);
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 3, &["--metrics-listen", "127.0.0.1:0"]);
     let streams = start_tracked(&cluster.endpoint, &prompts, STEPS).await;
     let expert = cluster
         .processes
@@ -278,6 +296,10 @@ async fn sigterm_drains_an_expert_worker_under_load() {
         experts.iter().all(|w| !w.expert_slots.is_empty()),
         "both survivors hold experts"
     );
+    // A scale-down is a drain, not a failure: MoeWorkerFlapping does not count it.
+    let d = departures(cluster.metrics.as_deref().expect("metrics address printed"));
+    assert_eq!(d["drained"], 1.0, "{d:?}");
+    assert_eq!(d.values().sum::<f64>(), 1.0, "{d:?}");
     // The cluster still serves the same tokens.
     for (prompt, want) in &prompts {
         assert_eq!(&client.generate(&greedy(prompt, STEPS)).await.unwrap().tokens, want);

@@ -297,7 +297,15 @@ async fn metrics_expose_the_autoscaling_signals() {
     let metrics = cluster.metrics.clone().expect("metrics address printed");
     let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
     client.generate(&greedy(&[5, 6, 7], 8)).await.unwrap();
+    // One request refused at validation: counted as rejected, not timed.
+    let mut invalid = greedy(&[5, 6, 7], 8);
+    invalid.sampling.top_p = 1.5;
+    assert_eq!(
+        client.generate(&invalid).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     assert_eq!(http_get(&metrics, "/healthz").0, 200);
+    assert_eq!(http_get(&metrics, "/livez").0, 200);
     assert_eq!(http_get(&metrics, "/nope").0, 404);
     // Counters arrive with heartbeats: wait (bounded) until the request shows.
     let metrics = &metrics;
@@ -338,6 +346,7 @@ async fn metrics_expose_the_autoscaling_signals() {
         "moe_generation_tokens_total 8\n",
         "moe_requests_total{outcome=\"finished\"} 1\n",
         "moe_requests_total{outcome=\"failed\"} 0\n",
+        "moe_requests_total{outcome=\"rejected\"} 1\n",
         "moe_time_to_first_token_seconds_count 1\n",
         "moe_time_to_first_token_seconds_bucket{le=\"+Inf\"} 1\n",
         "moe_inter_token_latency_seconds_count 7\n",

@@ -5,6 +5,7 @@
 
 mod crds;
 mod monitoring;
+mod reachability;
 mod render;
 mod schemas;
 mod tools;
@@ -12,7 +13,7 @@ mod workloads;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use render::{containers, deploy, documents, kind, name, overlays, strings};
+use render::{containers, deploy, documents, overlays, strings};
 
 /// Images the project uses but does not build, pinned.
 const EXTERNAL_IMAGES: &[&str] = &["quay.io/coreos/etcd:v3.4.23", "busybox:1.36", "python:3.12-slim"];
@@ -173,27 +174,18 @@ fn every_subcommand_and_flag_exists_in_moectl() {
 
 #[test]
 fn etcd_and_coordinator_targets_are_services() {
-    // Every `--etcd` URL and `--coordinator` address names a Service of the same overlay, on a
-    // port that Service serves.
+    // Every `--etcd` URL and `--coordinator` address names a Service of the same overlay (or a
+    // StatefulSet pod through its headless Service), on a port that Service serves.
     for o in overlays() {
-        let mut services = BTreeSet::new();
-        for doc in o.docs.iter().filter(|d| kind(d) == "Service") {
-            for p in doc["spec"]["ports"].as_sequence().unwrap() {
-                services.insert(format!("{}:{}", name(doc), p["port"].as_u64().unwrap()));
-            }
-        }
         let mut used = BTreeSet::new();
         for c in containers(o.name, &o.docs) {
             for w in c.args.windows(2) {
                 if matches!(w[0].as_str(), "--etcd" | "--coordinator") {
                     for target in w[1].split(',') {
                         let target = target.trim_start_matches("http://").trim_start_matches("https://");
-                        assert!(
-                            services.contains(target),
-                            "{}: {} {target} is not a Service port ({services:?})",
-                            c.place,
-                            w[0]
-                        );
+                        if let Err(e) = reachability::resolve(o, target) {
+                            panic!("{}: {} {e}", c.place, w[0]);
+                        }
                         used.insert(w[0].clone());
                     }
                 }

@@ -47,25 +47,64 @@ pub fn overlays() -> &'static [Overlay] {
         OVERLAYS
             .iter()
             .map(|&name| {
-                let dir = deploy().join("k8s/overlays").join(name);
-                let out = std::process::Command::new(super::tools::kubectl())
-                    .arg("kustomize")
-                    .arg(&dir)
-                    .output()
-                    .expect("running kubectl");
-                assert!(
-                    out.status.success(),
-                    "kubectl kustomize {}: {}",
-                    dir.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let yaml = String::from_utf8(out.stdout).unwrap();
-                let docs = documents(&yaml, name);
+                let docs = kustomize(&deploy().join("k8s"), name);
                 assert!(docs.len() >= 15, "{name}: only {} objects", docs.len());
                 Overlay { name, docs }
             })
             .collect()
     })
+}
+
+/// `kubectl kustomize` of overlay `name` in the tree `k8s` (deploy/k8s or a changed copy).
+fn kustomize(k8s: &Path, name: &str) -> Vec<Value> {
+    let dir = k8s.join("overlays").join(name);
+    let out = std::process::Command::new(super::tools::kubectl())
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("running kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    documents(&String::from_utf8(out.stdout).unwrap(), name)
+}
+
+/// Overlay `name` rendered from a copy of deploy/k8s whose base configuration has other values
+/// (what an operator's edit does): for checking what a config change touches.
+pub fn render_with_config_change(name: &str) -> Vec<Value> {
+    let copy = tempfile::tempdir().unwrap();
+    copy_tree(&deploy().join("k8s"), copy.path());
+    let base = copy.path().join("base/kustomization.yaml");
+    let text = std::fs::read_to_string(&base).unwrap();
+    let mut changed = text.clone();
+    for (from, to) in [
+        (
+            "MOE_ETCD_PREFIX=/hunyuan-moe/prod",
+            "MOE_ETCD_PREFIX=/hunyuan-moe/changed",
+        ),
+        ("HF_REVISION=main", "HF_REVISION=changed"),
+    ] {
+        assert!(changed.contains(from), "base/kustomization.yaml no longer sets {from}");
+        changed = changed.replace(from, to);
+    }
+    std::fs::write(&base, changed).unwrap();
+    kustomize(copy.path(), name)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 pub fn kind(doc: &Value) -> &str {

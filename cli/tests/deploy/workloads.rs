@@ -62,7 +62,8 @@ fn every_pod_has_a_disruption_budget_that_keeps_the_cluster_serving() {
                 );
                 let spec = &budget[0]["spec"];
                 match l["app.kubernetes.io/component"].as_str() {
-                    // Only the unready standby may go: never the last serving coordinator.
+                    // One coordinator at a time (both are ready, the leader may go: the
+                    // standby takes over), never both.
                     "coordinator" => {
                         assert_eq!(spec["minAvailable"].as_u64(), Some(1), "{}", o.name);
                         assert_eq!(spec["unhealthyPodEvictionPolicy"].as_str(), Some("AlwaysAllow"));
@@ -137,6 +138,37 @@ fn worker_autoscalers_scale_down_no_faster_than_a_drain() {
     assert!(checked >= 6, "{checked}");
 }
 
+/// The fewest replicas the autoscaler of Deployment `target` keeps (HPA or KEDA).
+fn autoscaler_minimum(docs: &[Value], target: &str) -> Option<u64> {
+    docs.iter().find_map(|d| match kind(d) {
+        "HorizontalPodAutoscaler" if d["spec"]["scaleTargetRef"]["name"].as_str() == Some(target) => {
+            Some(d["spec"]["minReplicas"].as_u64().unwrap_or(1))
+        }
+        "ScaledObject" if d["spec"]["scaleTargetRef"]["name"].as_str() == Some(target) => {
+            Some(d["spec"]["minReplicaCount"].as_u64().unwrap_or(0))
+        }
+        _ => None,
+    })
+}
+
+#[test]
+fn autoscaled_deployments_leave_the_count_to_their_autoscaler() {
+    // A Deployment's replicas field would set the count back on every `kubectl apply`,
+    // undoing (and fighting) the autoscaler.
+    for o in overlays() {
+        let mut autoscaled = 0;
+        for d in o.docs.iter().filter(|d| kind(d) == "Deployment") {
+            if autoscaler_minimum(&o.docs, name(d)).is_some() {
+                autoscaled += 1;
+                assert!(d["spec"]["replicas"].is_null(), "{}: {} sets replicas", o.name, name(d));
+            }
+        }
+        // The front end everywhere, and both worker pools where they are Deployments.
+        let want = if o.name == "multinode" { 1 } else { 3 };
+        assert_eq!(autoscaled, want, "{}: autoscaled Deployments", o.name);
+    }
+}
+
 #[test]
 fn enough_expert_workers_to_place_experts() {
     // The coordinator places experts once --min-expert-workers have joined: the deployed
@@ -147,7 +179,8 @@ fn enough_expert_workers_to_place_experts() {
             .docs
             .iter()
             .map(|d| match kind(d) {
-                "Deployment" if name(d) == "moe-expert-worker" => d["spec"]["replicas"].as_u64().unwrap(),
+                "Deployment" if name(d) == "moe-expert-worker" => autoscaler_minimum(&o.docs, name(d))
+                    .unwrap_or_else(|| panic!("{}: moe-expert-worker has no autoscaler", o.name)),
                 "LeaderWorkerSet" => {
                     (d["spec"]["leaderWorkerTemplate"]["size"].as_u64().unwrap() - 1)
                         * d["spec"]["replicas"].as_u64().unwrap()
@@ -211,28 +244,34 @@ fn the_model_download_is_skipped_when_done_and_awaited_by_every_moectl_pod() {
     let c = &job["spec"]["template"]["spec"]["containers"][0];
     let script = c["command"][2].as_str().unwrap();
     assert!(script.contains("huggingface-cli download"), "{script}");
-    // Run it on a volume that already holds a finished download, with nothing on PATH: pip and
+    // Run it on a volume that already holds this download, with nothing on PATH: pip and
     // huggingface-cli would fail, so success means it stopped before them.
+    let run = |dir: &std::path::Path, revision: &str| {
+        std::process::Command::new("/bin/sh")
+            .args(["-ec", script])
+            .env_clear()
+            .env("MOE_MODEL_DIR", dir)
+            .env("HF_REPO", "tencent/Hunyuan-A13B-Instruct")
+            .env("HF_REVISION", revision)
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap()
+    };
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join(".download-complete"), "").unwrap();
-    let out = std::process::Command::new("/bin/sh")
-        .args(["-ec", script])
-        .env_clear()
-        .env("MOE_MODEL_DIR", dir.path())
-        .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
+    std::fs::write(
+        dir.path().join(".download-complete"),
+        "tencent/Hunyuan-A13B-Instruct@main\n",
+    )
+    .unwrap();
+    let out = run(dir.path(), "main");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to download"));
-    // Without the marker it goes on to the download (and fails here, with no pip).
+    // Another revision goes on to the download (and fails here, with no pip).
+    let out = run(dir.path(), "v2");
+    assert!(!out.status.success());
+    // Without the marker likewise, and no marker is written.
     let empty = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new("/bin/sh")
-        .args(["-ec", script])
-        .env_clear()
-        .env("MOE_MODEL_DIR", empty.path())
-        .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
+    let out = run(empty.path(), "main");
     assert!(!out.status.success());
     assert!(
         !empty.path().join(".download-complete").exists(),

@@ -7,6 +7,7 @@ use moe_model::ModelConfig;
 use moe_proto::v1::{Role, WorkerStatus};
 
 use super::{Cluster, ClusterConfig, RegisterError, RegistryAway};
+use crate::departures::Departure;
 use crate::placements::{BalanceConfig, PlacementError};
 use crate::registry::watch::MemberEvent;
 use crate::registry::{InMemoryRegistry, Member};
@@ -78,6 +79,7 @@ async fn a_worker_keeps_its_id_and_another_process_with_it_replaces_the_member_o
     std::thread::sleep(Duration::from_millis(250));
     assert_eq!(c.register(again, true).unwrap(), "expert-a");
     assert_eq!(ids(&c), [("expert-a".to_owned(), 8)]);
+    assert_eq!(c.departures().of(Departure::Replaced), 1);
     // No id proposed: one is given.
     let given = c.register(worker("", Role::Attention, 2, 1), true).unwrap();
     assert!(given.starts_with("attn-"), "{given}");
@@ -110,10 +112,12 @@ async fn records_add_workers_and_never_override_one_that_heartbeats() {
     // Its record gone while it heartbeats (lost to an etcd outage): kept.
     c.member_event(MemberEvent::Gone("expert-a".into()));
     assert_eq!(ids(&c).len(), 1);
+    assert_eq!(c.departures().of(Departure::LeaseExpired), 0);
     // Silent for longer than the heartbeat timeout, then its record goes: dropped.
     std::thread::sleep(Duration::from_millis(250));
     c.member_event(MemberEvent::Gone("expert-a".into()));
     assert!(ids(&c).is_empty());
+    assert_eq!(c.departures().of(Departure::LeaseExpired), 1);
     // A record of another model is refused, not added.
     c.member_event(MemberEvent::Recorded(Member {
         model_id: "other".into(),
@@ -134,8 +138,10 @@ async fn only_an_attention_worker_of_the_cluster_can_report_a_failure() {
     );
     assert!(!c.report_failure("stranger", &e2, "x"));
     assert_eq!(ids(&c).len(), 3);
+    assert_eq!(c.departures().of(Departure::ReportedFailed), 0);
     assert!(c.report_failure(&a, &e2, "x"));
     assert_eq!(ids(&c).len(), 2);
+    assert_eq!(c.departures().of(Departure::ReportedFailed), 1);
 }
 
 #[tokio::test]
