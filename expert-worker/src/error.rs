@@ -6,8 +6,6 @@ pub enum Error {
     Worker(#[from] moe_runtime::worker::WorkerError),
     #[error("coordinator: {0}")]
     Coordinator(#[from] tonic::Status),
-    #[error("placement: {0}")]
-    Placement(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

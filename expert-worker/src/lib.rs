@@ -3,6 +3,7 @@
 //! returning per token the routing-weighted sum over its own experts.
 
 mod error;
+mod loader;
 mod refusal;
 mod service;
 mod state;

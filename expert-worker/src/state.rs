@@ -26,6 +26,9 @@ struct Inner {
     experts: Arc<LocalExperts>,
     /// Placement versions whose slots are all loaded, with those slots.
     versions: BTreeMap<u64, Vec<(usize, usize)>>,
+    /// Counts [`ExpertState::forget_versions`]: a load that began before the last one is not
+    /// served (its version may name another placement of a coordinator that forgot us).
+    forgotten: u64,
 }
 
 impl ExpertState {
@@ -39,6 +42,7 @@ impl ExpertState {
             inner: RwLock::new(Inner {
                 experts: Arc::new(experts),
                 versions: BTreeMap::new(),
+                forgotten: 0,
             }),
             rows_served: AtomicU64::new(0),
             busy_micros: AtomicU64::new(0),
@@ -80,7 +84,8 @@ impl ExpertState {
 
     /// Loads `slots` for `version` (blocking; run off the async threads). Versions older than
     /// `active` are forgotten and experts no longer needed by any kept version are freed.
-    /// Reports the experts it reads to `progress`.
+    /// Reports the experts it reads to `progress`. When membership was lost meanwhile, the
+    /// experts are kept for reuse but `version` is not served.
     pub fn load_version(
         &self,
         version: u64,
@@ -88,9 +93,20 @@ impl ExpertState {
         active: u64,
         progress: &dyn LoadProgress,
     ) -> Result<()> {
-        let current = self.inner.read().expect("lock").experts.clone();
+        let (current, forgotten) = {
+            let inner = self.inner.read().expect("lock");
+            (inner.experts.clone(), inner.forgotten)
+        };
         let loaded = current.with_progress(&self.ckpt, &self.config, &slots, &[], progress)?;
         let mut inner = self.inner.write().expect("lock");
+        if inner.forgotten != forgotten {
+            tracing::info!(
+                version,
+                "membership was lost while loading: the experts are kept, the placement is not served"
+            );
+            inner.experts = Arc::new(loaded);
+            return Ok(());
+        }
         inner.versions.insert(version, slots);
         inner.versions.retain(|&v, _| v >= active.min(version));
         let keep: std::collections::HashSet<(usize, usize)> = inner.versions.values().flatten().copied().collect();
@@ -107,7 +123,9 @@ impl ExpertState {
     /// Membership was lost (the coordinator no longer knew this worker): serve no placement
     /// until a new one is loaded. The experts stay in memory for reuse.
     pub fn forget_versions(&self) {
-        self.inner.write().expect("lock").versions.clear();
+        let mut inner = self.inner.write().expect("lock");
+        inner.versions.clear();
+        inner.forgotten += 1;
     }
 
     pub fn count_dispatch(&self, rows: usize, busy: std::time::Duration) {

@@ -9,13 +9,13 @@ use moe_model::checkpoint::Checkpoint;
 use moe_proto::v1::expert_server::ExpertServer;
 use moe_proto::v1::{HeartbeatResponse, Role, WorkerStatus};
 use moe_runtime::control::Membership;
-use moe_runtime::load_progress::LoadReporter;
 use moe_runtime::net::MAX_MESSAGE_BYTES;
 use moe_runtime::shutdown;
 use moe_runtime::worker::{self, WorkerArgs};
 use tonic::service::Routes;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::loader::{Job, Loader};
 use crate::service::ExpertService;
 use crate::state::ExpertState;
 
@@ -30,6 +30,11 @@ pub struct Args {
     /// Where the expert products run: `cpu`, or `cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// For tests and demos: pause this long after reading each expert, so that a load of a
+    /// small model lasts long enough to be watched (progress in `moectl status`, heartbeats
+    /// going on meanwhile).
+    #[arg(long, default_value_t = 0)]
+    pub load_throttle_ms: u64,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -70,38 +75,30 @@ pub async fn run(args: Args) -> Result<()> {
         placement_version: state.newest_version(),
         ..Default::default()
     };
+    // Loads run beside the heartbeats, which carry their progress (see `loader`).
+    let loader = Loader::new(state.clone(), load, Duration::from_millis(args.load_throttle_ms));
     let on_answer = async |m: &mut Membership, answer: HeartbeatResponse| {
         if !answer.known {
             tracing::warn!("membership was lost; refusing dispatches until a new placement is loaded");
-            state.forget_versions();
+            loader.forget();
         }
-        if answer.target_placement_version > state.newest_version()
-            && let Err(e) = load_target(m, &state, answer.placement_version, &load).await
-        {
-            tracing::warn!(error = %e, "loading the target placement failed; will retry");
+        if loader.wants(answer.target_placement_version) {
+            match target_job(m, answer.placement_version).await {
+                Ok(job) => loader.submit(job),
+                Err(e) => tracing::warn!(error = %e, "reading the target placement failed; will retry"),
+            }
         }
     };
     worker::run_worker(spec, Routes::new(service), shutdown, drain, status, on_answer).await?;
     Ok(())
 }
 
-/// Reads the target placement and loads this worker's slots for it (off the async threads),
-/// reporting to `load`.
-async fn load_target(
-    membership: &mut Membership,
-    state: &Arc<ExpertState>,
-    active: u64,
-    load: &Arc<LoadReporter>,
-) -> Result<()> {
+/// This worker's slots of the coordinator's target placement, `active` serving meanwhile.
+async fn target_job(membership: &mut Membership, active: u64) -> Result<Job> {
     let target = membership.placement(true).await?;
-    let slots = target.slots_of(membership.worker_id());
-    let (st, version, load) = (state.clone(), target.version, load.clone());
-    tokio::task::spawn_blocking(move || {
-        load.begin(format!("placement v{version} ({} expert slots)", slots.len()));
-        let loaded = st.load_version(version, slots, active, load.as_ref());
-        load.finish(loaded.is_ok());
-        loaded
+    Ok(Job {
+        version: target.version,
+        slots: target.slots_of(membership.worker_id()),
+        active,
     })
-    .await
-    .map_err(|e| Error::Placement(format!("loading task failed: {e}")))?
 }

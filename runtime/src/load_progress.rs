@@ -5,7 +5,6 @@
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -26,17 +25,20 @@ pub enum ProgressDisplay {
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Counts one load at a time (an expert worker's next placement starts a new one) and shows it.
+///
+/// The state and the counts live under one lock with what is shown: a heartbeat reads them
+/// together, so it never sees a finished load without its final counts, nor a new load's state
+/// beside the last one's counts (atomics read one by one could interleave with `begin`). The
+/// lock is taken once per unit read (an expert, a layer) and per heartbeat: no contention.
 pub struct LoadReporter {
     display: ProgressDisplay,
-    state: AtomicI32,
-    bytes_done: AtomicU64,
-    bytes_total: AtomicU64,
-    tensors_done: AtomicU64,
-    tensors_total: AtomicU64,
-    shown: Mutex<Shown>,
+    inner: Mutex<Inner>,
 }
 
-struct Shown {
+struct Inner {
+    state: LoadState,
+    done: LoadSize,
+    total: LoadSize,
     what: String,
     started: Instant,
     last_line: Instant,
@@ -48,12 +50,10 @@ impl LoadReporter {
         let now = Instant::now();
         LoadReporter {
             display,
-            state: AtomicI32::new(LoadState::None as i32),
-            bytes_done: AtomicU64::new(0),
-            bytes_total: AtomicU64::new(0),
-            tensors_done: AtomicU64::new(0),
-            tensors_total: AtomicU64::new(0),
-            shown: Mutex::new(Shown {
+            inner: Mutex::new(Inner {
+                state: LoadState::None,
+                done: LoadSize::default(),
+                total: LoadSize::default(),
                 what: String::new(),
                 started: now,
                 last_line: now,
@@ -62,20 +62,22 @@ impl LoadReporter {
         }
     }
 
-    /// A new load of `what` starts: counts from zero.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding it leaves counts that are still worth showing.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A new load of `what` starts: loading, counts from zero.
     pub fn begin(&self, what: impl Into<String>) {
-        for counter in [
-            &self.bytes_done,
-            &self.bytes_total,
-            &self.tensors_done,
-            &self.tensors_total,
-        ] {
-            counter.store(0, Ordering::Relaxed);
-        }
-        self.state.store(LoadState::Loading as i32, Ordering::Relaxed);
-        let mut shown = self.shown.lock().expect("lock");
+        let mut inner = self.lock();
         let now = Instant::now();
-        *shown = Shown {
+        if let Some(bar) = inner.bar.take() {
+            bar.finish_and_clear();
+        }
+        *inner = Inner {
+            state: LoadState::Loading,
+            done: LoadSize::default(),
+            total: LoadSize::default(),
             what: what.into(),
             started: now,
             last_line: now,
@@ -85,17 +87,16 @@ impl LoadReporter {
 
     /// The load ended, well or not (the caller reports the error).
     pub fn finish(&self, ok: bool) {
-        let state = if ok { LoadState::Loaded } else { LoadState::Failed };
-        self.state.store(state as i32, Ordering::Relaxed);
-        let mut shown = self.shown.lock().expect("lock");
-        if let Some(bar) = shown.bar.take() {
+        let mut inner = self.lock();
+        inner.state = if ok { LoadState::Loaded } else { LoadState::Failed };
+        if let Some(bar) = inner.bar.take() {
             bar.finish_and_clear();
         }
-        let (done, secs) = (self.done(), shown.started.elapsed().as_secs_f64());
+        let (done, secs) = (inner.done, inner.started.elapsed().as_secs_f64());
         if ok {
             tracing::info!(
                 "loaded {}: {} tensors, {} in {secs:.1} s ({}/s)",
-                shown.what,
+                inner.what,
                 done.tensors,
                 HumanBytes(done.bytes),
                 HumanBytes((done.bytes as f64 / secs.max(1e-3)) as u64)
@@ -103,27 +104,14 @@ impl LoadReporter {
         }
     }
 
-    /// This reporter's fields of a heartbeat's status.
+    /// This reporter's fields of a heartbeat's status, read together.
     pub fn fill(&self, status: &mut WorkerStatus) {
-        status.load_state = self.state.load(Ordering::Relaxed);
-        status.load_bytes_done = self.bytes_done.load(Ordering::Relaxed);
-        status.load_bytes_total = self.bytes_total.load(Ordering::Relaxed);
-        status.load_tensors_done = self.tensors_done.load(Ordering::Relaxed);
-        status.load_tensors_total = self.tensors_total.load(Ordering::Relaxed);
-    }
-
-    fn done(&self) -> LoadSize {
-        LoadSize {
-            tensors: self.tensors_done.load(Ordering::Relaxed),
-            bytes: self.bytes_done.load(Ordering::Relaxed),
-        }
-    }
-
-    fn total(&self) -> LoadSize {
-        LoadSize {
-            tensors: self.tensors_total.load(Ordering::Relaxed),
-            bytes: self.bytes_total.load(Ordering::Relaxed),
-        }
+        let inner = self.lock();
+        status.load_state = inner.state as i32;
+        status.load_bytes_done = inner.done.bytes;
+        status.load_bytes_total = inner.total.bytes;
+        status.load_tensors_done = inner.done.tensors;
+        status.load_tensors_total = inner.total.tensors;
     }
 
     fn bar(&self, total: LoadSize) -> Option<ProgressBar> {
@@ -143,48 +131,46 @@ impl LoadReporter {
 
 impl LoadProgress for LoadReporter {
     fn planned(&self, total: LoadSize) {
-        self.bytes_total.fetch_add(total.bytes, Ordering::Relaxed);
-        self.tensors_total.fetch_add(total.tensors, Ordering::Relaxed);
-        let total = self.total();
-        let mut shown = self.shown.lock().expect("lock");
+        let mut inner = self.lock();
+        inner.total += total;
+        let total = inner.total;
         tracing::info!(
             "loading {}: {} tensors, {} (checked)",
-            shown.what,
+            inner.what,
             total.tensors,
             HumanBytes(total.bytes)
         );
-        match &shown.bar {
+        match &inner.bar {
             Some(bar) => bar.set_length(total.bytes),
             None => {
-                shown.bar = self.bar(total);
-                if let Some(bar) = &shown.bar {
-                    bar.set_prefix(format!("loading {}", shown.what));
+                inner.bar = self.bar(total);
+                if let Some(bar) = &inner.bar {
+                    bar.set_prefix(format!("loading {}", inner.what));
                 }
             }
         }
     }
 
     fn loaded(&self, unit: LoadSize) {
-        self.bytes_done.fetch_add(unit.bytes, Ordering::Relaxed);
-        self.tensors_done.fetch_add(unit.tensors, Ordering::Relaxed);
-        let (done, total) = (self.done(), self.total());
-        let mut shown = self.shown.lock().expect("lock");
-        if let Some(bar) = &shown.bar {
+        let mut inner = self.lock();
+        inner.done += unit;
+        let (done, total) = (inner.done, inner.total);
+        if let Some(bar) = &inner.bar {
             bar.set_position(done.bytes);
             bar.set_message(format!("{}/{} tensors", done.tensors, total.tensors));
             return;
         }
         let now = Instant::now();
-        if now.duration_since(shown.last_line) < LOG_EVERY || done == total {
+        if now.duration_since(inner.last_line) < LOG_EVERY || done == total {
             return;
         }
-        shown.last_line = now;
-        let secs = now.duration_since(shown.started).as_secs_f64().max(1e-3);
+        inner.last_line = now;
+        let secs = now.duration_since(inner.started).as_secs_f64().max(1e-3);
         let rate = done.bytes as f64 / secs;
         let eta = total.bytes.saturating_sub(done.bytes) as f64 / rate.max(1.0);
         tracing::info!(
             "loading {}: {}/{} ({:.0}%), {}/{} tensors, {}/s, ETA {eta:.0} s",
-            shown.what,
+            inner.what,
             HumanBytes(done.bytes),
             HumanBytes(total.bytes),
             100.0 * done.bytes as f64 / total.bytes.max(1) as f64,
@@ -228,5 +214,49 @@ mod tests {
         r.planned(LoadSize { tensors: 1, bytes: 50 });
         r.finish(false);
         assert_eq!(fields(&r), (LoadState::Failed as i32, 0, 50, 0, 1));
+    }
+
+    #[test]
+    fn a_heartbeat_sees_each_load_whole() {
+        // Loads run back to back on one thread while this one reads the fields as heartbeats
+        // do: one shown loaded shows all it read, one shown loading no more than planned and
+        // nothing of the last load. (Read one by one, the fields could show the last load
+        // loaded beside the next one's zero counts.)
+        const LOADS: u64 = 5_000;
+        let unit = LoadSize { tensors: 3, bytes: 100 };
+        let whole = LoadSize {
+            tensors: 12,
+            bytes: 400,
+        };
+        let r = LoadReporter::new(ProgressDisplay::Log);
+        let finished = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..LOADS {
+                    r.begin("a placement");
+                    r.planned(whole);
+                    for _ in 0..4 {
+                        r.loaded(unit);
+                    }
+                    r.finish(true);
+                }
+                finished.store(true, std::sync::atomic::Ordering::Release);
+            });
+            while !finished.load(std::sync::atomic::Ordering::Acquire) {
+                let (state, bytes_done, bytes_total, tensors_done, tensors_total) = fields(&r);
+                if state == LoadState::Loaded as i32 {
+                    assert_eq!(
+                        (bytes_done, bytes_total, tensors_done, tensors_total),
+                        (400, 400, 12, 12)
+                    );
+                } else if state == LoadState::Loading as i32 {
+                    assert!(bytes_total == 0 || bytes_total == 400, "{bytes_total}");
+                    assert!(bytes_done <= bytes_total && tensors_done <= tensors_total);
+                    assert_eq!(bytes_done / 100 * 3, tensors_done, "bytes and tensors of one load");
+                } else {
+                    assert_eq!(state, LoadState::None as i32);
+                }
+            }
+        });
     }
 }

@@ -1,7 +1,8 @@
 //! Weight loading as the cluster shows it: every worker's load in `moectl status --json` and in
 //! the coordinator's `/metrics`, finished (done == total, state loaded) and the size of what
-//! it holds, as the checkpoint's own headers count it; and a GPTQ checkpoint, loaded by every
-//! worker, serving the engine's tokens.
+//! it holds, as the checkpoint's own headers count it; an expert worker's load seen under way
+//! (it heartbeats while loading) and outlasting the heartbeat timeout; and a GPTQ checkpoint,
+//! loaded by every worker, serving the engine's tokens.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -104,6 +105,114 @@ async fn every_workers_load_shows_finished_in_status_and_metrics() {
     assert_eq!(per_worker(&body, "moe_worker_load_size_bytes"), by_worker, "{body}");
     let loaded = by_worker.keys().map(|id| (id.clone(), LoadState::Loaded as i32 as f64));
     assert_eq!(per_worker(&body, "moe_worker_load_state"), loaded.collect(), "{body}");
+}
+
+/// The coordinator's `--heartbeat-timeout-ms` default, which `moectl up` keeps.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(3000);
+
+/// The joiner's load as status, metrics and `moectl status` show it, if all three show it under
+/// way (loading, 0 < done < total); else what was seen.
+async fn load_under_way(client: &mut ClusterClient, metrics: &str, endpoint: &str, id: &str) -> Result<(), String> {
+    let s = client.status().await.unwrap();
+    let w = s
+        .workers
+        .iter()
+        .find(|w| w.worker_id == id)
+        .ok_or("not registered yet")?;
+    let partial = |done: u64, total: u64| 0 < done && done < total;
+    if w.load_state != LoadState::Loading as i32
+        || !partial(w.load_bytes_done, w.load_bytes_total)
+        || !partial(w.load_tensors_done, w.load_tensors_total)
+    {
+        return Err(format!(
+            "status: state {} bytes {}/{} tensors {}/{}",
+            w.load_state, w.load_bytes_done, w.load_bytes_total, w.load_tensors_done, w.load_tensors_total
+        ));
+    }
+    let (_, body) = http_get(metrics, "/metrics");
+    let sample = |name: &str| per_worker(&body, name).get(id).copied().unwrap_or(-1.0);
+    let (state, done, total) = (
+        sample("moe_worker_load_state"),
+        sample("moe_worker_load_bytes"),
+        sample("moe_worker_load_size_bytes"),
+    );
+    if state != LoadState::Loading as i32 as f64 || !(0.0 < done && done < total) {
+        return Err(format!("metrics: state {state} bytes {done}/{total}"));
+    }
+    let out = std::process::Command::new(moectl())
+        .args(["status", "--endpoint", endpoint])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text.lines().find(|l| l.starts_with(id)).unwrap_or_default();
+    if !line.contains(" loading ") || !line.contains("% of ") {
+        return Err(format!("moectl status: {line:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_workers_load_shows_under_way_and_outlasts_the_heartbeat_timeout() {
+    // Proves: an expert worker heartbeats while it loads a placement, so `moectl status` and
+    // `/metrics` show its load under way, and a load longer than the coordinator's heartbeat
+    // timeout does not get it dropped (a drop would make a placement without it, then another
+    // with it once it came back). The joiner pauses after each expert it reads.
+    const JOINER: &str = "slow-joiner";
+    const THROTTLE_MS: u64 = 100;
+    let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = cluster.metrics.clone().expect("metrics address printed");
+    let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
+    let before = client.status().await.unwrap().placement_version;
+    let joiner = start_expert_worker(
+        &cluster.endpoint,
+        &["--worker-id", JOINER, "--load-throttle-ms", &THROTTLE_MS.to_string()],
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the joiner's load was never seen under way",
+        || {
+            let (mut client, metrics, endpoint) = (client.clone(), metrics.clone(), cluster.endpoint.clone());
+            async move { load_under_way(&mut client, &metrics, &endpoint, JOINER).await }
+        },
+    )
+    .await;
+
+    let (active, w) = eventually(
+        Duration::from_secs(30),
+        "the joiner's placement never became active",
+        || {
+            let mut client = client.clone();
+            async move {
+                let s = client.status().await.unwrap();
+                let w = s.workers.iter().find(|w| w.worker_id == JOINER).cloned();
+                match w {
+                    Some(w) if s.placement_version > before && w.placement_version >= s.placement_version => {
+                        Ok((s.placement_version, w))
+                    }
+                    _ => Err(format!("v{} and the joiner {w:?}", s.placement_version)),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        active,
+        before + 1,
+        "one placement for the join: the joiner was never dropped"
+    );
+    assert_eq!(w.load_state, LoadState::Loaded as i32);
+    assert_eq!(
+        (w.load_tensors_done, w.load_bytes_done),
+        (w.load_tensors_total, w.load_bytes_total)
+    );
+    // It held nothing before, so it read one expert per slot, each followed by the pause.
+    let slots = w.expert_slots.len() as u64;
+    assert!(slots > 0);
+    assert!(
+        Duration::from_millis(THROTTLE_MS * slots) > HEARTBEAT_TIMEOUT,
+        "the load ({slots} experts x {THROTTLE_MS} ms) must outlast the heartbeat timeout"
+    );
+    drop(joiner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
