@@ -22,6 +22,8 @@ pub struct Job {
     pub version: u64,
     pub slots: Vec<(usize, usize)>,
     pub active: u64,
+    /// [`ExpertState::membership`] when the placement was asked for.
+    pub membership: u64,
 }
 
 /// Starts placement loads one at a time; cheap to call from the heartbeat handler.
@@ -85,7 +87,11 @@ impl Loader {
     /// [`ExpertState::forget_versions`]).
     pub fn forget(&self) {
         self.state.forget_versions();
-        self.queue.lock().expect("lock").requested = 0;
+        let mut queue = self.queue.lock().expect("lock");
+        queue.requested = 0;
+        // A waiting placement belongs to the lost membership too (a restarted coordinator
+        // numbers its placements afresh): never load it.
+        queue.next = None;
     }
 }
 
@@ -118,7 +124,12 @@ impl Run {
 
     /// One load, reported; a panic counts as a failure so that later placements still load.
     fn load(&self, job: Job) -> bool {
-        let Job { version, slots, active } = job;
+        let Job {
+            version,
+            slots,
+            active,
+            membership,
+        } = job;
         self.report
             .begin(format!("placement v{version} ({} expert slots)", slots.len()));
         let progress = Throttled {
@@ -126,7 +137,7 @@ impl Run {
             pause: self.throttle,
         };
         let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.state.load_version(version, slots, active, &progress)
+            self.state.load_version(version, slots, active, membership, &progress)
         }));
         let ok = matches!(loaded, Ok(Ok(())));
         self.report.finish(ok);

@@ -85,18 +85,19 @@ impl ExpertState {
     /// Loads `slots` for `version` (blocking; run off the async threads). Versions older than
     /// `active` are forgotten and experts no longer needed by any kept version are freed.
     /// Reports the experts it reads to `progress`. When membership was lost meanwhile, the
-    /// experts are kept for reuse but `version` is not served.
+    /// experts are kept for reuse but `version` is not served. `membership` is
+    /// [`Self::membership`] when the placement was asked for: a placement of a membership lost
+    /// since (even before this load began) is not served.
     pub fn load_version(
         &self,
         version: u64,
         slots: Vec<(usize, usize)>,
         active: u64,
+        membership: u64,
         progress: &dyn LoadProgress,
     ) -> Result<()> {
-        let (current, forgotten) = {
-            let inner = self.inner.read().expect("lock");
-            (inner.experts.clone(), inner.forgotten)
-        };
+        let current = self.inner.read().expect("lock").experts.clone();
+        let forgotten = membership;
         let loaded = current.with_progress(&self.ckpt, &self.config, &slots, &[], progress)?;
         let mut inner = self.inner.write().expect("lock");
         if inner.forgotten != forgotten {
@@ -122,6 +123,12 @@ impl ExpertState {
 
     /// Membership was lost (the coordinator no longer knew this worker): serve no placement
     /// until a new one is loaded. The experts stay in memory for reuse.
+    /// How many times membership was lost so far: tags a placement with the membership it
+    /// belongs to.
+    pub fn membership(&self) -> u64 {
+        self.inner.read().expect("lock").forgotten
+    }
+
     pub fn forget_versions(&self) {
         let mut inner = self.inner.write().expect("lock");
         inner.versions.clear();

@@ -83,7 +83,7 @@ pub async fn run(args: Args) -> Result<()> {
             loader.forget();
         }
         if loader.wants(answer.target_placement_version) {
-            match target_job(m, answer.placement_version).await {
+            match target_job(m, answer.placement_version, state.membership()).await {
                 Ok(job) => loader.submit(job),
                 Err(e) => tracing::warn!(error = %e, "reading the target placement failed; will retry"),
             }
@@ -93,12 +93,14 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// This worker's slots of the coordinator's target placement, `active` serving meanwhile.
-async fn target_job(membership: &mut Membership, active: u64) -> Result<Job> {
+/// This worker's slots of the coordinator's target placement, `active` serving meanwhile;
+/// `epoch` is the worker's membership (read before asking, so a loss meanwhile voids the job).
+async fn target_job(membership: &mut Membership, active: u64, epoch: u64) -> Result<Job> {
     let target = membership.placement(true).await?;
     Ok(Job {
         version: target.version,
         slots: target.slots_of(membership.worker_id()),
         active,
+        membership: epoch,
     })
 }
