@@ -37,6 +37,9 @@ pub struct Sampling {
     pub frequency_penalty: f32,
     pub logprobs: bool,
     pub top_logprobs: u32,
+    /// vLLM's `ignore_eos`: the model's end-of-turn ids do not end the output (stop strings
+    /// and the token limit still do); for benchmarks and tests that need a fixed length.
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +214,7 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
             frequency_penalty,
             logprobs,
             top_logprobs,
+            ignore_eos: f.get::<bool>("ignore_eos")?.unwrap_or(false),
         },
         stream,
         include_usage,
