@@ -295,7 +295,7 @@ fn layer_dispatch_histogram(out: &mut String, attention: &[&moe_proto::v1::Worke
         sum_micros += w.layer_dispatch_micros;
     }
     let seconds: Vec<f64> = bounds.iter().map(|&b| b as f64 / 1e6).collect();
-    crate::latency::render_histogram(
+    moe_runtime::histogram::render_histogram(
         out,
         "moe_layer_dispatch_round_trip_seconds",
         "Layer dispatch round trips of the attention workers: from sending a layer's rows to holding every expert worker's answer (retries included).",
