@@ -40,7 +40,7 @@ if ! "$PY_OPENAI" -c 'import openai' >/dev/null 2>&1; then
     INDEX="${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || echo 'https://pypi.org/simple')}"
     echo "== installing the openai Python client into target/py-openai (pip, from $INDEX)"
     python3 -m venv target/py-openai
-    target/py-openai/bin/pip install --quiet openai
+    target/py-openai/bin/pip install --quiet "openai>=1.40,<4"
     PY_OPENAI="$PWD/target/py-openai/bin/python"
 fi
 echo "== openai client: $("$PY_OPENAI" -c 'import openai; print(openai.__version__, openai.__file__)')"

@@ -141,13 +141,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         logprobs: args.logprobs.is_some(),
         top_logprobs: args.logprobs.unwrap_or(0),
     };
-    let dir = match args.model {
-        Some(d) => d,
-        None => default_model_dir()?,
+    // The model directory is needed only to run in process or to tokenise `--prompt`: a request
+    // of ids to a cluster must not build the built-in model on disk.
+    if args.endpoint.is_some() && args.prompt.is_some() && args.model.is_none() {
+        // The cluster's tokenizer is not known here; guessing the built-in one would send ids
+        // of a different vocabulary without a word.
+        anyhow::bail!("--prompt with --endpoint needs --model (the directory whose tokenizer the cluster serves)");
+    }
+    let model_dir = || -> anyhow::Result<PathBuf> {
+        match &args.model {
+            Some(d) => Ok(d.clone()),
+            None => default_model_dir(),
+        }
     };
     let (prompt, tokenizer) = match &args.prompt {
-        None => (args.prompt_ids, None),
+        None => (args.prompt_ids.clone(), None),
         Some(text) => {
+            let dir = model_dir()?;
             let t =
                 moe_text::Tokenizer::from_dir(&dir).with_context(|| format!("the tokenizer of {}", dir.display()))?;
             (t.encode(text)?, Some(t))
@@ -157,6 +167,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(endpoint) = &args.endpoint {
         return crate::remote::generate(endpoint, request, tokenizer.as_ref()).await;
     }
+    let dir = model_dir()?;
     let started = Instant::now();
     let engine = Engine::load(&dir, EngineOptions::default()).with_context(|| format!("loading {}", dir.display()))?;
     let loaded = started.elapsed();

@@ -109,3 +109,30 @@ fn bad_flags_are_refused_by_name() {
         &["--wait-s"],
     );
 }
+
+/// `generate --endpoint` needs no model directory for ids (the built-in model is not built on
+/// disk), and refuses `--prompt` without `--model` rather than guessing the cluster's tokenizer.
+#[test]
+fn generate_through_an_endpoint_builds_no_model() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(moectl())
+            .env("MOECTL_CACHE_DIR", cache.path())
+            .arg("generate")
+            .args(["--endpoint", "127.0.0.1:1"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Nothing listens on port 1: the call fails, but only after skipping the model.
+    let (ok, stderr) = run(&["--prompt-ids", "5,6"]);
+    assert!(!ok, "nothing listens on 127.0.0.1:1: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let cached: Vec<_> = std::fs::read_dir(cache.path()).unwrap().collect();
+    assert!(cached.is_empty(), "the built-in model was built: {cached:?}");
+    let (ok, stderr) = run(&["--prompt", "hello"]);
+    assert!(!ok);
+    assert!(stderr.contains("--model"), "{stderr}");
+    assert!(std::fs::read_dir(cache.path()).unwrap().next().is_none());
+}

@@ -290,13 +290,14 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         |s: &moe_proto::v1::ClusterStatusResponse| s.workers.iter().map(|w| w.tokens_processed).sum::<u64>();
     let before = processed(&status_client.clone().status().await.unwrap());
     // Far more than is generated before the check below gives up (the KV cache of `moectl
-    // up` holds 16384 positions).
+    // up` holds 16384 positions). `ignore_eos` (and no stop string): the output can end only at
+    // max_tokens or by cancellation, so stopping short of it proves the cancellation.
     let max_tokens = 12000;
     let answer = http_client::post(
         http,
         "/v1/chat/completions",
         &json!({"model": "tiny-chat", "messages": [{"role": "user", "content": "Count forever."}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": true}),
+            "max_tokens": max_tokens, "temperature": 0, "stream": true, "ignore_eos": true}),
         Some(TOKEN),
     )
     .await
@@ -311,7 +312,12 @@ async fn openai_client_parity_and_cancellation_on_a_cluster() {
         // Read until some text arrived, then drop the connection.
         while seen < 3 {
             let piece = answer.next_bytes().await.unwrap().expect("the stream ended early");
-            seen += String::from_utf8_lossy(&piece).matches("data: ").count();
+            let piece = String::from_utf8_lossy(&piece);
+            assert!(
+                !piece.contains("[DONE]"),
+                "the stream finished before the drop: {piece}"
+            );
+            seen += piece.matches("data: ").count();
         }
         answer
     };

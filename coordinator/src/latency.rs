@@ -5,7 +5,9 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use moe_runtime::histogram::{Histogram, render_counter};
 
 /// Seconds, from a few milliseconds (a warm decode step) to a minute (a long request).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -13,51 +15,6 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 /// Seconds between two tokens of one stream.
 const TOKEN_GAP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
-
-/// A Prometheus histogram: cumulative counts per upper bound, their sum and count.
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// One per bound, then +Inf; each counts the observations at or below its bound only
-    /// (made cumulative when rendered).
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let i = self.bounds.iter().position(|&b| s <= b).unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        render_histogram(out, name, help, self.bounds, &counts, sum);
-    }
-}
-
-/// Prometheus text for a histogram from per-bucket counts (`bounds.len() + 1` of them, the last
-/// above every bound) and the sum of the observations.
-pub fn render_histogram(out: &mut String, name: &str, help: &str, bounds: &[f64], counts: &[u64], sum: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    let mut cumulative = 0;
-    for (i, c) in counts.iter().enumerate() {
-        cumulative += c;
-        let le = bounds.get(i).map_or("+Inf".to_owned(), |b| b.to_string());
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-    }
-    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
-}
 
 /// How a relayed request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,16 +78,13 @@ impl RequestMetrics {
             "moe_request_queue_wait_seconds",
             "From a request's arrival until an attention worker accepted it (waiting for a ready placement included; the worker's own scheduler wait is part of time to first token).",
         );
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter(
+        render_counter(
             out,
             "moe_prompt_tokens_total",
             "Prompt tokens of the requests the coordinator relayed.",
             self.prompt_tokens.load(Ordering::Relaxed),
         );
-        counter(
+        render_counter(
             out,
             "moe_generation_tokens_total",
             "Generated tokens relayed to clients.",
@@ -201,6 +155,8 @@ impl<'a> RequestTimer<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn sample(text: &str, series: &str) -> f64 {

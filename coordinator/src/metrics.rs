@@ -307,7 +307,7 @@ fn layer_dispatch_histogram(out: &mut String, attention: &[&moe_proto::v1::Worke
         .expect("dispatch history lock")
         .totals(attention, bounds.len() + 1);
     let seconds: Vec<f64> = bounds.iter().map(|&b| b as f64 / 1e6).collect();
-    crate::latency::render_histogram(
+    moe_runtime::histogram::render_histogram(
         out,
         "moe_layer_dispatch_round_trip_seconds",
         "Layer dispatch round trips of the attention workers: from sending a layer's rows to holding every expert worker's answer (retries included).",

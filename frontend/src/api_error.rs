@@ -52,6 +52,27 @@ impl ApiError {
         }
     }
 
+    /// A body over the size this model's context can use.
+    pub fn too_large(limit: usize) -> Self {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the request body is over {limit} bytes, more than a prompt of this model's context can need"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+
+    pub fn method_not_allowed(path: &str) -> Self {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("{path} does not take this method"),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -191,10 +191,12 @@ fn message(i: usize, raw: &RawValue) -> ApiResult<ChatMessage> {
         None => None,
         Some(Content::Text(t)) => Some(t),
         Some(Content::Parts(parts)) => {
-            let mut text = String::new();
+            // Joined with "\n" as vLLM does (its chat_utils joins text parts so), so a prompt
+            // renders to the same ids on both servers.
+            let mut texts = Vec::with_capacity(parts.len());
             for (j, p) in parts.into_iter().enumerate() {
                 match (p.kind.as_str(), p.text) {
-                    ("text", Some(t)) => text.push_str(&t),
+                    ("text", Some(t)) => texts.push(t),
                     ("text", None) => return Err(ApiError::field(at(&format!("content[{j}].text")), "is required")),
                     (other, _) => {
                         return Err(ApiError::field(
@@ -204,7 +206,7 @@ fn message(i: usize, raw: &RawValue) -> ApiResult<ChatMessage> {
                     }
                 }
             }
-            Some(text)
+            Some(texts.join("\n"))
         }
     };
     let has_calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
@@ -364,7 +366,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.request.messages[0].role, Role::System);
-        assert_eq!(c.request.messages[1].content.as_deref(), Some("ab"));
+        assert_eq!(c.request.messages[1].content.as_deref(), Some("a\nb"));
         assert!(c.parse_tools);
         assert_eq!(c.thinking, Thinking::Fast);
         let m = served_model("m", Defaults::default());

@@ -87,7 +87,10 @@ fn cluster_sampling(job: &Job, index: u32, stop_ids: &[u32]) -> SamplingParams {
         Some(seed) => seed.wrapping_add(index as u64),
         None => random_u64(),
     };
-    p.stop_ids = stop_ids.to_vec();
+    p.stop_ids = match s.ignore_eos {
+        true => Vec::new(),
+        false => stop_ids.to_vec(),
+    };
     p.repetition_penalty = s.repetition_penalty;
     p.presence_penalty = s.presence_penalty;
     p.frequency_penalty = s.frequency_penalty;
@@ -196,5 +199,37 @@ impl Choice {
             .send(event)
             .await
             .map_err(|_| ApiError::internal("the response was dropped"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fields::Fields;
+    use crate::model::Defaults;
+    use crate::params::{Endpoint, common};
+
+    fn job(body: &str) -> Job {
+        let model = crate::testing::served_model("m", Defaults::default());
+        let c = common(&Fields::parse(body.as_bytes()).unwrap(), &model, Endpoint::Chat).unwrap();
+        Job {
+            prompt: vec![1],
+            sampling: c.sampling,
+            max_tokens: 9,
+            parsing: Parsing {
+                reasoning: false,
+                tool_calls: false,
+            },
+        }
+    }
+
+    #[test]
+    fn ignore_eos_sends_no_stop_ids() {
+        let eos = [7, 8];
+        let normal = cluster_sampling(&job(r#"{"model": "m", "seed": 4}"#), 1, &eos);
+        assert_eq!((normal.stop_ids.as_slice(), normal.seed), (&eos[..], 5));
+        let ignoring = cluster_sampling(&job(r#"{"model": "m", "ignore_eos": true}"#), 0, &eos);
+        assert!(ignoring.stop_ids.is_empty(), "{:?}", ignoring.stop_ids);
+        assert_eq!(ignoring.max_tokens, 9);
     }
 }

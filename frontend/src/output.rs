@@ -92,7 +92,7 @@ impl TextOutput {
         let mut delta = self.parse(&released.text);
         if released.stopped {
             self.stop = None;
-            delta.append(self.flush());
+            delta.append(self.flush(&released.after));
         }
         (delta, released.stopped)
     }
@@ -107,7 +107,7 @@ impl TextOutput {
             held.text += &stop.finish();
         }
         let mut delta = self.parse(&held.text);
-        delta.append(self.flush());
+        delta.append(self.flush(&held.after));
         delta
     }
 
@@ -140,11 +140,12 @@ impl TextOutput {
         }
     }
 
-    /// Ends the parsers: text held for a tag that never completed is released.
-    fn flush(&mut self) -> Delta {
+    /// Ends the parsers: text held for a tag that never completed is released, unless the
+    /// stop string that ended the output (`after`, empty without one) continues it into a tag.
+    fn flush(&mut self, after: &str) -> Delta {
         let (reasoning, content) = match self.reasoning.take() {
             Some(r) => {
-                let d = r.finish();
+                let d = r.finish_cut(after);
                 (d.reasoning, d.content)
             }
             None => (String::new(), String::new()),
@@ -220,6 +221,25 @@ mod tests {
             assert_eq!(
                 run(&[&text[..cut], &text[cut..]], &["STOP"], BOTH),
                 (whole.clone(), true),
+                "cut {cut}"
+            );
+        }
+    }
+
+    /// A stop string that cuts a tag (`answer` in `<answer>`) leaks no `<`, at every cut.
+    #[test]
+    fn a_stop_string_inside_a_tag_leaks_nothing() {
+        let text = "<think>\nr\n</think>\n<answer>\nhi\n</answer>";
+        for (cut, _) in text.char_indices() {
+            assert_eq!(
+                run(&[&text[..cut], &text[cut..]], &["answer"], BOTH),
+                (
+                    Delta {
+                        reasoning: "r".into(),
+                        ..Delta::default()
+                    },
+                    true
+                ),
                 "cut {cut}"
             );
         }

@@ -11,6 +11,9 @@ use crate::model::ServedModel;
 pub const MAX_N: u32 = 16;
 /// Most stop strings.
 pub const MAX_STOPS: usize = 16;
+/// Longest stop string in bytes: every generated piece is matched against each stop string's
+/// tail, so its length bounds the per-token work and the text held back from a stream.
+pub const MAX_STOP_BYTES: usize = 1024;
 /// Most alternatives per token (what the cluster returns at most).
 pub use moe_model::sampling::MAX_TOP_LOGPROBS;
 use moe_model::sampling::{MAX_PRESENCE_FREQUENCY_PENALTY as MAX_PF, MAX_REPETITION_PENALTY};
@@ -34,6 +37,9 @@ pub struct Sampling {
     pub frequency_penalty: f32,
     pub logprobs: bool,
     pub top_logprobs: u32,
+    /// vLLM's `ignore_eos`: the model's end-of-turn ids do not end the output (stop strings
+    /// and the token limit still do); for benchmarks and tests that need a fixed length.
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +140,12 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
     if let Some(i) = stop.iter().position(String::is_empty) {
         return Err(ApiError::field(format!("stop[{i}]"), "must not be empty"));
     }
+    if let Some(i) = stop.iter().position(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::field(
+            format!("stop[{i}]"),
+            format!("at most {MAX_STOP_BYTES} bytes, got {}", stop[i].len()),
+        ));
+    }
     let n = range("n", f.get::<u32>("n")?, 1, MAX_N)?.unwrap_or(1);
     let repetition_penalty = match f.get::<f32>("repetition_penalty")? {
         Some(r) if !(r > 0.0 && r <= MAX_REPETITION_PENALTY) => {
@@ -168,12 +180,23 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
         Some(o) => o.include_usage,
         None => false,
     };
-    for unsupported in ["logit_bias", "best_of", "echo", "suffix"] {
-        if let Some(v) = f.raw(unsupported) {
-            let harmless = matches!(v.get(), "false" | "1" | "{}" | "\"\"");
-            if !harmless {
-                return Err(ApiError::field(unsupported, "is not supported by this server"));
-            }
+    // Fields this server does not implement are accepted only at the value that means "off"
+    // (clients such as LangChain send them by default); compared as parsed JSON, so `{ }` is
+    // the empty object too.
+    let off = [
+        ("logit_bias", serde_json::json!({})),
+        ("best_of", serde_json::json!(1)),
+        ("echo", serde_json::json!(false)),
+        ("suffix", serde_json::json!("")),
+    ];
+    for (unsupported, off) in off {
+        if let Some(v) = f.get::<serde_json::Value>(unsupported)?
+            && v != off
+        {
+            return Err(ApiError::field(
+                unsupported,
+                format!("is not supported by this server (only {off} is accepted)"),
+            ));
         }
     }
     Ok(Common {
@@ -191,6 +214,7 @@ pub fn common(f: &Fields, model: &ServedModel, endpoint: Endpoint) -> ApiResult<
             frequency_penalty,
             logprobs,
             top_logprobs,
+            ignore_eos: f.get::<bool>("ignore_eos")?.unwrap_or(false),
         },
         stream,
         include_usage,
@@ -250,6 +274,10 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
+        let too_long_stop = format!(
+            r#"{{"model": "m", "stop": ["a", "{}"]}}"#,
+            "x".repeat(MAX_STOP_BYTES + 1)
+        );
         let cases = [
             (r#"{}"#, "model"),
             (r#"{"model": "other"}"#, "model"),
@@ -265,6 +293,7 @@ mod tests {
             (r#"{"model": "m", "n": 17}"#, "n"),
             (r#"{"model": "m", "stop": ["a", ""]}"#, "stop[1]"),
             (r#"{"model": "m", "stop": 3}"#, "stop"),
+            (too_long_stop.as_str(), "stop[1]"),
             (r#"{"model": "m", "presence_penalty": -3}"#, "presence_penalty"),
             (r#"{"model": "m", "frequency_penalty": 2.1}"#, "frequency_penalty"),
             (r#"{"model": "m", "repetition_penalty": 0}"#, "repetition_penalty"),
@@ -279,11 +308,27 @@ mod tests {
                 "stream_options",
             ),
             (r#"{"model": "m", "logit_bias": {"5": 1}}"#, "logit_bias"),
+            (r#"{"model": "m", "best_of": 2}"#, "best_of"),
+            (r#"{"model": "m", "echo": true}"#, "echo"),
+            (r#"{"model": "m", "suffix": "x"}"#, "suffix"),
         ];
         for (body, field) in cases {
             let (param, message) = refused(body);
             assert_eq!(param, field, "{body}: {message}");
         }
+    }
+
+    #[test]
+    fn unsupported_fields_at_their_off_value_are_accepted() {
+        let body = r#"{"model": "m", "logit_bias": { }, "best_of": 1, "echo": false, "suffix": "",
+            "stop": ["a"]}"#;
+        let c = parse(body, Endpoint::Completions).unwrap();
+        assert_eq!(c.sampling.stop, ["a"]);
+        let longest = format!(r#"{{"model": "m", "stop": "{}"}}"#, "x".repeat(MAX_STOP_BYTES));
+        assert_eq!(
+            parse(&longest, Endpoint::Chat).unwrap().sampling.stop[0].len(),
+            MAX_STOP_BYTES
+        );
     }
 
     #[test]

@@ -51,8 +51,16 @@ impl Meta {
         })
     }
 
+    /// A token's raw bytes: a byte-level token inside a multi-byte character is not UTF-8 on
+    /// its own, and its `bytes` must be that byte, not U+FFFD's three.
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.tokenizer.decode_bytes(&[id], false).unwrap_or_default()
+    }
+
+    /// A token's text as OpenAI shows it: its bytes decoded lossily (U+FFFD where they are
+    /// not UTF-8 on their own).
     fn token_text(&self, id: u32) -> String {
-        self.tokenizer.decode(&[id], false).unwrap_or_default()
+        String::from_utf8_lossy(&self.token_bytes(id)).into_owned()
     }
 }
 
@@ -68,9 +76,11 @@ struct Acc {
 fn finish_reason(finish: Option<Finish>, called_tools: bool) -> Value {
     match (finish, called_tools) {
         (None, _) => Value::Null,
-        (Some(_), true) => json!("tool_calls"),
+        // A call cut by the token limit is reported as `length` (as OpenAI does): the client
+        // must know the output was truncated rather than run a call that may be incomplete.
+        (Some(Finish::Length), _) => json!("length"),
+        (Some(Finish::Stop), true) => json!("tool_calls"),
         (Some(Finish::Stop), false) => json!("stop"),
-        (Some(Finish::Length), false) => json!("length"),
     }
 }
 
@@ -88,8 +98,8 @@ fn tool_call(call: &ParsedToolCall, with_index: bool) -> Value {
 
 fn chat_logprobs(meta: &Meta, lps: &[TokenLogprob]) -> Value {
     let entry = |id: u32, logprob: f32| {
-        let token = meta.token_text(id);
-        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+        let bytes = meta.token_bytes(id);
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": logprob, "bytes": bytes})
     };
     let content: Vec<Value> = lps
         .iter()
@@ -114,11 +124,27 @@ fn completion_logprobs(meta: &Meta, lps: &[TokenLogprob], mut offset: usize) -> 
         offset += text.len();
         tokens.push(text);
         token_logprobs.push(t.logprob);
-        let alternatives: serde_json::Map<String, Value> =
-            t.top.iter().map(|&(id, lp)| (meta.token_text(id), json!(lp))).collect();
-        top.push(Value::Object(alternatives));
+        top.push(Value::Object(alternatives(meta, &t.top)));
     }
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+/// The legacy `top_logprobs` map of one position, keyed by token text as OpenAI and vLLM do.
+/// Two ids can decode to the same text (byte-level tokens of a split character are both
+/// U+FFFD); vLLM's dict then keeps only the last one. Here every alternative is kept: one
+/// whose text is already a key is keyed `token_id:<id>`, the spelling vLLM uses with
+/// `return_tokens_as_token_ids`.
+fn alternatives(meta: &Meta, top: &[(u32, f32)]) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    for &(id, lp) in top {
+        let text = meta.token_text(id);
+        let key = match map.contains_key(&text) {
+            true => format!("token_id:{id}"),
+            false => text,
+        };
+        map.insert(key, json!(lp));
+    }
+    map
 }
 
 /// Collects every event into the whole response body.
@@ -460,6 +486,37 @@ mod tests {
             .unwrap(),
         );
         assert_eq!(f["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn a_call_cut_by_the_limit_finishes_by_length() {
+        assert_eq!(finish_reason(Some(Finish::Length), true), "length");
+        assert_eq!(finish_reason(Some(Finish::Stop), true), "tool_calls");
+        assert_eq!(finish_reason(Some(Finish::Stop), false), "stop");
+        assert_eq!(finish_reason(None, true), Value::Null);
+    }
+
+    /// Ids 0xC3 and 0xA9 are the single-byte tokens of "é"'s two bytes (the synthetic
+    /// tokenizer's ranks 0..256 are the bytes): each alone is U+FFFD as text, its own byte
+    /// as `bytes`, and both stay in the completions map.
+    #[test]
+    fn logprobs_carry_raw_bytes_and_keep_colliding_alternatives() {
+        let m = meta(Kind::Chat);
+        let lp = TokenLogprob {
+            id: 0xC3,
+            logprob: -0.5,
+            top: vec![(0xC3, -0.5), (0xA9, -1.5), (u32::from(b'a'), -2.0)],
+        };
+        let chat = chat_logprobs(&m, std::slice::from_ref(&lp));
+        let first = &chat["content"][0];
+        assert_eq!(first["token"], "\u{FFFD}");
+        assert_eq!(first["bytes"], json!([0xC3]));
+        assert_eq!(first["top_logprobs"][1]["bytes"], json!([0xA9]));
+        let legacy = completion_logprobs(&m, &[lp], 0);
+        assert_eq!(
+            legacy["top_logprobs"][0],
+            json!({"\u{FFFD}": -0.5, "token_id:169": -1.5, "a": -2.0})
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,9 @@ pub struct Released {
     pub text: String,
     /// A stop string matched: `text` ends where it began and the output is over.
     pub stopped: bool,
+    /// After a match: the held text from the match on (the stop string and what followed it),
+    /// so that parsers can tell a tag the stop string cut from plain text; empty otherwise.
+    pub after: String,
 }
 
 impl StopMatcher {
@@ -31,16 +34,18 @@ impl StopMatcher {
         self.held.push_str(text);
         let first = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
         if let Some(at) = first {
-            self.held.truncate(at);
+            let after = self.held.split_off(at);
             return Released {
                 text: std::mem::take(&mut self.held),
                 stopped: true,
+                after,
             };
         }
         let ready = self.held.len() - self.partial_suffix_len();
         Released {
             text: self.held.drain(..ready).collect(),
             stopped: false,
+            after: String::new(),
         }
     }
 

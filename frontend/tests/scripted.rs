@@ -202,3 +202,36 @@ async fn full_cluster_is_429_and_the_token_is_required() {
         "{text}"
     );
 }
+
+/// A client that sends a non-streamed request and goes away cancels it too: the cluster
+/// stream (endless: no stop string, ENDLESS tokens) is dropped, not read to its end.
+#[tokio::test]
+async fn a_non_streamed_request_whose_client_leaves_is_cancelled() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup().await;
+    let body = chat(json!({"max_tokens": ENDLESS})).to_string();
+    let mut conn = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        s.http,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    // Let the request reach the cluster, then leave without reading the answer.
+    for _ in 0..3000 {
+        if s.coordinator.started() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.coordinator.started(), 1, "the request never reached the cluster");
+    drop(conn);
+    for _ in 0..3000 {
+        if s.coordinator.dropped() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.coordinator.dropped(), 1, "the cluster stream outlived its client");
+}

@@ -9,6 +9,7 @@ pub mod dispatch;
 pub mod etcd;
 pub mod failover;
 pub mod fdlimit;
+pub mod histogram;
 pub mod load_progress;
 pub mod member;
 pub mod nccl;

@@ -45,6 +45,8 @@ struct Scripted {
     ids: Vec<u32>,
     /// Streams the front end dropped before their end.
     dropped: Arc<AtomicUsize>,
+    /// Generate calls received.
+    started: Arc<AtomicUsize>,
 }
 
 /// Counts a stream as dropped unless it was sent to its end.
@@ -67,6 +69,7 @@ impl Inference for Scripted {
     type SubmitBatchStream = Pin<Box<dyn Stream<Item = Result<SubmitBatchResponse, Status>> + Send>>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Events>, Status> {
+        self.started.fetch_add(1, Ordering::SeqCst);
         let max = request.into_inner().sampling.map_or(0, |s| s.max_tokens);
         if max == FULL {
             return Err(Status::resource_exhausted("1 requests in flight, limit 1"));
@@ -139,15 +142,18 @@ pub struct ScriptedCoordinator {
     pub addr: SocketAddr,
     /// Streams dropped by their client before the end.
     pub dropped: Arc<AtomicUsize>,
+    pub started: Arc<AtomicUsize>,
 }
 
 impl ScriptedCoordinator {
     /// Serves `ids` on 127.0.0.1 (any port) until the runtime stops.
     pub async fn start(ids: Vec<u32>) -> Self {
         let dropped = Arc::new(AtomicUsize::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
         let scripted = Scripted {
             ids,
             dropped: dropped.clone(),
+            started: started.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -158,10 +164,15 @@ impl ScriptedCoordinator {
                 .add_service(InferenceServer::new(scripted))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        ScriptedCoordinator { addr, dropped }
+        ScriptedCoordinator { addr, dropped, started }
     }
 
     pub fn dropped(&self) -> usize {
         self.dropped.load(Ordering::SeqCst)
+    }
+
+    /// Generate calls received so far.
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
     }
 }

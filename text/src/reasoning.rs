@@ -82,8 +82,31 @@ impl ReasoningParser {
 
     /// Ends the stream: text held back for a tag that never completed is released as what it
     /// would have been without the tag.
-    pub fn finish(mut self) -> ReasoningDelta {
+    pub fn finish(self) -> ReasoningDelta {
+        self.finish_cut("")
+    }
+
+    /// Ends a stream that a stop string cut, `after` being the text from the cut on (the stop
+    /// string first). A held `<…` that `after` continues into a tag (stop `answer` cutting
+    /// `<answer>`) was the tag's start, not text: it is dropped, with the newline that belongs
+    /// to a closing tag. A held `<` that `after` does not continue into a tag (`x <` cut at
+    /// ` y`) is released as text, as [`finish`](Self::finish) does.
+    pub fn finish_cut(mut self, after: &str) -> ReasoningDelta {
         let mut out = self.push("");
+        if !after.is_empty()
+            && let Some(lt) = self.buf.rfind('<')
+        {
+            let joined = format!("{}{after}", &self.buf[lt..]);
+            let cut_a_tag = [THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE]
+                .iter()
+                .any(|t| joined.starts_with(t) || could_become(&joined, t));
+            if cut_a_tag {
+                self.buf.truncate(lt);
+                if matches!(self.state, State::Think { .. } | State::Answer { .. }) && self.buf.ends_with('\n') {
+                    self.buf.pop();
+                }
+            }
+        }
         let rest = std::mem::take(&mut self.buf);
         match self.state {
             State::Think { .. } => out.reasoning.push_str(&rest),
@@ -210,6 +233,32 @@ pub fn parse_reasoning(text: &str) -> ReasoningOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stop string that cuts a tag (`answer` inside `<answer>`) leaves no `<` behind, at
+    /// every tag; a `<` the stop string does not continue into a tag stays text.
+    #[test]
+    fn a_tag_cut_by_a_stop_string_leaves_nothing() {
+        let cases = [
+            ("<think>\nr\n</think>\n<", "answer>\nhi", "r", ""),
+            ("<think>\nr\n</", "think>\n", "r", ""),
+            ("<answer>\nhi\n</", "answer>", "", "hi"),
+            ("<", "think>\nr", "", ""),
+            ("<answer>\nx <", " y", "", "x <"),
+            ("<think>\nr\n</think>\n<answer>\na<", "b>", "r", "a<"),
+        ];
+        for (before, after, reasoning, content) in cases {
+            let mut p = ReasoningParser::new();
+            let mut d = p.push(before);
+            let rest = p.finish_cut(after);
+            d.reasoning += &rest.reasoning;
+            d.content += &rest.content;
+            assert_eq!(
+                (d.reasoning.as_str(), d.content.as_str()),
+                (reasoning, content),
+                "{before:?} cut at {after:?}"
+            );
+        }
+    }
 
     const SLOW: &str = "<think>\nThe user greets; 你好 means hello.\nReply briefly.\n</think>\n<answer>\nHello! 😀 <b>ok</b>\n</answer>";
 
