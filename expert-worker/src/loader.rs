@@ -5,11 +5,12 @@
 //! One load runs at a time and is never cancelled midway (the experts it reads are mostly kept
 //! by the next placement). A newer placement seen while one loads waits; only the newest one
 //! waiting is loaded next. A version counts as loaded (the heartbeats' `placement_version`)
-//! only once its load is done.
+//! only once its load is done. A failed load of a version is tried again after a pause that
+//! doubles per failure in a row (1 s to 60 s); a newer placement is tried at once.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moe_model::progress::{LoadProgress, LoadSize};
 use moe_runtime::load_progress::LoadReporter;
@@ -42,6 +43,48 @@ struct Queue {
     running: bool,
     /// The newest placement seen while one loads.
     next: Option<Job>,
+    /// When a failed load may be tried again.
+    retry: Retry,
+}
+
+/// When to try a failed load again: a failure that recurs (a bad tensor, no memory left) would
+/// otherwise re-read the checkpoint up to the failure on every heartbeat.
+/// Only the version that failed waits: a newer placement is tried at once.
+#[derive(Debug, Default)]
+struct Retry {
+    failures: u32,
+    version: u64,
+    not_before: Option<Instant>,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_secs(1);
+    const LONGEST: Duration = Duration::from_secs(60);
+
+    /// Records a failure at `now`; returns the pause before the next try (doubling per failure
+    /// in a row, at most [`Self::LONGEST`]).
+    fn failed(&mut self, version: u64, now: Instant) -> Duration {
+        if version != self.version {
+            *self = Retry {
+                version,
+                ..Retry::default()
+            };
+        }
+        let pause = Self::FIRST
+            .saturating_mul(1 << self.failures.min(16))
+            .min(Self::LONGEST);
+        self.failures += 1;
+        self.not_before = Some(now + pause);
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        *self = Retry::default();
+    }
+
+    fn allows(&self, version: u64, now: Instant) -> bool {
+        version != self.version || self.not_before.is_none_or(|t| now >= t)
+    }
 }
 
 impl Loader {
@@ -56,7 +99,10 @@ impl Loader {
 
     /// Whether the coordinator's target `version` is neither loaded nor loading nor waiting.
     pub fn wants(&self, version: u64) -> bool {
-        version > self.state.newest_version() && version > self.queue.lock().expect("lock").requested
+        let queue = self.queue.lock().expect("lock");
+        version > self.state.newest_version()
+            && version > queue.requested
+            && queue.retry.allows(version, Instant::now())
     }
 
     /// Loads `job` now, or after the load under way (replacing an older waiting one).
@@ -107,10 +153,17 @@ impl Run {
     /// Loads `job`, then whatever waits, until nothing does.
     fn until_idle(self, mut job: Job) {
         loop {
+            let version = job.version;
             let ok = self.load(job);
             let mut queue = self.queue.lock().expect("lock");
-            if !ok && queue.next.is_none() {
-                queue.requested = 0;
+            if ok {
+                queue.retry.succeeded();
+            } else {
+                let pause = queue.retry.failed(version, Instant::now());
+                tracing::warn!(retry_in = ?pause, "the placement load will be tried again");
+                if queue.next.is_none() {
+                    queue.requested = 0;
+                }
             }
             match queue.next.take() {
                 Some(next) => job = next,
@@ -143,8 +196,8 @@ impl Run {
         self.report.finish(ok);
         match loaded {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(version, error = %e, "loading the target placement failed; will retry"),
-            Err(_) => tracing::error!(version, "loading the target placement panicked; will retry"),
+            Ok(Err(e)) => tracing::warn!(version, error = %e, "loading the target placement failed"),
+            Err(_) => tracing::error!(version, "loading the target placement panicked"),
         }
         ok
     }
@@ -167,5 +220,33 @@ impl LoadProgress for Throttled<'_> {
         if !self.pause.is_zero() {
             std::thread::sleep(self.pause);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_loads_are_retried_after_a_doubling_pause_reset_by_a_success() {
+        let mut retry = Retry::default();
+        let t0 = Instant::now();
+        assert!(retry.allows(3, t0), "nothing failed yet");
+        let pauses: Vec<u64> = (0..9).map(|_| retry.failed(3, t0).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert!(!retry.allows(3, t0 + Duration::from_secs(59)));
+        assert!(retry.allows(3, t0 + Duration::from_secs(60)));
+        assert!(retry.allows(4, t0), "a newer placement does not wait");
+        // Many failures in a row do not overflow the pause.
+        for _ in 0..100 {
+            retry.failed(3, t0);
+        }
+        assert!(retry.allows(3, t0 + Retry::LONGEST));
+        // Another version's failure starts from the first pause.
+        assert_eq!(retry.failed(4, t0), Retry::FIRST);
+        retry.failed(4, t0);
+        retry.succeeded();
+        assert!(retry.allows(4, t0));
+        assert_eq!(retry.failed(4, t0), Retry::FIRST);
     }
 }
