@@ -286,9 +286,7 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
         "moe_worker_heartbeat_age_seconds",
         "gauge",
         "Time since each worker's last heartbeat.",
-        &per(&s.workers.iter().collect::<Vec<_>>(), &|w| {
-            w.millis_since_heartbeat as f64 / 1e3
-        }),
+        &per(&all, &|w| w.millis_since_heartbeat as f64 / 1e3),
     );
     layer_dispatch_histogram(&mut out, &attention, source);
     source.state.departures().render(&mut out);

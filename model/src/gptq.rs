@@ -207,13 +207,19 @@ impl GptqTensors {
             ));
         }
         let nibble = |word: u32, k: usize| ((word >> (4 * k)) & 0xf) as i32;
+        // One zero point per (group, output), decoded once rather than per input column.
+        let zeros: Vec<i32> = (0..groups * rows)
+            .map(|j| {
+                let (g, o) = (j / rows, j % rows);
+                nibble(qzeros[g * words + o / PACK].wrapping_add(V1_ZERO_OFFSET), o % PACK)
+            })
+            .collect();
         let mut out = vec![0u16; rows * cols];
         for i in 0..cols {
             let g = g_idx[i] as usize;
             let (codes, k) = (&qweight[(i / PACK) * rows..(i / PACK + 1) * rows], i % PACK);
             for o in 0..rows {
-                let zero = nibble(qzeros[g * words + o / PACK].wrapping_add(V1_ZERO_OFFSET), o % PACK);
-                let w = (nibble(codes[o], k) - zero) as f32 * scales[g * rows + o];
+                let w = (nibble(codes[o], k) - zeros[g * rows + o]) as f32 * scales[g * rows + o];
                 out[o * cols + i] = half::f16::from_f32(w).to_bits();
             }
         }

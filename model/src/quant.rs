@@ -134,9 +134,9 @@ impl Fp8Quantization {
     }
 }
 
-/// The projections a checkpoint may store in FP8; everything else (router, embedding, norms,
-/// lm_head) stays in higher precision, as the FP8 releases keep it.
-const FP8_PROJECTIONS: [&str; 7] = [
+/// The projections a checkpoint may store quantised (FP8 or GPTQ); everything else (router,
+/// embedding, norms, lm_head) stays in higher precision, as the quantised releases keep it.
+const QUANTISABLE_PROJECTIONS: [&str; 7] = [
     "q_proj",
     "k_proj",
     "v_proj",
@@ -149,7 +149,7 @@ const FP8_PROJECTIONS: [&str; 7] = [
 fn is_projection(name: &str) -> bool {
     name.strip_suffix(".weight")
         .and_then(|module| module.rsplit('.').next())
-        .is_some_and(|last| FP8_PROJECTIONS.contains(&last))
+        .is_some_and(|last| QUANTISABLE_PROJECTIONS.contains(&last))
 }
 
 /// Checks that the checkpoint's FP8 and GPTQ tensors agree with the config (see the module
@@ -206,7 +206,7 @@ pub fn check_checkpoint(ckpt: &Checkpoint, config: &ModelConfig) -> Result<()> {
         if !is_projection(name) {
             return Err(refuse(format!(
                 "stored as F8_E4M3, but only the projections ({}) may be FP8; the router, embedding, norms and lm_head stay in higher precision",
-                FP8_PROJECTIONS.join(", ")
+                QUANTISABLE_PROJECTIONS.join(", ")
             )));
         }
     }
@@ -313,7 +313,7 @@ fn check_gptq(ckpt: &Checkpoint, config: &ModelConfig, qweight: &str, module: &s
     if !is_projection(&weight) {
         return refuse(format!(
             "a GPTQ weight, but only the projections ({}) may be quantised",
-            FP8_PROJECTIONS.join(", ")
+            QUANTISABLE_PROJECTIONS.join(", ")
         ));
     }
     let (scales, g_idx) = (format!("{module}.scales"), format!("{module}.g_idx"));

@@ -7,9 +7,9 @@ pub const LAYER_DISPATCH_MICROS: &[u64] = &[
     250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
 ];
 
-/// The bucket `micros` falls in: the first bound at or above it, or `bounds.len()` (+Inf).
-pub fn index(bounds: &[u64], micros: u64) -> usize {
-    bounds.iter().position(|&b| micros <= b).unwrap_or(bounds.len())
+/// The bucket `value` falls in: the first bound at or above it, or `bounds.len()` (+Inf).
+pub fn index<T: PartialOrd + Copy>(bounds: &[T], value: T) -> usize {
+    bounds.iter().position(|&b| value <= b).unwrap_or(bounds.len())
 }
 
 #[cfg(test)]

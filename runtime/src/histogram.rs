@@ -28,7 +28,7 @@ impl Histogram {
 
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = self.bounds.iter().position(|&b| s <= b).unwrap_or(self.bounds.len());
+        let i = crate::buckets::index(self.bounds, s);
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }

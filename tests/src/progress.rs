@@ -4,8 +4,21 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use moe_model::checkpoint::Checkpoint;
 use moe_model::progress::{LoadProgress, LoadSize};
 use moe_model::{Engine, EngineOptions};
+
+/// The tensors of the checkpoint that `keep` selects and their bytes, from the headers: what a
+/// load of exactly those tensors reads.
+pub fn checkpoint_size(ckpt: &Checkpoint, keep: impl Fn(&str) -> bool) -> LoadSize {
+    ckpt.tensor_names()
+        .filter(|n| keep(n))
+        .map(|n| {
+            let info = ckpt.info(n).unwrap();
+            LoadSize::tensor(info.shape.iter().product::<usize>() * info.dtype.size_in_bytes())
+        })
+        .sum()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {

@@ -8,20 +8,8 @@ use moe_model::checkpoint::Checkpoint;
 use moe_model::experts::{ExpertSelection, LocalExperts};
 use moe_model::progress::LoadSize;
 use moe_model::{DType, Engine, EngineOptions, ModelConfig};
-use moe_tests::progress::{Recorder, refused_before_reading};
+use moe_tests::progress::{Recorder, checkpoint_size, refused_before_reading};
 use moe_tests::{rewrite_zeroed, write_preset};
-
-/// Every tensor of the checkpoint and its bytes, from the headers: what a whole-model load
-/// reads.
-fn checkpoint_size(ckpt: &Checkpoint, keep: impl Fn(&str) -> bool) -> LoadSize {
-    ckpt.tensor_names()
-        .filter(|n| keep(n))
-        .map(|n| {
-            let info = ckpt.info(n).unwrap();
-            LoadSize::tensor(info.shape.iter().product::<usize>() * info.dtype.size_in_bytes())
-        })
-        .sum()
-}
 
 #[test]
 fn a_whole_model_load_reports_every_tensor_once_ending_at_the_total() {

@@ -18,13 +18,8 @@ use crate::http_get;
 
 /// Tensors and bytes of the checkpoint's tensors that `keep` selects.
 fn size_of(ckpt: &Checkpoint, keep: impl Fn(&str) -> bool) -> (u64, u64) {
-    ckpt.tensor_names().filter(|n| keep(n)).fold((0, 0), |(t, b), n| {
-        let info = ckpt.info(n).unwrap();
-        (
-            t + 1,
-            b + (info.shape.iter().product::<usize>() * info.dtype.size_in_bytes()) as u64,
-        )
-    })
+    let size = moe_tests::progress::checkpoint_size(ckpt, keep);
+    (size.tensors, size.bytes)
 }
 
 /// `name{worker="id"} value` samples of one metric, by worker.
