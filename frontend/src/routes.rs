@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use moe_runtime::auth::constant_time_eq;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -96,11 +97,6 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(()),
         _ => Err(ApiError::unauthorized()),
     }
-}
-
-/// Compares without stopping at the first difference, so timing does not reveal a prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// 200 while a coordinator says the cluster serves, 503 otherwise (a readiness probe).

@@ -41,7 +41,7 @@ impl StopMatcher {
                 after,
             };
         }
-        let ready = self.held.len() - self.partial_suffix_len();
+        let ready = self.held.len() - moe_text::partial_suffix_len(&self.held, &self.stops);
         Released {
             text: self.held.drain(..ready).collect(),
             stopped: false,
@@ -52,19 +52,6 @@ impl StopMatcher {
     /// The end of the output without a match: what was held back is text after all.
     pub fn finish(self) -> String {
         self.held
-    }
-
-    /// Length of the longest suffix of the held text that is a proper prefix of a stop string.
-    fn partial_suffix_len(&self) -> usize {
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let held = &self.held;
-        (1..longest.min(held.len() + 1))
-            .rev()
-            .find(|&k| {
-                let start = held.len() - k;
-                held.is_char_boundary(start) && self.stops.iter().any(|s| s.len() > k && s.starts_with(&held[start..]))
-            })
-            .unwrap_or(0)
     }
 }
 

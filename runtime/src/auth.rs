@@ -43,10 +43,7 @@ impl RequireBearer {
             .get("authorization")
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        // Constant-time comparison: the time taken does not depend on where the bytes differ.
-        let same = given.len() == expected.len()
-            && given.iter().zip(expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if same {
+        if constant_time_eq(given, expected.as_ref()) {
             Ok(())
         } else {
             Err(Status::unauthenticated(format!("missing or wrong {}", self.what)))
@@ -168,6 +165,11 @@ pub fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
         ));
     }
     Ok(token)
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal a prefix.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod tokenizer_config;
 pub mod tool_calls;
 
 pub use error::{Error, Result};
+pub use markers::partial_suffix_len;
 pub use stream::StreamDecoder;
 pub use tokenizer::Tokenizer;
 pub use tokenizer_config::TokenizerConfig;

@@ -3,14 +3,18 @@
 
 /// Length of the longest suffix of `text` that is a proper prefix of one of `markers`: the
 /// part that may still turn into a marker once more text arrives.
-pub(crate) fn partial_suffix_len(text: &str, markers: &[&str]) -> usize {
-    let longest = markers.iter().map(|m| m.len()).max().unwrap_or(0);
+pub fn partial_suffix_len<M: AsRef<str>>(text: &str, markers: &[M]) -> usize {
+    let longest = markers.iter().map(|m| m.as_ref().len()).max().unwrap_or(0);
     let upper = longest.saturating_sub(1).min(text.len());
     (1..=upper)
         .rev()
         .find(|&k| {
             let start = text.len() - k;
-            text.is_char_boundary(start) && markers.iter().any(|m| m.len() > k && m.starts_with(&text[start..]))
+            text.is_char_boundary(start)
+                && markers
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .any(|m| m.len() > k && m.starts_with(&text[start..]))
         })
         .unwrap_or(0)
 }
