@@ -102,6 +102,7 @@ pub async fn run(args: Args) -> Result<()> {
     let model = AttentionModel::load_with(&ckpt, config.clone(), load.as_ref());
     load.finish(model.is_ok());
     let model = model?;
+    let weight_bytes = model.size_in_bytes() as u64;
     drop(ckpt);
     let remote = Arc::new(RemoteExperts::new(
         tokio::runtime::Handle::current(),
@@ -188,6 +189,7 @@ pub async fn run(args: Args) -> Result<()> {
             layer_dispatch_micros: remote.stats.layer_dispatch_micros.load(Ordering::Relaxed),
             layer_dispatch_buckets: remote.stats.layer_dispatch_buckets(),
             nccl_layer_dispatches: remote.stats.nccl_layer_dispatches.load(Ordering::Relaxed),
+            weight_bytes,
             ..Default::default()
         }
     };

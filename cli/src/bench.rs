@@ -4,6 +4,7 @@
 //! attention<->expert bytes per token per layer, and the machine's measured limits with the
 //! floors they imply.
 
+mod memory;
 mod phases;
 
 use phases::{RequestTiming, latencies_ms, phase_rates, summary};
@@ -74,6 +75,28 @@ impl Target {
                 ..Default::default()
             }),
         }
+    }
+}
+
+/// Bytes of every tensor of the checkpoint, as stored.
+fn checkpoint_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let ckpt = Checkpoint::open(dir)?;
+    let mut bytes = 0u64;
+    for name in ckpt.tensor_names() {
+        let info = ckpt.info(name)?;
+        bytes += (info.shape.iter().product::<usize>() * info.dtype.size_in_bytes()) as u64;
+    }
+    Ok(bytes)
+}
+
+/// The in-process engine's peak against the checkpoint, or each cluster worker's figures.
+async fn memory_report(target: &Target, checkpoint_bytes: u64) -> serde_json::Value {
+    match target {
+        Target::InProcess(_) => memory::in_process(checkpoint_bytes),
+        Target::Cluster(c) => match c.clone().status().await {
+            Ok(s) => memory::cluster(&s),
+            Err(e) => json!({ "error": e.message() }),
+        },
     }
 }
 
@@ -305,6 +328,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let floors = floors(&dir, &config)?;
+    let weight_bytes = checkpoint_bytes(&dir)?;
     let machine = (!args.no_machine).then(crate::machine::measure);
     let mut gpu_bandwidth_gbps = None;
     let target = match &args.endpoint {
@@ -431,6 +455,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "floor_is": "every weight byte at the GPU's measured bandwidth: a lower bound while dense weights stay on the host",
             })
         }),
+        "memory": memory_report(&target, weight_bytes).await,
         "machine": machine,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -105,6 +105,10 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
                         "state": load_state(w), "bytes_done": w.load_bytes_done, "bytes_total": w.load_bytes_total,
                         "tensors_done": w.load_tensors_done, "tensors_total": w.load_tensors_total,
                     },
+                    "memory": {
+                        "resident_bytes": w.resident_bytes, "peak_resident_bytes": w.peak_resident_bytes,
+                        "weight_bytes": w.weight_bytes,
+                    },
                 })
             })
             .collect();
@@ -138,8 +142,8 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>10}  weights",
-        "worker", "role", "address", "experts", "load", "kv blocks", "heartbeat"
+        "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>10} {:>21}  weights",
+        "worker", "role", "address", "experts", "load", "kv blocks", "heartbeat", "resident / weights"
     );
     for w in &s.workers {
         let role = Role::try_from(w.role).unwrap_or(Role::Unspecified);
@@ -165,7 +169,7 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
             Role::Unspecified => "?",
         };
         println!(
-            "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>8}ms  {}",
+            "{:<12} {:<10} {:<22} {:>8} {:>10} {:>12} {:>8}ms {:>21}  {}",
             w.worker_id,
             role,
             w.address,
@@ -173,6 +177,7 @@ pub async fn status(endpoint: &str, json: bool) -> anyhow::Result<()> {
             load,
             kv,
             w.millis_since_heartbeat,
+            format!("{} / {}", human_bytes(w.resident_bytes), human_bytes(w.weight_bytes)),
             weights(w)
         );
     }

@@ -250,6 +250,24 @@ fn render(s: &ClusterStatusResponse, source: &MetricsSource) -> String {
         &per(&all, &|w| w.load_state as f64),
     );
     metric(
+        "moe_worker_resident_bytes",
+        "gauge",
+        "Each worker process's resident memory (VmRSS; 0 where the platform does not tell).",
+        &per(&all, &|w| w.resident_bytes as f64),
+    );
+    metric(
+        "moe_worker_peak_resident_bytes",
+        "gauge",
+        "Each worker process's largest resident memory since it started (VmHWM).",
+        &per(&all, &|w| w.peak_resident_bytes as f64),
+    );
+    metric(
+        "moe_worker_weight_bytes",
+        "gauge",
+        "Bytes of model weights each worker holds (expert workers: their experts; attention workers: the dense weights).",
+        &per(&all, &|w| w.weight_bytes as f64),
+    );
+    metric(
         "moe_workers",
         "gauge",
         "Live workers by role.",

@@ -71,6 +71,11 @@ impl ExpertState {
             .unwrap_or(0)
     }
 
+    /// Bytes of the experts held (those kept for reuse included: they are in memory).
+    pub fn weight_bytes(&self) -> u64 {
+        self.inner.read().expect("lock").experts.size_in_bytes() as u64
+    }
+
     pub fn held_slots(&self) -> Vec<u32> {
         let inner = self.inner.read().expect("lock");
         let e = self.config.num_experts;

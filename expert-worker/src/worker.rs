@@ -73,6 +73,7 @@ pub async fn run(args: Args) -> Result<()> {
         dispatches_served: state.dispatches.load(Ordering::Relaxed),
         spare_slots: args.spare_slots,
         placement_version: state.newest_version(),
+        weight_bytes: state.weight_bytes(),
         ..Default::default()
     };
     // Loads run beside the heartbeats, which carry their progress (see `loader`).

@@ -12,6 +12,7 @@ pub mod fdlimit;
 pub mod histogram;
 pub mod load_progress;
 pub mod member;
+pub mod memory;
 pub mod nccl;
 pub mod net;
 pub mod placement;

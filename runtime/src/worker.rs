@@ -13,6 +13,7 @@ use tonic::service::Routes;
 use crate::control::Membership;
 use crate::load_progress::{LoadReporter, ProgressDisplay};
 use crate::member::Member;
+use crate::memory::ProcessMemory;
 use crate::nccl::NcclAgent;
 use crate::net;
 use crate::record::RecordKeeper;
@@ -260,12 +261,15 @@ pub async fn run_worker(
     mut status: impl FnMut() -> WorkerStatus,
     mut on_answer: impl AsyncFnMut(&mut Membership, HeartbeatResponse),
 ) -> Result<(), WorkerError> {
-    // The NCCL data plane's set-up and the loading progress ride on the heartbeats of every
-    // worker kind.
+    // The NCCL data plane's set-up, the loading progress and the process memory ride on the
+    // heartbeats of every worker kind.
     let (nccl, load) = (spec.nccl.clone(), spec.load.clone());
     let mut status = move || {
+        let memory = ProcessMemory::read();
         let mut s = WorkerStatus {
             nccl_ready_epoch: nccl.as_ref().map_or(0, NcclAgent::ready_epoch),
+            resident_bytes: memory.resident_bytes,
+            peak_resident_bytes: memory.peak_resident_bytes,
             ..status()
         };
         load.fill(&mut s);

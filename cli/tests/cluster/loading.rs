@@ -1,6 +1,7 @@
 //! Weight loading as the cluster shows it: every worker's load in `moectl status --json` and in
 //! the coordinator's `/metrics`, finished (done == total, state loaded) and the size of what
-//! it holds, as the checkpoint's own headers count it; an expert worker's load seen under way
+//! it holds, as the checkpoint's own headers count it, with each process's resident memory beside
+//! the bytes of weights it holds; an expert worker's load seen under way
 //! (it heartbeats while loading) and outlasting the heartbeat timeout; and a GPTQ checkpoint,
 //! loaded by every worker, serving the engine's tokens.
 
@@ -71,6 +72,7 @@ async fn every_workers_load_shows_finished_in_status_and_metrics() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut expert_sum = (0, 0);
     let mut by_worker = BTreeMap::new();
+    let mut weight_bytes = BTreeMap::new();
     for w in status["workers"].as_array().unwrap() {
         let load = &w["load"];
         let field = |f: &str| load[f].as_u64().unwrap();
@@ -78,10 +80,27 @@ async fn every_workers_load_shows_finished_in_status_and_metrics() {
         assert_eq!(field("bytes_done"), field("bytes_total"), "{w}");
         assert_eq!(field("tensors_done"), field("tensors_total"), "{w}");
         let done = (field("tensors_done"), field("bytes_done"));
+        // Memory beside the weights: held on the host here, so resident at least them.
+        let memory = |f: &str| w["memory"][f].as_u64().unwrap();
+        let (resident, peak, weights) = (
+            memory("resident_bytes"),
+            memory("peak_resident_bytes"),
+            memory("weight_bytes"),
+        );
+        assert!(resident > 0 && peak >= resident && peak >= weights, "{w}");
+        weight_bytes.insert(w["worker_id"].as_str().unwrap().to_owned(), weights as f64);
         match w["role"].as_str().unwrap() {
-            "ROLE_ATTENTION" => assert_eq!(done, attention, "the attention worker reads every non-expert tensor"),
+            "ROLE_ATTENTION" => {
+                assert_eq!(done, attention, "the attention worker reads every non-expert tensor");
+                // It holds the matrices it read (the norms, read too, are not counted).
+                assert!(weights > 0 && weights <= done.1, "{w}");
+            }
             "ROLE_EXPERT" => {
                 assert!(done.1 > 0, "{w}");
+                assert_eq!(
+                    weights, done.1,
+                    "an expert worker holds the experts it read, as stored: {w}"
+                );
                 expert_sum = (expert_sum.0 + done.0, expert_sum.1 + done.1);
             }
             other => panic!("role {other}"),
@@ -100,6 +119,9 @@ async fn every_workers_load_shows_finished_in_status_and_metrics() {
     assert_eq!(per_worker(&body, "moe_worker_load_size_bytes"), by_worker, "{body}");
     let loaded = by_worker.keys().map(|id| (id.clone(), LoadState::Loaded as i32 as f64));
     assert_eq!(per_worker(&body, "moe_worker_load_state"), loaded.collect(), "{body}");
+    assert_eq!(per_worker(&body, "moe_worker_weight_bytes"), weight_bytes, "{body}");
+    let resident = per_worker(&body, "moe_worker_resident_bytes");
+    assert!(resident.len() == 3 && resident.values().all(|&r| r > 0.0), "{body}");
 }
 
 /// The coordinator's `--heartbeat-timeout-ms` default, which `moectl up` keeps.
