@@ -9,7 +9,7 @@ use moe_model::ModelConfig;
 use moe_model::capacity::{Capacity, CapacityRouting};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::{Engine, EngineOptions};
-use moe_model::kv_cache::KvCacheConfig;
+use moe_model::kv_cache::{KvCacheConfig, KvDtypeChoice};
 use moe_model::model::AttentionModel;
 use moe_proto::tensor::WireDtype;
 use moe_proto::v1::attention_server::AttentionServer;
@@ -35,6 +35,11 @@ pub struct Args {
     /// Token positions per KV block.
     #[arg(long, default_value = "16")]
     pub block_size: NonZeroUsize,
+    /// Element type of the KV cache: `bf16` (2 bytes a value, rounded to nearest even), `f32`
+    /// (4 bytes, exact) or `auto` (bf16 for a bfloat16/float16 checkpoint, f32 otherwise; by the
+    /// config's `torch_dtype`).
+    #[arg(long, default_value_t = KvDtypeChoice::Auto)]
+    pub kv_cache_dtype: KvDtypeChoice,
     /// Token rows per step (decode rows plus prefill chunks).
     #[arg(long, default_value = "512")]
     pub max_batch_tokens: NonZeroUsize,
@@ -124,6 +129,7 @@ pub async fn run(args: Args) -> Result<()> {
             kv_cache: KvCacheConfig {
                 block_size: args.block_size.get(),
                 num_blocks: args.kv_blocks.get(),
+                dtype: args.kv_cache_dtype,
             },
             attention_device: device,
             ..Default::default()

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use moe_attention_worker::scheduler::{self, Event, FinishReason, SchedulerConfig, SchedulerHandle};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::experts::{ExpertSelection, LocalExperts};
-use moe_model::kv_cache::KvCacheConfig;
+use moe_model::kv_cache::{KvCacheConfig, KvDtypeChoice};
 use moe_model::model::AttentionModel;
 use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions, ModelConfig};
@@ -77,6 +77,7 @@ fn tight_scheduler() -> SchedulerHandle {
         engine(KvCacheConfig {
             block_size: 4,
             num_blocks: 14,
+            dtype: KvDtypeChoice::Auto,
         }),
         SchedulerConfig {
             max_batch_tokens: 8,
@@ -201,6 +202,7 @@ async fn a_request_that_can_never_fit_is_refused() {
         engine(KvCacheConfig {
             block_size: 4,
             num_blocks: 4,
+            dtype: KvDtypeChoice::Auto,
         }),
         SchedulerConfig::default(),
     );

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use moe_attention_worker::scheduler::{self, SchedulerHandle};
 use moe_model::checkpoint::Checkpoint;
+use moe_model::kv_cache::KvDtypeChoice;
 use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions, ModelConfig, names};
 use moe_proto::v1::Role;
@@ -54,6 +55,10 @@ pub struct Args {
     /// cuda:N in a `cuda` build.
     #[arg(long, default_value = "cpu", conflicts_with = "endpoint")]
     device: String,
+    /// (In process only) Element type of the KV cache: `bf16`, `f32` or `auto` (bf16 for a
+    /// bfloat16/float16 checkpoint, f32 otherwise).
+    #[arg(long, default_value_t = KvDtypeChoice::Auto, conflicts_with = "endpoint")]
+    kv_cache_dtype: KvDtypeChoice,
     /// (Cluster only) Run the load, ask the coordinator to rebalance the expert placement for
     /// it, run the same load again, and report the expert-worker imbalance before and after.
     #[arg(long, requires = "endpoint")]
@@ -331,6 +336,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let weight_bytes = checkpoint_bytes(&dir)?;
     let machine = (!args.no_machine).then(crate::machine::measure);
     let mut gpu_bandwidth_gbps = None;
+    let mut kv_cache = None;
     let target = match &args.endpoint {
         Some(ep) => {
             let mut c = ClusterClient::new(ep)?;
@@ -349,9 +355,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let options = EngineOptions {
                 expert_device: device.clone(),
                 attention_device: device,
-                ..Default::default()
+                kv_cache: EngineOptions::default().kv_cache.with_dtype(args.kv_cache_dtype),
             };
             let engine = Engine::load(&dir, options).with_context(|| format!("loading {}", dir.display()))?;
+            let dtype = engine.cache().dtype();
+            kv_cache = Some(json!({
+                "dtype": dtype.name(),
+                "bytes_per_token": config.kv_bytes_per_token(dtype.size_in_bytes()),
+            }));
             Target::InProcess(scheduler::spawn(engine, Default::default()))
         }
     };
@@ -406,6 +417,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "target": match &args.endpoint { Some(ep) => format!("cluster {ep}"), None => format!("in-process engine, attention and experts on {}", args.device) },
         "model": dir.display().to_string(),
         "load": { "concurrency": args.concurrency, "requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len },
+        "kv_cache": kv_cache,
         "wall_s": wall,
         "failed": failed,
         // Each phase's rate over the time some request was in it (see `bench/phases.rs`).

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use moe_model::engine::Greedy;
+use moe_model::kv_cache::{KvDtype, KvDtypeChoice};
 use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions};
 use moe_model_tools::golden::{Fixture, GoldenTarget, PrefillResult, Tolerances};
@@ -26,6 +27,11 @@ pub struct Args {
     /// or bf16 ones (`bf16`, the default on a GPU; for a cluster whose workers run on GPUs).
     #[arg(long, value_parser = ["fixture", "bf16"])]
     tolerances: Option<String>,
+    /// (In process only) Element type of the KV cache: `f32` (the default: the fixtures'
+    /// expectations are f32 arithmetic, which bf16 KV misses by more than their tolerances),
+    /// `bf16` or `auto` (as `moectl up` would choose for the fixture's checkpoint).
+    #[arg(long, default_value_t = KvDtypeChoice::Is(KvDtype::F32), conflicts_with = "endpoint")]
+    kv_cache_dtype: KvDtypeChoice,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -49,7 +55,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let options = EngineOptions {
                 expert_device: device.clone(),
                 attention_device: device,
-                ..Default::default()
+                kv_cache: EngineOptions::default().kv_cache.with_dtype(args.kv_cache_dtype),
             };
             let mut engine = Engine::load(&args.fixture, options).context("loading the fixture's model")?;
             tokio::task::block_in_place(|| fixture.check(&mut engine))?

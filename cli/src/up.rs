@@ -35,6 +35,11 @@ pub struct Args {
     /// Token positions per KV block.
     #[arg(long, default_value_t = 16, value_parser = crate::flags::positive::<usize>())]
     block_size: usize,
+    /// Attention workers: element type of the KV cache: `bf16` (2 bytes a value, rounded to
+    /// nearest even), `f32` (4 bytes, exact) or `auto` (bf16 for a bfloat16/float16 checkpoint,
+    /// f32 otherwise; by the config's `torch_dtype`).
+    #[arg(long, default_value_t = moe_model::kv_cache::KvDtypeChoice::Auto)]
+    kv_cache_dtype: moe_model::kv_cache::KvDtypeChoice,
     /// Requests in flight before RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256, value_parser = crate::flags::positive::<usize>())]
     max_in_flight: usize,
@@ -288,6 +293,8 @@ impl LocalCluster {
             args.kv_blocks.to_string(),
             "--block-size".into(),
             args.block_size.to_string(),
+            "--kv-cache-dtype".into(),
+            args.kv_cache_dtype.to_string(),
         ]);
         for gpu in &gpus.attention {
             let mut a = attn_args.clone();

@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::kernels::{dot, linear, rms_norm_in_place};
 use crate::kv_cache::KvCache;
 use crate::names;
+use crate::paged_attention::{PagedKv, ROWS_PER_TASK, attend_paged};
 use crate::plan::Want;
 use crate::rope::Rope;
 use crate::weights::Matrix;
@@ -104,6 +105,19 @@ impl AttentionWeights {
                 .map_or(0, |(k, v)| k.size_in_bytes() + v.size_in_bytes())
     }
 
+    /// The key norm `layer` applies before caching its keys: its own, when no other layer reads
+    /// its cache slot, so the norm runs once per token instead of once per token per step. A
+    /// slot shared by a CLA group keeps pre-norm keys, since each layer reading it has its own
+    /// norm.
+    pub fn key_norm_on_write(&self, config: &ModelConfig, layer: usize) -> Option<&[f32]> {
+        self.k_norm.as_deref().filter(|_| !slot_is_shared(config, layer))
+    }
+
+    /// The key norm `layer` applies to keys read from the cache (see `key_norm_on_write`).
+    pub fn key_norm_on_read(&self, config: &ModelConfig, layer: usize) -> Option<&[f32]> {
+        self.k_norm.as_deref().filter(|_| slot_is_shared(config, layer))
+    }
+
     /// `x` is the normalised input `[N, hidden]`; returns the o_proj output `[N, hidden]`.
     /// Writes this layer's K/V for the batch positions when it computes K/V.
     pub fn forward(
@@ -131,7 +145,7 @@ impl AttentionWeights {
             kv = Some((k, v));
         }
 
-        // RoPE on q (then QK-norm) and on k (cached before its norm).
+        // RoPE on q (then QK-norm) and on k (its norm: see `key_norm_on_write`).
         let mut cos = vec![0.0; hd / 2];
         let mut sin = vec![0.0; hd / 2];
         for (row, pos) in batch.positions().enumerate() {
@@ -145,7 +159,10 @@ impl AttentionWeights {
                 Rope::apply(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, &cos, &sin);
             }
         }
-        if let Some((k, v)) = &kv {
+        if let Some((k, v)) = &mut kv {
+            if let Some(w) = self.key_norm_on_write(config, layer) {
+                rms_norm_in_place(k, w, eps);
+            }
             for seq in batch.seqs() {
                 let rows = seq.rows();
                 cache.write(
@@ -158,25 +175,30 @@ impl AttentionWeights {
             }
         }
 
+        // Tasks of at most ROWS_PER_TASK rows of one sequence, each with its slice of `attn`
+        // (sequences' rows are consecutive in the batch, in order).
         let mut attn = vec![0.0; n * q_dim];
-        let cache = &*cache;
-        let mut outputs: Vec<(&crate::batch::SeqSpan, &mut [f32])> = Vec::with_capacity(batch.seqs().len());
+        let kv_base = PagedKv {
+            cache: &*cache,
+            slot,
+            seq: 0,
+            key_norm: self.key_norm_on_read(config, layer),
+        };
+        let mut tasks = Vec::with_capacity(batch.seqs().len());
         let mut rest = attn.as_mut_slice();
         for seq in batch.seqs() {
-            let (head, tail) = rest.split_at_mut(seq.len * q_dim);
-            outputs.push((seq, head));
-            rest = tail;
-        }
-        outputs.into_par_iter().for_each(|(seq, out)| {
-            let ctx = seq.start_pos + seq.len;
-            let (mut keys, mut values) = (Vec::new(), Vec::new());
-            cache.gather(slot, seq.id, ctx, &mut keys, &mut values);
-            if let Some(w) = &self.k_norm {
-                rms_norm_in_place(&mut keys, w, eps);
+            for first in (0..seq.len).step_by(ROWS_PER_TASK) {
+                let rows = ROWS_PER_TASK.min(seq.len - first);
+                let (head, tail) = rest.split_at_mut(rows * q_dim);
+                let row = seq.start_row + first;
+                let kv = PagedKv { seq: seq.id, ..kv_base };
+                tasks.push((kv, seq.start_pos + first, &q[row * q_dim..(row + rows) * q_dim], head));
+                rest = tail;
             }
-            let q_rows = &q[seq.start_row * q_dim..(seq.start_row + seq.len) * q_dim];
-            attend(config, seq.start_pos, q_rows, &keys, &values, out);
-        });
+        }
+        tasks
+            .into_par_iter()
+            .for_each(|(kv, start_pos, q_rows, out)| attend_paged(config, kv, start_pos, q_rows, out));
 
         let mut o = vec![0.0; n * config.hidden_size];
         linear(&attn, n, &self.o_proj, &mut o);
@@ -184,9 +206,15 @@ impl AttentionWeights {
     }
 }
 
+/// Whether another layer reads `layer`'s KV-cache slot (a CLA group of more than one layer).
+fn slot_is_shared(config: &ModelConfig, layer: usize) -> bool {
+    let slot = config.kv_cache_slot(layer);
+    (0..config.num_layers).any(|l| l != layer && config.kv_cache_slot(l) == slot)
+}
+
 /// Causal GQA attention of `q_rows` (positions `start_pos..`) over `keys`/`values`
-/// (`[ctx, kv_heads, head_dim]`, already normalised). Public as the reference the GPU kernel is
-/// tested against.
+/// (`[ctx, kv_heads, head_dim]`, already normalised), from contiguous buffers. Public as the
+/// reference the GPU kernel and [`attend_paged`] (the CPU path) are tested against.
 pub fn attend(config: &ModelConfig, start_pos: usize, q_rows: &[f32], keys: &[f32], values: &[f32], out: &mut [f32]) {
     let (hd, heads, kv_heads) = (config.head_dim, config.num_heads, config.num_kv_heads);
     let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());

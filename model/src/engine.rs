@@ -44,6 +44,8 @@ pub struct StepOutput {
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// Capacity and element type of the KV cache (`auto` by default: see
+    /// [`crate::kv_cache::KvDtypeChoice`]).
     pub kv_cache: KvCacheConfig,
     /// Where [`Engine::load`] puts the routed experts.
     pub expert_device: Device,
@@ -204,7 +206,7 @@ impl Engine {
         let len = self.cache.seq_len(seq);
         self.cache
             .gather(config.kv_cache_slot(layer), seq, len, &mut keys, &mut values);
-        if let Some(w) = &self.model.layer(layer).attention.k_norm {
+        if let Some(w) = self.model.layer(layer).attention.key_norm_on_read(config, layer) {
             crate::kernels::rms_norm_in_place(&mut keys, w, config.rms_norm_eps);
         }
         (keys, values)

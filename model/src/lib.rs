@@ -3,7 +3,7 @@
 //!
 //! Layout, each layer built on the one before:
 //! [`config`] ([`quant`]) / [`checkpoint`] ([`plan`], [`progress`]) / [`weights`] ([`fp8`], [`gptq`], [`names`], [`identity`]) -> [`kernels`] ([`cuda`] on a
-//! [`device`]) -> [`attention`] ([`rope`], [`kv_cache`]) / [`router`] ([`capacity`]) / [`mlp`] /
+//! [`device`]) -> [`attention`] ([`rope`], [`kv_cache`], [`paged_attention`]) / [`router`] ([`capacity`]) / [`mlp`] /
 //! [`experts`] -> [`model`] ([`batch`], [`trace`]) -> [`engine`], [`sampling`] ([`rng`]).
 //! Fixture checking and model generation are tools, in the `moe-model-tools` crate.
 //!
@@ -30,6 +30,7 @@ pub mod kv_cache;
 pub mod mlp;
 pub mod model;
 pub mod names;
+pub mod paged_attention;
 pub mod plan;
 pub mod progress;
 pub mod quant;

@@ -47,10 +47,18 @@ pub fn write_preset(dir: &Path, preset: &str, seed: u64, dtype: DType, shard_byt
 
 /// Runs the golden fixture in `dir` on the single-process engine, prints its report, and checks
 /// that each of `quantities` was actually compared (a fixture that skipped one would pass
-/// vacuously). Whether it passed is the caller's to assert.
+/// vacuously). Whether it passed is the caller's to assert. The KV cache is f32 whatever the
+/// checkpoint's dtype: the expectations are f32 arithmetic on the stored weights, and bf16 KV
+/// misses them by more than their tolerances (tests/tests/golden.rs checks bf16 KV apart).
 pub fn run_fixture_on_engine(dir: &Path, quantities: &[&str]) -> moe_model_tools::golden::Report {
+    use moe_model::kv_cache::{KvDtype, KvDtypeChoice};
     let fixture = moe_model_tools::golden::Fixture::open(dir).expect("fixture opens");
-    let mut engine = moe_model::Engine::load(dir, moe_model::EngineOptions::default()).expect("model loads");
+    let defaults = moe_model::EngineOptions::default();
+    let options = moe_model::EngineOptions {
+        kv_cache: defaults.kv_cache.with_dtype(KvDtypeChoice::Is(KvDtype::F32)),
+        ..defaults
+    };
+    let mut engine = moe_model::Engine::load(dir, options).expect("model loads");
     let report = fixture.check(&mut engine).expect("fixture runs");
     println!("{}", report.render());
     for quantity in quantities {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::LogitsWanted;
 use moe_model::experts::{ExpertAssignment, ExpertCompute, ExpertSelection, LocalExperts};
-use moe_model::kv_cache::KvCacheConfig;
+use moe_model::kv_cache::{KvCacheConfig, KvDtypeChoice};
 use moe_model::model::AttentionModel;
 use moe_model::{Engine, EngineOptions, Error, ModelConfig, SeqChunk};
 use moe_model_tools::golden::max_abs_diff;
@@ -166,6 +166,7 @@ fn kv_cache_decode_matches_full_recompute_across_block_boundaries() {
         KvCacheConfig {
             block_size: 4,
             num_blocks: 64,
+            dtype: KvDtypeChoice::Auto,
         },
     );
     let out = engine
@@ -251,6 +252,7 @@ fn bad_steps_are_refused_and_change_nothing() {
         KvCacheConfig {
             block_size: 4,
             num_blocks: 5,
+            dtype: KvDtypeChoice::Auto,
         },
     );
     let good = engine.new_sequence();
@@ -350,6 +352,7 @@ fn cla_cache_holds_one_entry_per_layer_group() {
     let kv = KvCacheConfig {
         block_size: 16,
         num_blocks: 8,
+        dtype: KvDtypeChoice::Auto,
     };
     let shared = KvCache::new(&cla, kv).unwrap();
     let mut per_layer = cla.clone();
@@ -385,6 +388,7 @@ fn block_tables_follow_reservations_truncation_and_release() {
     let kv = KvCacheConfig {
         block_size: 4,
         num_blocks: 8,
+        dtype: KvDtypeChoice::Auto,
     };
     let mut cache = KvCache::new(&config, kv).unwrap();
     assert!(cache.block_table(1).is_empty(), "unknown sequence");

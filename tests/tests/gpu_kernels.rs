@@ -383,7 +383,7 @@ gpu_test!(an_attention_layer_matches_the_cpu_over_prefill_then_decode, |gpu| {
     use moe_model::batch::BatchLayout;
     use moe_model::checkpoint::Checkpoint;
     use moe_model::cuda::DeviceAttention;
-    use moe_model::kv_cache::{KvCache, KvCacheConfig};
+    use moe_model::kv_cache::{KvCache, KvCacheConfig, KvDtypeChoice};
     use moe_model::rope::Rope;
     let dir = moe_tests::fixtures_dir().join("hunyuan-tiny");
     let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
@@ -393,6 +393,7 @@ gpu_test!(an_attention_layer_matches_the_cpu_over_prefill_then_decode, |gpu| {
     let kv = KvCacheConfig {
         block_size: 4,
         num_blocks: 16,
+        dtype: KvDtypeChoice::Auto,
     };
     // The CPU layer keeps its data in `cpu_cache`; the GPU layer its data on the device and
     // its block tables in `tables`, which sees the same reservations.
