@@ -110,6 +110,8 @@ pub enum CapacityPolicy {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    // Flags that cannot go together stop the worker before any weight is read.
+    let micro_batches = micro_batches(args.micro_batches, args.capacity_policy)?;
     args.worker.install_credentials()?;
     let nccl = args.worker.nccl_agent()?;
     // A GPU that cannot be used stops the worker before any weight is read.
@@ -123,7 +125,7 @@ pub async fn run(args: Args) -> Result<()> {
     load.finish(model.is_ok());
     let mut model = model?;
     drop(ckpt);
-    model.set_micro_batches(micro_batches(args.micro_batches, args.capacity_policy)?)?;
+    model.set_micro_batches(micro_batches)?;
     let forward_stats = model.overlap_stats();
     let remote = Arc::new(RemoteExperts::new(
         tokio::runtime::Handle::current(),
