@@ -4,6 +4,9 @@ pub enum Error {
     Model(#[from] moe_model::Error),
     #[error(transparent)]
     Worker(#[from] moe_runtime::worker::WorkerError),
+    /// Flags that cannot go together.
+    #[error("{0}")]
+    Flags(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

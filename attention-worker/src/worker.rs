@@ -21,7 +21,7 @@ use moe_runtime::worker::{self, WorkerArgs};
 use tonic::service::Routes;
 
 use crate::dispatch::{DispatchConfig, RemoteExperts};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::scheduler::{self, SchedulerConfig};
 use crate::service::AttentionService;
 
@@ -69,6 +69,13 @@ pub struct Args {
     /// with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Micro-batches per step, 1 or 2. With 2 (the default under the exact policy), a step of
+    /// two or more sequences is cut into two halves of whole sequences that take turns, so one
+    /// half's attention runs while the other's experts compute on the expert workers; a step
+    /// of one sequence runs whole. Lossy capacity policies count capacity per step, so they
+    /// take 1 (the default there; 2 is refused).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub micro_batches: Option<u8>,
     /// Seed of `recycle`'s random choices.
     #[arg(long, default_value_t = 0)]
     pub recycle_seed: u64,
@@ -87,6 +94,19 @@ fn positive_finite(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// Micro-batches per step: 2 unless a lossy capacity policy is on (its capacity is per step;
+/// two halves would each get a step's capacity).
+fn micro_batches(asked: Option<u8>, policy: CapacityPolicy) -> Result<usize> {
+    match (asked, policy) {
+        (Some(2), CapacityPolicy::Drop | CapacityPolicy::Recycle) => Err(Error::Flags(format!(
+            "--micro-batches 2 needs --capacity-policy exact (got {policy:?}: capacity is counted per step)"
+        ))),
+        (Some(n), _) => Ok(n.into()),
+        (None, CapacityPolicy::Exact) => Ok(moe_model::model::MAX_MICRO_BATCHES),
+        (None, _) => Ok(1),
+    }
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CapacityPolicy {
     Exact,
@@ -95,6 +115,8 @@ pub enum CapacityPolicy {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    // Flags that cannot go together stop the worker before any weight is read.
+    let micro_batches = micro_batches(args.micro_batches, args.capacity_policy)?;
     args.worker.install_credentials()?;
     let nccl = args.worker.nccl_agent()?;
     // A GPU that cannot be used stops the worker before any weight is read.
@@ -106,9 +128,11 @@ pub async fn run(args: Args) -> Result<()> {
     load.begin("attention weights");
     let model = AttentionModel::load_with(&ckpt, config.clone(), load.as_ref());
     load.finish(model.is_ok());
-    let model = model?;
+    let mut model = model?;
     let weight_bytes = model.size_in_bytes() as u64;
     drop(ckpt);
+    model.set_micro_batches(micro_batches)?;
+    let forward_stats = model.overlap_stats();
     let remote = Arc::new(RemoteExperts::new(
         tokio::runtime::Handle::current(),
         DispatchConfig {
@@ -196,6 +220,10 @@ pub async fn run(args: Args) -> Result<()> {
             layer_dispatch_buckets: remote.stats.layer_dispatch_buckets(),
             nccl_layer_dispatches: remote.stats.nccl_layer_dispatches.load(Ordering::Relaxed),
             weight_bytes,
+            steps: forward_stats.steps.load(Ordering::Relaxed),
+            step_micros: forward_stats.step_micros.load(Ordering::Relaxed),
+            micro_batched_steps: forward_stats.split_steps.load(Ordering::Relaxed),
+            overlap_micros: forward_stats.overlap_micros.load(Ordering::Relaxed),
             ..Default::default()
         }
     };
@@ -218,4 +246,19 @@ pub async fn run(args: Args) -> Result<()> {
     };
     worker::run_worker(spec, Routes::new(service), shutdown, drain, status, on_answer).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_default_to_two_under_the_exact_policy_only() {
+        assert_eq!(micro_batches(None, CapacityPolicy::Exact).unwrap(), 2);
+        assert_eq!(micro_batches(None, CapacityPolicy::Drop).unwrap(), 1);
+        assert_eq!(micro_batches(Some(1), CapacityPolicy::Exact).unwrap(), 1);
+        assert_eq!(micro_batches(Some(1), CapacityPolicy::Recycle).unwrap(), 1);
+        let e = micro_batches(Some(2), CapacityPolicy::Drop).unwrap_err().to_string();
+        assert!(e.contains("--micro-batches 2 needs --capacity-policy exact"), "{e}");
+    }
 }

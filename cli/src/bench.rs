@@ -159,6 +159,12 @@ struct Counters {
     layer_dispatches: u64,
     layer_dispatch_micros: u64,
     nccl_layer_dispatches: u64,
+    /// Attention workers' steps, their time, those cut into two micro-batches, and the time
+    /// one micro-batch computed while the other's experts were in flight.
+    steps: u64,
+    step_micros: u64,
+    micro_batched_steps: u64,
+    overlap_micros: u64,
     /// Expert workers' dispatch messages served and time computing them.
     expert_dispatches: u64,
     expert_busy_micros: u64,
@@ -190,6 +196,10 @@ async fn counters(target: &Target) -> Counters {
         out.layer_dispatches += w.layer_dispatches;
         out.layer_dispatch_micros += w.layer_dispatch_micros;
         out.nccl_layer_dispatches += w.nccl_layer_dispatches;
+        out.steps += w.steps;
+        out.step_micros += w.step_micros;
+        out.micro_batched_steps += w.micro_batched_steps;
+        out.overlap_micros += w.overlap_micros;
     }
     for w in s.workers.iter().filter(|w| w.role == Role::Expert as i32) {
         out.expert_dispatches += w.dispatches_served;
@@ -276,6 +286,14 @@ impl Phase {
             "expert_ms_per_message": mean_ms(a.expert_busy_micros - b.expert_busy_micros, a.expert_dispatches - b.expert_dispatches),
             "layer_dispatches": a.layer_dispatches - b.layer_dispatches,
             "nccl_layer_dispatches": a.nccl_layer_dispatches - b.nccl_layer_dispatches,
+            // Micro-batch overlap: per attention-worker step, the time one half computed while
+            // the other's experts were in flight, and that as a fraction of the step.
+            "steps": a.steps - b.steps,
+            "micro_batched_steps": a.micro_batched_steps - b.micro_batched_steps,
+            "step_ms": mean_ms(a.step_micros - b.step_micros, a.steps - b.steps),
+            "overlap_ms_per_step": mean_ms(a.overlap_micros - b.overlap_micros, a.steps - b.steps),
+            "overlap_fraction": (a.step_micros > b.step_micros)
+                .then(|| (a.overlap_micros - b.overlap_micros) as f64 / (a.step_micros - b.step_micros) as f64),
         })
     }
 

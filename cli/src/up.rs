@@ -82,6 +82,10 @@ pub struct Args {
     /// unlimited).
     #[arg(long, value_parser = crate::flags::positive::<usize>())]
     slot_capacity: Option<usize>,
+    /// Attention workers: micro-batches per step, 1 or 2 (default: 2 under the exact capacity
+    /// policy, so one half's attention runs while the other's experts compute; 1 otherwise).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    micro_batches: Option<u8>,
     /// Attention workers: element type of the rows sent to expert workers, f32 (exact) or
     /// bf16 (half the bytes).
     #[arg(long, default_value_t = moe_proto::tensor::WireDtype::F32)]
@@ -285,6 +289,9 @@ impl LocalCluster {
         attn_args.extend(["--capacity-policy".into(), args.capacity_policy.clone()]);
         if let Some(c) = args.slot_capacity {
             attn_args.extend(["--slot-capacity".into(), c.to_string()]);
+        }
+        if let Some(n) = args.micro_batches {
+            attn_args.extend(["--micro-batches".into(), n.to_string()]);
         }
         attn_args.extend([
             "--wire-dtype".into(),

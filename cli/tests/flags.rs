@@ -76,6 +76,23 @@ fn bad_flags_are_refused_by_name() {
     attention("--max-batch-tokens", "0");
     attention("--max-running", "0");
     attention("--heartbeat-ms", "0");
+    attention("--micro-batches", "0");
+    attention("--micro-batches", "3");
+    refused(
+        &[
+            "attention-worker",
+            "--coordinator",
+            "127.0.0.1:1",
+            "--micro-batches",
+            "2",
+            "--capacity-policy",
+            "drop",
+            "--model",
+            model,
+        ],
+        &["--micro-batches 2 needs --capacity-policy exact"],
+    );
+    refused(&["up", "--micro-batches", "3", "--model", model], &["--micro-batches"]);
     for flag in [
         "--expert-workers",
         "--attention-workers",

@@ -49,8 +49,74 @@ impl BatchLayout {
         self.rows
     }
 
+    /// Where to cut the batch into two micro-batches of whole sequences with row counts as
+    /// close as can be: the number of sequences of the first. `None` under two sequences.
+    pub fn balanced_cut(&self) -> Option<usize> {
+        if self.seqs.len() < 2 {
+            return None;
+        }
+        // Rows before sequence k are seqs[k].start_row; the cut nearest half the rows wins,
+        // the earlier one on a tie.
+        (1..self.seqs.len()).min_by_key(|&k| (2 * self.seqs[k].start_row).abs_diff(self.rows))
+    }
+
+    /// The first `k` sequences and the rest, each a layout of its own (rows counted from 0).
+    pub fn split_at(&self, k: usize) -> (BatchLayout, BatchLayout) {
+        let part = |seqs: &[SeqSpan]| {
+            let mut out = BatchLayout::new();
+            for s in seqs {
+                out.push(s.id, s.len, s.start_pos);
+            }
+            out
+        };
+        (part(&self.seqs[..k]), part(&self.seqs[k..]))
+    }
+
     /// Position of every row, in row order.
     pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
         self.seqs.iter().flat_map(|s| s.start_pos..s.start_pos + s.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(lens: &[usize]) -> BatchLayout {
+        let mut b = BatchLayout::new();
+        for (i, &len) in lens.iter().enumerate() {
+            b.push(i as SeqId + 1, len, 3 * i);
+        }
+        b
+    }
+
+    #[test]
+    fn the_cut_balances_rows_over_whole_sequences() {
+        assert_eq!(layout(&[]).balanced_cut(), None);
+        assert_eq!(layout(&[7]).balanced_cut(), None);
+        assert_eq!(layout(&[1, 1]).balanced_cut(), Some(1));
+        // Eight decode rows: four and four.
+        assert_eq!(layout(&[1; 8]).balanced_cut(), Some(4));
+        // A long prefill first: it takes a half by itself.
+        assert_eq!(layout(&[20, 1, 1, 1]).balanced_cut(), Some(1));
+        // 3 | 4 + 2 is 3 against 6; 3 + 4 | 2 is 7 against 2; 3 | 6 is the nearer.
+        assert_eq!(layout(&[3, 4, 2]).balanced_cut(), Some(1));
+        // 2 + 1 | 1 + 2 is exactly half.
+        assert_eq!(layout(&[2, 1, 1, 2]).balanced_cut(), Some(2));
+        // 1 | 2 + 1 and 1 + 2 | 1 are both one row off: the earlier cut.
+        assert_eq!(layout(&[1, 2, 1]).balanced_cut(), Some(1));
+    }
+
+    #[test]
+    fn a_split_keeps_ids_positions_and_restarts_rows() {
+        let (a, b) = layout(&[2, 5, 1]).split_at(1);
+        assert_eq!(a, layout(&[2]));
+        assert_eq!(b.num_rows(), 6);
+        let spans: Vec<_> = b
+            .seqs()
+            .iter()
+            .map(|s| (s.id, s.start_row, s.len, s.start_pos))
+            .collect();
+        assert_eq!(spans, [(2, 0, 5, 3), (3, 5, 1, 6)]);
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -41,19 +42,33 @@ pub trait ExpertCompute: Send + Sync {
 }
 
 /// A routed-expert result that may still be in flight.
-pub struct Pending(Box<dyn FnOnce() -> Result<Vec<f32>> + Send>);
+pub struct Pending(Box<dyn FnOnce() -> Result<(Vec<f32>, Instant)> + Send>);
 
 impl Pending {
+    /// A result computed already: it was there when the handle was made.
     pub fn ready(out: Vec<f32>) -> Self {
-        Pending(Box::new(move || Ok(out)))
+        let at = Instant::now();
+        Pending(Box::new(move || Ok((out, at))))
     }
 
-    /// A result that `wait` produces when asked (blocking until it is there).
+    /// A result that `wait` produces when asked (blocking until it is there); it counts as
+    /// there when `wait` returns.
     pub fn later(wait: impl FnOnce() -> Result<Vec<f32>> + Send + 'static) -> Self {
+        Pending(Box::new(move || wait().map(|out| (out, Instant::now()))))
+    }
+
+    /// Like [`Pending::later`], for a holder that knows when the result arrived (before
+    /// `wait` was called): the micro-batch overlap is measured against that instant.
+    pub fn arriving(wait: impl FnOnce() -> Result<(Vec<f32>, Instant)> + Send + 'static) -> Self {
         Pending(Box::new(wait))
     }
 
     pub fn wait(self) -> Result<Vec<f32>> {
+        self.wait_timed().map(|(out, _)| out)
+    }
+
+    /// The result and when it arrived.
+    pub fn wait_timed(self) -> Result<(Vec<f32>, Instant)> {
         (self.0)()
     }
 }

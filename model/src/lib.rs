@@ -4,7 +4,7 @@
 //! Layout, each layer built on the one before:
 //! [`config`] ([`quant`]) / [`checkpoint`] ([`plan`], [`progress`]) / [`weights`] ([`fp8`], [`gptq`], [`names`], [`identity`]) -> [`kernels`] ([`cuda`] on a
 //! [`device`]) -> [`attention`] ([`rope`], [`kv_cache`], [`paged_attention`]) / [`router`] ([`capacity`]) / [`mlp`] /
-//! [`experts`] -> [`model`] ([`batch`], [`trace`]) -> [`engine`], [`sampling`] ([`rng`]).
+//! [`experts`] -> [`model`] ([`batch`], [`trace`], [`overlap`]) -> [`engine`], [`sampling`] ([`rng`]).
 //! Fixture checking and model generation are tools, in the `moe-model-tools` crate.
 //!
 //! The model is split the way the cluster splits it: [`model::AttentionModel`] is everything an
@@ -30,6 +30,7 @@ pub mod kv_cache;
 pub mod mlp;
 pub mod model;
 pub mod names;
+pub mod overlap;
 pub mod paged_attention;
 pub mod plan;
 pub mod progress;

@@ -2,8 +2,10 @@
 //! shared expert, the final norm and the LM head. This is what an attention worker holds; the
 //! routed experts are reached through [`ExpertCompute`].
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::attention::AttentionWeights;
 use crate::batch::BatchLayout;
@@ -12,11 +14,12 @@ use crate::config::ModelConfig;
 use crate::cuda::DeviceAttentionStack;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::experts::ExpertCompute;
+use crate::experts::{ExpertCompute, Pending};
 use crate::kernels::{linear, rms_norm};
 use crate::kv_cache::{KvCache, KvCacheConfig};
 use crate::mlp::SwiGlu;
 use crate::names;
+use crate::overlap::{OverlapStats, Timeline};
 use crate::plan::{LoadPlan, Want};
 use crate::progress::{LoadProgress, NoProgress};
 use crate::rope::Rope;
@@ -45,6 +48,9 @@ pub struct AttentionModel {
     /// Set by [`place_attention`](Self::place_attention) on a GPU: the layers' attention and
     /// the KV cache data live there (the host `KvCache` keeps the block tables).
     device: Option<Arc<DeviceAttentionStack>>,
+    /// Micro-batches per forward pass (see [`set_micro_batches`](Self::set_micro_batches)).
+    micro_batches: usize,
+    overlap: Arc<OverlapStats>,
 }
 
 impl AttentionModel {
@@ -146,6 +152,8 @@ impl AttentionModel {
             lm_head,
             config,
             device: None,
+            micro_batches: 1,
+            overlap: Arc::default(),
         };
         progress.loaded(plan.units[model.config.num_layers]);
         Ok(model)
@@ -273,9 +281,33 @@ impl AttentionModel {
         out
     }
 
+    /// Up to `n` micro-batches per forward pass (1 or 2): with 2, a pass over two or more
+    /// sequences is cut into two halves of whole sequences that take turns, so one half's
+    /// attention runs while the other's routed experts are in flight (worth it when they run
+    /// elsewhere; results equal the unsplit pass's up to the products' rounding over fewer
+    /// rows).
+    pub fn set_micro_batches(&mut self, n: usize) -> Result<()> {
+        if !(1..=MAX_MICRO_BATCHES).contains(&n) {
+            return Err(Error::InvalidInput(format!(
+                "micro_batches must be 1 or {MAX_MICRO_BATCHES}, got {n}"
+            )));
+        }
+        self.micro_batches = n;
+        Ok(())
+    }
+
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// Forward passes, micro-batches and their overlap so far (shared with clones).
+    pub fn overlap_stats(&self) -> Arc<OverlapStats> {
+        self.overlap.clone()
+    }
+
     /// The decoder stack for one batch: embeddings in, final residual stream out. K/V of the
     /// batch positions are written to `cache` (already reserved by the caller). Records a trace
-    /// when `trace` is given.
+    /// when `trace` is given (a trace covers the whole batch: such a pass is never split).
     pub fn forward(
         &self,
         experts: &dyn ExpertCompute,
@@ -285,42 +317,151 @@ impl AttentionModel {
         cache: &mut KvCache,
         mut trace: Option<&mut Trace>,
     ) -> Result<Vec<f32>> {
-        let n = batch.num_rows();
-        debug_assert_eq!(tokens.len(), n);
-        let mut hidden = self.embed(tokens)?;
+        let started = Instant::now();
+        debug_assert_eq!(tokens.len(), batch.num_rows());
+        let hidden = self.embed(tokens)?;
         if let Some(t) = trace.as_deref_mut() {
             t.embeddings = hidden.clone();
         }
-        for l in 0..self.config.num_layers {
-            let attn_out = self.attention(l, batch, &hidden, cache)?;
-            add_in_place(&mut hidden, &attn_out);
-            let x = self.moe_input(l, &hidden);
-            let (router_logits, routing) = self.route(l, &x);
-            // The routed experts may run elsewhere: start them, compute the shared expert
-            // meanwhile, then combine.
-            let assignments = policy.assign(l, &router_logits, &routing);
-            let pending = experts.begin(l, &x, n, &assignments)?;
-            let mut moe_out = self.shared_expert(l, &x);
-            let routed = pending.wait()?;
-            add_in_place(&mut moe_out, &routed);
-            add_in_place(&mut hidden, &moe_out);
-            if let Some(t) = trace.as_deref_mut() {
-                t.layers.push(LayerTrace {
-                    attn_out,
-                    moe_input: x,
-                    router_logits,
-                    routing,
-                    routed_out: routed,
-                    moe_out,
-                    hidden_out: hidden.clone(),
-                });
+        let cut = match trace {
+            None if self.micro_batches > 1 => batch.balanced_cut(),
+            _ => None,
+        };
+        let mut parts = match cut {
+            Some(k) => {
+                let (a, b) = batch.split_at(k);
+                let mut first = hidden;
+                let second = first.split_off(a.num_rows() * self.config.hidden_size);
+                vec![
+                    MicroBatch::new(Cow::Owned(a), first),
+                    MicroBatch::new(Cow::Owned(b), second),
+                ]
             }
+            None => vec![MicroBatch::new(Cow::Borrowed(batch), hidden)],
+        };
+        let mut timeline = Timeline::default();
+        self.layers_over(experts, policy, &mut parts, cache, &mut timeline, trace.as_deref_mut())?;
+        let split = parts.len() > 1;
+        let mut parts = parts.into_iter();
+        let mut hidden = parts.next().map(|p| p.hidden).unwrap_or_default();
+        for p in parts {
+            hidden.extend_from_slice(&p.hidden);
         }
         if let Some(t) = trace {
             t.final_norm = self.final_norm(&hidden);
         }
+        self.overlap.record(started.elapsed(), split, timeline.overlap());
         Ok(hidden)
     }
+
+    /// Every layer over the micro-batches in turn. Per micro-batch and layer: the previous
+    /// layer's experts are combined (shared expert first, while they are in flight), then this
+    /// layer's attention and router run and its routed experts are started, so they are in
+    /// flight while the other micro-batch computes. With one micro-batch this is the plain
+    /// order: attention, router, begin, shared expert, wait.
+    fn layers_over(
+        &self,
+        experts: &dyn ExpertCompute,
+        policy: &dyn RoutePolicy,
+        parts: &mut [MicroBatch],
+        cache: &mut KvCache,
+        timeline: &mut Timeline,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<()> {
+        for l in 0..self.config.num_layers {
+            for (i, part) in parts.iter_mut().enumerate() {
+                timeline.start(i);
+                self.combine(i, part, timeline, trace.as_deref_mut())?;
+                let attn_out = self.attention(l, &part.layout, &part.hidden, cache)?;
+                add_in_place(&mut part.hidden, &attn_out);
+                let x = self.moe_input(l, &part.hidden);
+                let (router_logits, routing) = self.route(l, &x);
+                // The routed experts may run elsewhere: start them now, combine them later.
+                let assignments = policy.assign(l, &router_logits, &routing);
+                let sent = Instant::now();
+                let pending = experts.begin(l, &x, part.layout.num_rows(), &assignments)?;
+                part.in_flight = Some(InFlight {
+                    layer: l,
+                    x,
+                    pending,
+                    sent,
+                    traced: trace.is_some().then_some((attn_out, router_logits, routing)),
+                });
+            }
+        }
+        for (i, part) in parts.iter_mut().enumerate() {
+            timeline.start(i);
+            self.combine(i, part, timeline, trace.as_deref_mut())?;
+        }
+        timeline.stop();
+        Ok(())
+    }
+
+    /// Finishes micro-batch `i`'s MoE block, if one is in flight: the shared expert, the wait
+    /// for the routed experts (counted against the other micro-batches' computing), the
+    /// residual add.
+    fn combine(
+        &self,
+        i: usize,
+        part: &mut MicroBatch,
+        timeline: &mut Timeline,
+        trace: Option<&mut Trace>,
+    ) -> Result<()> {
+        let Some(f) = part.in_flight.take() else {
+            return Ok(());
+        };
+        let mut moe_out = self.shared_expert(f.layer, &f.x);
+        timeline.stop();
+        let (routed, arrived) = f.pending.wait_timed()?;
+        timeline.in_flight(i, f.sent, arrived);
+        timeline.start(i);
+        add_in_place(&mut moe_out, &routed);
+        add_in_place(&mut part.hidden, &moe_out);
+        if let (Some(t), Some((attn_out, router_logits, routing))) = (trace, f.traced) {
+            t.layers.push(LayerTrace {
+                attn_out,
+                moe_input: f.x,
+                router_logits,
+                routing,
+                routed_out: routed,
+                moe_out,
+                hidden_out: part.hidden.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The most micro-batches a forward pass is cut into.
+pub const MAX_MICRO_BATCHES: usize = 2;
+
+/// One micro-batch of a forward pass: its sequences, its residual stream, and its layer's
+/// routed experts while they are in flight.
+struct MicroBatch<'a> {
+    layout: Cow<'a, BatchLayout>,
+    hidden: Vec<f32>,
+    in_flight: Option<InFlight>,
+}
+
+impl<'a> MicroBatch<'a> {
+    fn new(layout: Cow<'a, BatchLayout>, hidden: Vec<f32>) -> Self {
+        MicroBatch {
+            layout,
+            hidden,
+            in_flight: None,
+        }
+    }
+}
+
+/// A layer's routed experts started for a micro-batch.
+struct InFlight {
+    layer: usize,
+    /// The MoE input (the shared expert's too).
+    x: Vec<f32>,
+    pending: Pending,
+    sent: Instant,
+    /// Attention output, router logits and routing, kept for the trace when one is recorded.
+    traced: Option<(Vec<f32>, Vec<f32>, Routing)>,
 }
 
 pub(crate) fn add_in_place(acc: &mut [f32], x: &[f32]) {

@@ -39,12 +39,15 @@ pub(crate) struct Attempt {
     version: u64,
     plane: DataPlane,
     parts: Vec<Part>,
-    /// Over NCCL: the exchange of rows and answers, one answer per part in order.
-    exchange: Option<JoinHandle<moe_model::Result<Vec<Vec<f32>>>>>,
+    /// Over NCCL: the exchange of rows and answers.
+    exchange: Option<JoinHandle<Exchanged>>,
     /// Holds the NCCL plane while this attempt's exchange is on it.
     _turn: Option<NcclTurn>,
     sent: Instant,
 }
+
+/// What an NCCL exchange ended with: one answer per part in order, and when it ended.
+type Exchanged = (moe_model::Result<Vec<Vec<f32>>>, Instant);
 
 /// The NCCL plane taken by one attempt; released when the attempt ends, however it ends.
 struct NcclTurn(Arc<AtomicBool>);
@@ -165,7 +168,7 @@ impl LayerDispatch {
             let recvs: Vec<(usize, usize)> = nccl_sends.iter().map(|(rank, rows)| (*rank, rows.len())).collect();
             shared.handle.spawn_blocking(move || {
                 let sends: Vec<(usize, &[f32])> = nccl_sends.iter().map(|(r, rows)| (*r, rows.as_slice())).collect();
-                comm.exchange(&sends, &recvs, STEP_TIMEOUT)
+                (comm.exchange(&sends, &recvs, STEP_TIMEOUT), Instant::now())
             })
         });
         Ok(Attempt {
@@ -178,9 +181,9 @@ impl LayerDispatch {
         })
     }
 
-    /// Waits for an attempt's answers and adds them up; on a failure, retries as
-    /// [`next_step`] says until it succeeds or gives up.
-    pub fn finish(mut self, first: Result<Attempt, Failed>) -> Result<Vec<f32>, DispatchError> {
+    /// Waits for an attempt's answers and adds them up, with when the last answer arrived; on
+    /// a failure, retries as [`next_step`] says until it succeeds or gives up.
+    pub fn finish(mut self, first: Result<Attempt, Failed>) -> Result<(Vec<f32>, Instant), DispatchError> {
         let mut attempt = first;
         let mut retries = 0;
         loop {
@@ -236,8 +239,8 @@ impl LayerDispatch {
     }
 
     /// Every answer of an attempt, checked against what was sent, summed per row in worker
-    /// order.
-    fn collect(&self, attempt: Attempt) -> Result<Vec<f32>, Failed> {
+    /// order, and when the last of them arrived.
+    fn collect(&self, attempt: Attempt) -> Result<(Vec<f32>, Instant), Failed> {
         let shared = &self.shared;
         let h = shared.hidden;
         let over_nccl = attempt.plane.communicator().is_some();
@@ -252,12 +255,14 @@ impl LayerDispatch {
             }
         };
         let mut inline = Vec::with_capacity(attempt.parts.len());
+        let mut arrived = attempt.sent;
         for part in attempt.parts {
             let worker = part.worker;
             let values = match shared.await_reply(part.reply, attempt.version) {
                 Awaited::PlacementMoved => Err(DispatchError::PlacementChanged { worker }),
                 Awaited::Answer(answer) => answer
-                    .and_then(|resp| {
+                    .and_then(|(resp, at)| {
+                        arrived = arrived.max(at);
                         shared.stats.add_bytes(resp.encoded_len());
                         let answer = Answer::decode(&resp, h).map_err(|e| LinkError::Malformed(e.to_string()))?;
                         check_answer(answer, part.rows.len(), h, over_nccl)
@@ -268,12 +273,16 @@ impl LayerDispatch {
             inline.push((part.rows, values));
         }
         let mut over_nccl_answers = match attempt.exchange {
-            Some(exchange) => shared
-                .handle
-                .block_on(exchange)
-                .map_err(|e| fail(DispatchError::Nccl(format!("exchange task: {e}"))))?
-                .map_err(|e| fail(DispatchError::Nccl(e.to_string())))?
-                .into_iter(),
+            Some(exchange) => {
+                let (answers, at) = shared
+                    .handle
+                    .block_on(exchange)
+                    .map_err(|e| fail(DispatchError::Nccl(format!("exchange task: {e}"))))?;
+                arrived = arrived.max(at);
+                answers
+                    .map_err(|e| fail(DispatchError::Nccl(e.to_string())))?
+                    .into_iter()
+            }
             None => Vec::new().into_iter(),
         };
         let mut out = vec![0.0f32; self.num_rows * h];
@@ -284,9 +293,10 @@ impl LayerDispatch {
             };
             scatter_add(&mut out, h, &rows, &values);
         }
-        // The round trip of the attempt that succeeded, as before retries lived here.
-        shared.stats.record_answered(attempt.sent.elapsed(), over_nccl);
-        Ok(out)
+        // The round trip of the attempt that succeeded, to its last answer's arrival: with two
+        // micro-batches the caller collects a layer's answers only after other work.
+        shared.stats.record_answered(arrived - attempt.sent, over_nccl);
+        Ok((out, arrived))
     }
 }
 

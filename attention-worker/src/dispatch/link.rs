@@ -48,9 +48,12 @@ impl LinkError {
     }
 }
 
-type ReplyTo = oneshot::Sender<Result<DispatchResponse, LinkError>>;
+/// An answer and when it came off the stream (the caller may ask for it later: the round
+/// trip and the micro-batch overlap are measured to this instant, not to the caller's wait).
+pub(crate) type Arrived = (DispatchResponse, std::time::Instant);
+type ReplyTo = oneshot::Sender<Result<Arrived, LinkError>>;
 /// The raw answer to one request (decoded by the caller, off the runtime's threads).
-pub(crate) type Reply = oneshot::Receiver<Result<DispatchResponse, LinkError>>;
+pub(crate) type Reply = oneshot::Receiver<Result<Arrived, LinkError>>;
 
 struct Call {
     request: DispatchRequest,
@@ -146,7 +149,7 @@ async fn run(address: String, timeout: Duration, mut calls: mpsc::UnboundedRecei
                     Some(Ok(resp)) => {
                         let w = waiting.pop_front().expect("a request is waiting");
                         if resp.request_id == w.id {
-                            let _ = w.reply.send(Ok(resp));
+                            let _ = w.reply.send(Ok((resp, std::time::Instant::now())));
                             // The next request's clock starts now at the latest: requests
                             // queued together do not share one budget.
                             if let Some(next) = waiting.front_mut() {

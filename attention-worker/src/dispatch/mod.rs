@@ -163,7 +163,7 @@ impl ExpertCompute for RemoteExperts {
         }
         let mut dispatch = LayerDispatch::new(shared.clone(), layer, rows.to_vec(), num_rows, assignments.to_vec());
         let first = dispatch.send();
-        Ok(Pending::later(move || {
+        Ok(Pending::arriving(move || {
             dispatch.finish(first).map_err(DispatchError::into_model)
         }))
     }
@@ -221,7 +221,7 @@ impl Shared {
 
 /// What waiting for one answer ended with.
 enum Awaited {
-    Answer(Result<moe_proto::v1::DispatchResponse, LinkError>),
+    Answer(Result<link::Arrived, LinkError>),
     PlacementMoved,
 }
 

@@ -15,6 +15,7 @@ mod connections;
 mod failures;
 mod loading;
 mod metric_names;
+mod micro_batch;
 mod parity;
 mod protocol;
 mod sampling;
