@@ -35,8 +35,9 @@ pub struct Args {
     /// Token positions per KV block.
     #[arg(long, default_value = "16")]
     pub block_size: NonZeroUsize,
-    /// Token rows per step (decode rows plus prefill chunks).
-    #[arg(long, default_value = "512")]
+    /// Token rows per step: decode rows first, then prefill chunks within what is left (so it
+    /// also bounds how long an arriving prompt stalls the running sequences).
+    #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: NonZeroUsize,
     /// Requests running at once.
     #[arg(long, default_value = "64")]
