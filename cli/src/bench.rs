@@ -452,6 +452,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let target = Arc::new(target);
+    // The sweep replaces the load; the probe above has warmed the target up for it.
     if !args.batch_sizes.is_empty() {
         let load = sweep::SweepLoad {
             batch_sizes: &args.batch_sizes,
