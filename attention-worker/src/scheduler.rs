@@ -7,6 +7,7 @@
 //! already streamed, so its client sees no gap or repeat); sample, stream, finish.
 
 use std::collections::VecDeque;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -52,6 +53,11 @@ pub struct Submission {
     pub events: mpsc::UnboundedSender<Event>,
 }
 
+/// Default token rows per step (`--max-batch-tokens`). A prefill chunk shares its step with
+/// every running sequence's decode row, so this budget also bounds how long one arriving prompt
+/// stalls them (`moectl bench --arrival-interval-ms` measures it; `docs/perf.md`).
+pub const DEFAULT_MAX_BATCH_TOKENS: NonZeroUsize = NonZeroUsize::new(512).unwrap();
+
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Token rows per step (decode rows plus prefill chunks).
@@ -63,7 +69,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
-            max_batch_tokens: 512,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS.get(),
             max_running: 64,
         }
     }

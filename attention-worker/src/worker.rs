@@ -40,8 +40,9 @@ pub struct Args {
     /// config's `torch_dtype`).
     #[arg(long, default_value_t = KvDtypeChoice::Auto)]
     pub kv_cache_dtype: KvDtypeChoice,
-    /// Token rows per step (decode rows plus prefill chunks).
-    #[arg(long, default_value = "512")]
+    /// Token rows per step: decode rows first, then prefill chunks within what is left (so it
+    /// also bounds how long an arriving prompt stalls the running sequences).
+    #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: NonZeroUsize,
     /// Requests running at once.
     #[arg(long, default_value = "64")]

@@ -2,12 +2,17 @@
 //! load and prints one JSON object: throughput of each phase (`bench/phases.rs` says exactly
 //! what is measured), time to first token and inter-token latency percentiles, failed requests,
 //! attention<->expert bytes per token per layer, and the machine's measured limits with the
-//! floors they imply.
+//! floors they imply. With `--batch-sizes` it runs the batch-size sweep of `bench/sweep.rs`
+//! instead; `--json-out` also writes the JSON to a file, which `moectl bench-plot` draws.
 
+mod floors;
 mod memory;
 mod phases;
+pub mod plot;
+mod sweep;
 
-use phases::{RequestTiming, latencies_ms, phase_rates, summary};
+use floors::{ExpertLayer, ModelCosts};
+use phases::{RequestTiming, latencies_ms, percentile, phase_rates, summary};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use moe_attention_worker::scheduler::{self, SchedulerHandle};
 use moe_model::checkpoint::Checkpoint;
+use moe_model::config::DType;
 use moe_model::kv_cache::KvDtypeChoice;
 use moe_model::sampling::{GenerationRequest, SamplingParams};
 use moe_model::{Engine, EngineOptions, ModelConfig, names};
@@ -63,6 +69,23 @@ pub struct Args {
     /// it, run the same load again, and report the expert-worker imbalance before and after.
     #[arg(long, requires = "endpoint")]
     rebalance: bool,
+    /// Run the batch-size sweep instead of the load: for each size B (comma-separated), B
+    /// requests of --prompt-len tokens start together and decode --gen-len tokens; the decode
+    /// step while all B decode is reported beside its bandwidth and FLOP floors.
+    #[arg(long, value_delimiter = ',', value_parser = crate::flags::positive::<usize>(), conflicts_with = "rebalance")]
+    batch_sizes: Vec<usize>,
+    /// Open loop: --concurrency requests start together, then one more every this many ms
+    /// (until --requests are sent), whatever is still running: inter-token latency under
+    /// arriving prompts.
+    #[arg(long, value_parser = crate::flags::positive::<u64>(), conflicts_with = "batch_sizes")]
+    arrival_interval_ms: Option<u64>,
+    /// (In process only) Token rows per engine step, decode rows first, then prefill chunks.
+    /// Default: the attention worker's default.
+    #[arg(long, value_parser = crate::flags::positive::<usize>(), conflicts_with = "endpoint")]
+    max_batch_tokens: Option<usize>,
+    /// Also write the JSON to this file (for `moectl bench-plot`).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 enum Target {
@@ -105,37 +128,54 @@ async fn memory_report(target: &Target, checkpoint_bytes: u64) -> serde_json::Va
     }
 }
 
-/// Bytes a batch-1 decode step must read, and FLOPs per token (2 x active parameters).
-struct Floors {
-    decode_bytes: f64,
-    flops_per_token: f64,
-}
-
-fn floors(dir: &std::path::Path, config: &ModelConfig) -> anyhow::Result<Floors> {
+/// The model's per-step costs (`bench/floors.rs`) read from its checkpoint, with a KV cache of
+/// `kv_elem_bytes` per value, and the storage type of its weights.
+fn model_costs(
+    dir: &std::path::Path,
+    config: &ModelConfig,
+    kv_elem_bytes: usize,
+) -> anyhow::Result<(ModelCosts, DType)> {
     let ckpt = Checkpoint::open(dir)?;
-    let (mut non_expert_bytes, mut non_expert_params) = (0usize, 0usize);
+    let embed = ckpt.info(names::EMBED)?;
+    let embed_row_bytes = embed.shape.iter().skip(1).product::<usize>() * embed.dtype.size_in_bytes();
+    let (mut dense_bytes, mut dense_params) = (0usize, 0usize);
     for name in ckpt.tensor_names() {
-        if names::is_routed_expert(name) || (name == names::LM_HEAD && config.tie_word_embeddings) {
+        // A step reads only its tokens' embedding rows, unless the table is also the LM head.
+        let embedding_only = name == names::EMBED && !config.tie_word_embeddings;
+        if names::is_routed_expert(name) || embedding_only || (name == names::LM_HEAD && config.tie_word_embeddings) {
             continue;
         }
         let info = ckpt.info(name)?;
         let n: usize = info.shape.iter().product();
-        non_expert_params += n;
-        non_expert_bytes += n * info.dtype.size_in_bytes();
+        dense_params += n;
+        dense_bytes += n * info.dtype.size_in_bytes();
     }
-    let (mut expert_bytes, mut expert_params) = (0usize, 0usize);
+    let mut layers = Vec::with_capacity(config.layers.len());
     for (l, lc) in config.layers.iter().enumerate() {
+        let (mut bytes, mut params) = (0usize, 0usize);
         for p in ["gate_proj", "up_proj", "down_proj"] {
             let info = ckpt.info(&names::expert(l, 0, p))?;
             let n: usize = info.shape.iter().product();
-            expert_params += n * lc.moe_topk;
-            expert_bytes += n * info.dtype.size_in_bytes() * lc.moe_topk;
+            params += n;
+            bytes += n * info.dtype.size_in_bytes();
         }
+        layers.push(ExpertLayer {
+            experts: config.num_experts,
+            topk: lc.moe_topk,
+            expert_bytes: bytes as f64,
+            expert_params: params as f64,
+        });
     }
-    Ok(Floors {
-        decode_bytes: (non_expert_bytes + expert_bytes) as f64,
-        flops_per_token: 2.0 * (non_expert_params + expert_params) as f64,
-    })
+    let costs = ModelCosts {
+        dense_bytes: dense_bytes as f64,
+        dense_params: dense_params as f64,
+        embed_row_bytes: embed_row_bytes as f64,
+        layers,
+        kv_bytes_per_token: config.kv_bytes_per_token(kv_elem_bytes) as f64,
+        attention_flops_per_position: (4 * config.num_heads * config.head_dim * config.num_layers) as f64,
+    };
+    let dtype = ckpt.info(&names::layer(0, names::Q_PROJ))?.dtype;
+    Ok((costs, dtype))
 }
 
 fn prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
@@ -220,26 +260,15 @@ struct Phase {
 impl Phase {
     async fn run(target: &Arc<Target>, args: &Args, vocab: usize) -> anyhow::Result<Phase> {
         let before = counters(target).await;
-        let queue = Arc::new(Mutex::new(prompts(args.requests, args.prompt_len, vocab, args.seed)));
+        let prompts = prompts(args.requests, args.prompt_len, vocab, args.seed);
         let started = Instant::now();
-        let mut workers = Vec::new();
-        for _ in 0..args.concurrency.min(args.requests) {
-            let (queue, target) = (queue.clone(), target.clone());
-            let gen_len = args.gen_len;
-            workers.push(tokio::spawn(async move {
-                let mut results = Vec::new();
-                loop {
-                    let Some(prompt) = queue.lock().await.pop() else { break };
-                    let sent = started.elapsed();
-                    results.push((sent, target.run(&greedy(prompt, gen_len)).await));
-                }
-                results
-            }));
-        }
-        let mut results = Vec::new();
-        for w in workers {
-            results.extend(w.await?);
-        }
+        let results = match args.arrival_interval_ms {
+            None => closed_loop(target, prompts, args.concurrency, args.gen_len, started).await?,
+            Some(ms) => {
+                let interval = Duration::from_millis(ms);
+                open_loop(target, prompts, args.concurrency, interval, args.gen_len, started).await?
+            }
+        };
         let wall_s = started.elapsed().as_secs_f64();
         Ok(Phase {
             wall_s,
@@ -308,6 +337,65 @@ impl Phase {
     }
 }
 
+type Sent = (Duration, Result<Generation, tonic::Status>);
+
+/// `concurrency` slots, each sending its next prompt when its last request finished.
+async fn closed_loop(
+    target: &Arc<Target>,
+    prompts: Vec<Vec<u32>>,
+    concurrency: usize,
+    gen_len: u32,
+    started: Instant,
+) -> anyhow::Result<Vec<Sent>> {
+    let slots = concurrency.min(prompts.len());
+    let queue = Arc::new(Mutex::new(prompts));
+    let mut workers = Vec::new();
+    for _ in 0..slots {
+        let (queue, target) = (queue.clone(), target.clone());
+        workers.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            loop {
+                let Some(prompt) = queue.lock().await.pop() else { break };
+                let sent = started.elapsed();
+                results.push((sent, target.run(&greedy(prompt, gen_len)).await));
+            }
+            results
+        }));
+    }
+    let mut results = Vec::new();
+    for w in workers {
+        results.extend(w.await?);
+    }
+    Ok(results)
+}
+
+/// The first `concurrency` prompts at once, then one every `interval` whatever is running.
+async fn open_loop(
+    target: &Arc<Target>,
+    prompts: Vec<Vec<u32>>,
+    concurrency: usize,
+    interval: Duration,
+    gen_len: u32,
+    started: Instant,
+) -> anyhow::Result<Vec<Sent>> {
+    let mut tasks = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        if let Some(arrival) = (i + 1).checked_sub(concurrency).filter(|&a| a > 0) {
+            tokio::time::sleep_until((started + interval * arrival as u32).into()).await;
+        }
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let sent = started.elapsed();
+            (sent, target.run(&greedy(prompt, gen_len)).await)
+        }));
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        results.push(t.await?);
+    }
+    Ok(results)
+}
+
 fn greedy(prompt: Vec<u32>, gen_len: u32) -> GenerationRequest {
     GenerationRequest {
         prompt,
@@ -350,7 +438,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => default_model_dir()?,
     };
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let floors = floors(&dir, &config)?;
+    // The cache's dtype as `auto` resolves it (a cluster's attention workers run `auto` unless
+    // told otherwise; in process the flag decides).
+    let kv_dtype = args.kv_cache_dtype.resolve(config.dtype);
+    let (costs, dtype) = model_costs(&dir, &config, kv_dtype.size_in_bytes())?;
     let weight_bytes = checkpoint_bytes(&dir)?;
     let machine = (!args.no_machine).then(crate::machine::measure);
     let mut gpu_bandwidth_gbps = None;
@@ -381,8 +472,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "dtype": dtype.name(),
                 "bytes_per_token": config.kv_bytes_per_token(dtype.size_in_bytes()),
             }));
-            Target::InProcess(scheduler::spawn(engine, Default::default()))
+            let defaults = scheduler::SchedulerConfig::default();
+            let config = scheduler::SchedulerConfig {
+                max_batch_tokens: args.max_batch_tokens.unwrap_or(defaults.max_batch_tokens),
+                // Every request of the largest sweep batch runs at once.
+                max_running: defaults
+                    .max_running
+                    .max(args.batch_sizes.iter().copied().max().unwrap_or(0)),
+            };
+            Target::InProcess(scheduler::spawn(engine, config))
         }
+    };
+    let label = match &args.endpoint {
+        Some(_) => "cluster",
+        None => "in-process",
+    };
+    let target_name = match &args.endpoint {
+        Some(ep) => format!("cluster {ep}"),
+        None => format!("in-process engine, attention and experts on {}", args.device),
     };
     // Alone: prefill time (time to first token) and decode step time at batch 1.
     let probe_prompt = prompts(1, args.prompt_len, config.vocab_size, args.seed ^ 0xabc).remove(0);
@@ -401,8 +508,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         f64::NAN
     };
 
-    // Under load.
     let target = Arc::new(target);
+    // The sweep replaces the load; the probe above has warmed the target up for it.
+    if !args.batch_sizes.is_empty() {
+        let load = sweep::SweepLoad {
+            batch_sizes: &args.batch_sizes,
+            prompt_len: args.prompt_len,
+            gen_len: args.gen_len,
+            seed: args.seed,
+            vocab: config.vocab_size,
+        };
+        let entries = sweep::run(&target, &costs, machine.as_ref(), &load).await?;
+        let out = json!({
+            "target": target_name,
+            "label": label,
+            "model": dir.display().to_string(),
+            "model_dtype": format!("{dtype:?}").to_lowercase(),
+            "load": { "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len, "gen_len": args.gen_len },
+            "step_ms_is": "p50 of the gaps between consecutive tokens while every request of the batch was past its first token and none had finished",
+            "sweep": entries,
+            "machine": machine,
+        });
+        return emit(&out, args.json_out.as_deref());
+    }
+
+    // Under load.
     let mut phase = Phase::run(&target, &args, config.vocab_size).await?;
     let balance = match (&args.endpoint, args.rebalance) {
         (Some(endpoint), true) => {
@@ -429,12 +559,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let bw_floor_ms = machine
         .as_ref()
-        .map(|m| floors.decode_bytes / (m.memory_bandwidth_gbps * 1e9) * 1e3);
-    let prefill_gflops = floors.flops_per_token * args.prompt_len as f64 / prefill_s / 1e9;
+        .map(|m| costs.weight_bytes(1) / (m.memory_bandwidth_gbps * 1e9) * 1e3);
+    let prefill_gflops = costs.flops_per_token() * args.prompt_len as f64 / prefill_s / 1e9;
     let out = json!({
-        "target": match &args.endpoint { Some(ep) => format!("cluster {ep}"), None => format!("in-process engine, attention and experts on {}", args.device) },
+        "target": target_name,
+        "label": label,
         "model": dir.display().to_string(),
-        "load": { "concurrency": args.concurrency, "requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len },
+        "model_dtype": format!("{dtype:?}").to_lowercase(),
+        "load": {
+            "concurrency": args.concurrency, "requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+            "arrival_interval_ms": args.arrival_interval_ms, "max_batch_tokens": args.max_batch_tokens,
+        },
         "kv_cache": kv_cache,
         "wall_s": wall,
         "failed": failed,
@@ -457,6 +592,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "output_tokens_per_s": generated as f64 / wall,
         "ttft_ms": summary(&ttft),
         "itl_ms": summary(&itl),
+        "itl_p99_over_p50": percentile(&itl, 0.99) / percentile(&itl, 0.5),
         "dispatch_bytes_per_token_per_layer": bytes_per_token_layer,
         "dispatch": args.endpoint.as_ref().map(|_| phase.dispatch()),
         "step_imbalance": phase.step_imbalance(),
@@ -468,14 +604,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "decode_step_ms": decode_step_s * 1e3,
         },
         "floors": {
-            "decode_step_bytes": floors.decode_bytes,
+            "decode_step_bytes": costs.weight_bytes(1),
             "decode_step_floor_ms": bw_floor_ms,
             "decode_step_over_floor": bw_floor_ms.map(|f| decode_step_s * 1e3 / f),
-            "flops_per_token": floors.flops_per_token,
+            "flops_per_token": costs.flops_per_token(),
             "prefill_over_matmul_peak": machine.as_ref().map(|m| prefill_gflops / m.matmul_f32_gflops),
         },
         "gpu": gpu_bandwidth_gbps.map(|gbps| {
-            let floor_ms = floors.decode_bytes / (gbps * 1e9) * 1e3;
+            let floor_ms = costs.weight_bytes(1) / (gbps * 1e9) * 1e3;
             json!({
                 "memory_bandwidth_gbps": gbps,
                 "decode_step_floor_ms": floor_ms,
@@ -488,6 +624,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "memory": memory_report(&target, weight_bytes).await,
         "machine": machine,
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    emit(&out, args.json_out.as_deref())
+}
+
+/// Prints the bench's JSON, and writes it to `json_out` too when given.
+fn emit(out: &serde_json::Value, json_out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(out)?;
+    if let Some(path) = json_out {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{text}");
     Ok(())
 }

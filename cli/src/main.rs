@@ -59,6 +59,15 @@ enum Command {
     },
     /// Drive a cluster or the in-process engine with a load; print throughput and latency as JSON.
     Bench(bench::Args),
+    /// Draw sweeps written by `moectl bench --batch-sizes ... --json-out FILE` as one SVG:
+    /// decode tokens/s and step time against batch size, with each run's floors.
+    BenchPlot {
+        /// Sweep JSON files, one line per file (legend: its target and weight dtype).
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Measure a GPU (bf16 matmul rate, memory bandwidth) and the grouped expert GEMM; JSON.
     GpuBench(gpu_bench::Args),
     /// Take a worker out of service without losing work, then let it leave. Presents the
@@ -159,6 +168,7 @@ fn main() -> ExitCode {
             Command::Status { endpoint, json } => ok(remote::status(&endpoint, json).await),
             Command::CheckGolden(args) => check_golden::run(args).await,
             Command::Bench(args) => ok(bench::run(args).await),
+            Command::BenchPlot { files, out } => ok(bench::plot::run(&files, &out)),
             Command::GpuBench(args) => ok(gpu_bench::run(args)),
             Command::Drain {
                 endpoint,

@@ -90,6 +90,13 @@ pub struct Args {
     /// bf16 (half the bytes).
     #[arg(long, default_value_t = moe_proto::tensor::WireDtype::F32)]
     wire_dtype: moe_proto::tensor::WireDtype,
+    /// Attention workers: requests running at once (default: the attention worker's).
+    #[arg(long, value_parser = crate::flags::positive::<usize>())]
+    max_running: Option<usize>,
+    /// Attention workers: token rows per step, decode rows first, then prefill chunks
+    /// (default: the attention worker's).
+    #[arg(long, value_parser = crate::flags::positive::<usize>())]
+    max_batch_tokens: Option<usize>,
     /// Rebalance the expert placement by itself above this expected imbalance (0 = off).
     #[arg(long, default_value_t = 0.0)]
     rebalance_threshold: f64,
@@ -292,6 +299,12 @@ impl LocalCluster {
         }
         if let Some(n) = args.micro_batches {
             attn_args.extend(["--micro-batches".into(), n.to_string()]);
+        }
+        if let Some(n) = args.max_running {
+            attn_args.extend(["--max-running".into(), n.to_string()]);
+        }
+        if let Some(n) = args.max_batch_tokens {
+            attn_args.extend(["--max-batch-tokens".into(), n.to_string()]);
         }
         attn_args.extend([
             "--wire-dtype".into(),

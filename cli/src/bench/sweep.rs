@@ -1,0 +1,176 @@
+//! `moectl bench --batch-sizes`: for each batch size B, B greedy requests start together and the
+//! decode step is timed while all B decode, beside its bandwidth and FLOP floors.
+//!
+//! The step time is read from the client's token times: only gaps between consecutive tokens
+//! that lie inside the window where every request is past its first token and none has finished
+//! count, so prefill steps and the ragged tail are left out.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::floors::{ModelCosts, expected_distinct_experts};
+use super::phases::{percentile, summary};
+use super::{Target, greedy, prompts};
+use crate::machine::MachineLimits;
+
+/// What the sweep runs: batch sizes and each request's shape.
+pub struct SweepLoad<'a> {
+    pub batch_sizes: &'a [usize],
+    pub prompt_len: usize,
+    pub gen_len: u32,
+    pub seed: u64,
+    pub vocab: usize,
+}
+
+/// Gaps (ms, sorted) between consecutive tokens of `requests` (each its token times, in
+/// seconds) inside the window [latest first token, earliest last token]: the steps in which
+/// every request was decoding.
+pub fn all_decoding_gaps_ms(requests: &[Vec<f64>]) -> Vec<f64> {
+    let Some(start) = requests
+        .iter()
+        .map(|t| t.first().copied())
+        .try_fold(f64::MIN, |m, t| t.map(|t| m.max(t)))
+    else {
+        return Vec::new();
+    };
+    let end = requests
+        .iter()
+        .filter_map(|t| t.last().copied())
+        .fold(f64::MAX, f64::min);
+    let mut gaps: Vec<f64> = requests
+        .iter()
+        .flat_map(|t| t.windows(2))
+        .filter(|w| w[0] >= start && w[1] <= end)
+        .map(|w| (w[1] - w[0]) * 1e3)
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    gaps
+}
+
+/// Runs every batch size of `load` on `target`; one JSON object per batch size.
+pub async fn run(
+    target: &Arc<Target>,
+    costs: &ModelCosts,
+    machine: Option<&MachineLimits>,
+    load: &SweepLoad<'_>,
+) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for &b in load.batch_sizes {
+        let started = Instant::now();
+        let tasks: Vec<_> = prompts(b, load.prompt_len, load.vocab, load.seed ^ b as u64)
+            .into_iter()
+            .map(|p| {
+                let (target, request) = (target.clone(), greedy(p, load.gen_len));
+                tokio::spawn(async move { target.run(&request).await })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(b);
+        for t in tasks {
+            results.push(t.await?);
+        }
+        let wall_s = started.elapsed().as_secs_f64();
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        let times: Vec<Vec<f64>> = results
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|g| g.token_times.iter().map(|t| t.as_secs_f64()).collect())
+            .collect();
+        let gaps = all_decoding_gaps_ms(&times);
+        // Positions cached at the middle decode step: the prompt and half the new tokens.
+        let context = load.prompt_len + load.gen_len as usize / 2;
+        out.push(entry(b, &gaps, failed, wall_s, context, costs, machine));
+    }
+    Ok(out)
+}
+
+fn entry(
+    b: usize,
+    gaps: &[f64],
+    failed: usize,
+    wall_s: f64,
+    context: usize,
+    costs: &ModelCosts,
+    machine: Option<&MachineLimits>,
+) -> Value {
+    let step_ms = (!gaps.is_empty()).then(|| percentile(gaps, 0.5));
+    let floors = machine.map(|m| costs.step_floors(b, context, m.memory_bandwidth_gbps, m.matmul_f32_gflops));
+    let ratio = |floor_ms: Option<f64>| step_ms.zip(floor_ms).map(|(s, f)| s / f);
+    let distinct: Vec<f64> = costs
+        .layers
+        .iter()
+        .map(|l| expected_distinct_experts(l.experts, l.topk, b))
+        .collect();
+    json!({
+        "batch_size": b,
+        "failed": failed,
+        "wall_s": wall_s,
+        // Every request's gaps inside the all-decoding window: about B per step.
+        "gaps_measured": gaps.len(),
+        "step_ms": summary(gaps),
+        "decode_tokens_per_s": step_ms.map(|s| b as f64 * 1e3 / s),
+        "kv_context_tokens": context,
+        "floors": {
+            "bandwidth": {
+                "weight_bytes": costs.weight_bytes(b),
+                "kv_bytes": costs.kv_bytes(b, context),
+                "routed_experts_per_layer": distinct,
+                "routed_experts_are": "estimate: E*(1-(1-k/E)^B) per layer, the expectation under uniform top-k routing",
+                "ms": floors.map(|f| f.bandwidth_ms),
+            },
+            "flop": {
+                "flops": costs.step_flops(b, context),
+                "ms": floors.map(|f| f.flop_ms),
+            },
+        },
+        "step_over_bandwidth_floor": ratio(floors.map(|f| f.bandwidth_ms)),
+        "step_over_flop_floor": ratio(floors.map(|f| f.flop_ms)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_gaps_while_every_request_decodes_count() {
+        // Request a: tokens at 1, 2, 3, 4, 5; request b (later prompt): 2.5, 3.5, 4.5, 6.
+        // Window [2.5, 5]: a's 3->4, 4->5 and b's 2.5->3.5, 3.5->4.5.
+        let requests = vec![vec![1.0, 2.0, 3.0, 4.0, 5.0], vec![2.5, 3.5, 4.5, 6.0]];
+        assert_eq!(all_decoding_gaps_ms(&requests), [1000.0; 4]);
+        // A request without tokens: no window.
+        assert!(all_decoding_gaps_ms(&[vec![1.0, 2.0], vec![]]).is_empty());
+        // No overlap: nothing.
+        assert!(all_decoding_gaps_ms(&[vec![1.0, 2.0], vec![3.0, 4.0]]).is_empty());
+        assert!(all_decoding_gaps_ms(&[]).is_empty());
+    }
+
+    #[test]
+    fn entry_rates_and_ratios_follow_the_step() {
+        let costs = ModelCosts {
+            dense_bytes: 1e6,
+            dense_params: 1e5,
+            embed_row_bytes: 0.0,
+            layers: vec![],
+            kv_bytes_per_token: 0.0,
+            attention_flops_per_position: 0.0,
+        };
+        let machine = MachineLimits {
+            memory_bandwidth_gbps: 1.0,
+            matmul_f32_gflops: 1.0,
+            threads: 1,
+        };
+        // Step 4 ms at B = 2: 500 tokens/s; floors 1 ms (1 MB at 1 GB/s) and 0.4 ms (4e5 FLOPs).
+        let e = entry(2, &[4.0, 4.0, 4.0], 0, 1.0, 10, &costs, Some(&machine));
+        assert_eq!(e["decode_tokens_per_s"], 500.0);
+        let close = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-9;
+        assert!(close(&e["floors"]["bandwidth"]["ms"], 1.0));
+        assert!(close(&e["floors"]["flop"]["ms"], 0.4));
+        assert!(close(&e["step_over_bandwidth_floor"], 4.0));
+        assert!(close(&e["step_over_flop_floor"], 10.0));
+        // No steps with every request decoding: no rate, no ratio.
+        let none = entry(2, &[], 0, 1.0, 10, &costs, Some(&machine));
+        assert!(none["decode_tokens_per_s"].is_null() && none["step_over_bandwidth_floor"].is_null());
+    }
+}
