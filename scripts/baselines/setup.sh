@@ -25,6 +25,12 @@ llama=$src/vendor/llama.cpp
 tools=(llama-bench llama-batched-bench llama-debug)
 
 mkdir -p "$dir/src"
+# One setup at a time: two builds in one build directory would spoil each other's objects.
+exec 9>"$dir/.setup.lock"
+if ! flock -n 9; then
+  echo "setup: another setup.sh is running in $dir (lock $dir/.setup.lock); wait for it" >&2
+  exit 1
+fi
 
 # 1. Python: torch (PyPI's Linux wheel; it carries CUDA libraries, about 6 GB, and runs on
 #    the CPU here), transformers with HunYuanMoEV1ForCausalLM, and the converter's needs.
