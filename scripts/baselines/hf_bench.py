@@ -19,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -68,6 +69,9 @@ def main():
         sys.exit("--gen-len must be at least 2, --prompt-len and --batch at least 1")
 
     torch.set_num_threads(args.threads)
+    with open(Path(args.model_dir) / "config.json") as f:
+        cfg = json.load(f)
+    checkpoint_dtype = cfg.get("dtype", cfg.get("torch_dtype"))
     model, experts = load(args.model_dir)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -87,7 +91,7 @@ def main():
         "engine": "transformers",
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
         "settings": {"dtype": "float32", "attn_implementation": "sdpa", "experts_implementation": experts,
-                     "threads": args.threads, "checkpoint_dtype": str(model.config.dtype)},
+                     "threads": args.threads, "checkpoint_dtype": checkpoint_dtype},
         "load": {"batch": args.batch, "prompt_len": args.prompt_len, "gen_len": args.gen_len},
         "batch_prefill_s": b_prefill,
         "batch_prefill_tokens_per_s": args.batch * args.prompt_len / b_prefill,
