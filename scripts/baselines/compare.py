@@ -29,20 +29,24 @@ import exactness  # noqa: E402
 import layout  # noqa: E402
 
 
-def run(cmd, log, env=None):
-    """Run cmd; return (stdout, stderr, peak RSS in GiB, seconds). Fails loudly on a non-zero exit."""
+def run(cmd, log, merge=False):
+    """Run cmd; return (stdout, peak RSS in GiB, seconds). stderr goes to the log (with
+    merge=True it is read with stdout, then logged too). Fails loudly on a non-zero exit."""
     t0 = time.perf_counter()
     with open(log, "ab") as err:
         err.write(f"\n$ {shlex.join(map(str, cmd))}\n".encode())
         err.flush()
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err, env=env)
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT if merge else err)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
+        if merge:
+            err.write(out)
     if proc.returncode != 0:
         sys.exit(f"{cmd[0]} failed with exit status {proc.returncode}; see {log}")
-    return out.decode(), usage.ru_maxrss * 1024 / 2**30, time.perf_counter() - t0
+    return out.decode(errors="replace"), usage.ru_maxrss * 1024 / 2**30, time.perf_counter() - t0
 
 
 def engine_bench(args, concurrency, requests, log):
@@ -99,7 +103,8 @@ def batched_bench(args, gguf, log):
     ctx = max(npl) * (args.prompt_len + args.gen_len)
     cmd = [args.llama_bin / "llama-batched-bench", "-m", gguf, "-c", ctx, "-npp", args.prompt_len,
            "-ntg", args.gen_len, "-npl", args.npl, "-t", args.threads, "--output-format", "jsonl"]
-    out, rss, secs = run(cmd, log)
+    # Its JSON lines go through llama.cpp's logger: read stdout and stderr alike.
+    out, rss, secs = run(cmd, log, merge=True)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{") and "speed_tg" in line]
     by_pl = {r["pl"]: r for r in rows}
     missing = [n for n in npl if n not in by_pl]
