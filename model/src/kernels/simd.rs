@@ -226,7 +226,7 @@ fn has_avx2() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_f16c() -> bool {
+pub(super) fn has_f16c() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("f16c"))
