@@ -17,9 +17,12 @@ use super::scratch::{Scratch, with_scratch};
 use super::skinny::{Operands, skinny};
 use crate::weights::{Matrix, MatrixData};
 
-/// Up to this many input rows the skinny kernel is used; above it faer (measured on the
-/// medium model's shapes, k = 384 and 1024, on AVX2: see `examples/linear_bench.rs`).
-const SKINNY_MAX_ROWS: usize = 16;
+/// Up to this many input rows the skinny kernel is used; above it faer. Measured with
+/// `examples/linear_bench.rs` on the medium model's shapes (k = 384 and 1024, 2 AVX2 cores):
+/// the skinny kernel wins clearly up to 8 rows, bf16 weights (whose widening faer's path pays
+/// separately) up to 12; from 16 rows faer wins on most shapes.
+const SKINNY_MAX_ROWS_F32: usize = 8;
+const SKINNY_MAX_ROWS: usize = 12;
 
 /// Work (m·n·k multiply-adds) below which threads cost more than they save.
 const PARALLEL_WORK: usize = 1 << 18;
@@ -94,6 +97,7 @@ pub fn linear_strided(
         "linear: output is not [m={m}, n={n}]"
     );
     let skinny_path = match path {
+        Path::Auto if ws.iter().all(|w| matches!(w.data, MatrixData::F32(_))) => m <= SKINNY_MAX_ROWS_F32,
         Path::Auto => m <= SKINNY_MAX_ROWS,
         Path::Skinny => true,
         Path::Blocked => false,
