@@ -14,7 +14,7 @@ use crate::config::ModelConfig;
 use crate::cuda::{DeviceSwiGlu, ExpertGroup};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::kernels::axpy;
+use crate::kernels::{Scratch, axpy, with_scratch};
 use crate::mlp::SwiGlu;
 use crate::names;
 use crate::plan::{LoadPlan, Want};
@@ -326,6 +326,11 @@ impl ExpertCompute for LocalExperts {
 }
 
 impl LocalExperts {
+    /// One grouped SwiGLU per expert over all its rows, written into one per-thread buffer (a
+    /// slice per group), then combined. Many groups run in parallel, one task each, each
+    /// product inside on its task's thread; a few groups (at most two per thread) run one after
+    /// the other with each product split over the pool instead, so a layer routed to one or
+    /// two experts still uses every core and no product nests tasks inside tasks.
     fn compute_on_host(
         &self,
         layer: usize,
@@ -334,39 +339,58 @@ impl LocalExperts {
         assignments: &[ExpertAssignment],
         groups: &[(u32, Vec<usize>)],
     ) -> Vec<f32> {
+        thread_local! {
+            static OUTPUTS: Scratch = const { Scratch::new(Vec::new()) };
+            static GATHERED: Scratch = const { Scratch::new(Vec::new()) };
+        }
         let h = self.hidden;
-        let outputs: Vec<Vec<f32>> = groups
-            .par_iter()
-            .map(|(expert, members)| {
-                let mut x = Vec::with_capacity(members.len() * h);
-                for &i in members {
-                    let r = assignments[i].row as usize;
-                    x.extend_from_slice(&rows[r * h..(r + 1) * h]);
-                }
-                match self.get(layer, *expert as usize) {
-                    Some(Held::Host(mlp)) => mlp.forward(&x, members.len()),
-                    _ => unreachable!("a CPU holder keeps every expert on the host"),
-                }
-            })
-            .collect();
-
-        // Where each assignment's expert output sits, then combine in assignment order so the
-        // summation order does not depend on how experts were grouped or scheduled.
-        let mut location = vec![(0usize, 0usize); assignments.len()];
-        for (g, (_, members)) in groups.iter().enumerate() {
-            for (slot, &i) in members.iter().enumerate() {
-                location[i] = (g, slot);
+        // Group g's outputs start at row `first[g]` of the buffer.
+        let mut first = Vec::with_capacity(groups.len());
+        let mut total = 0;
+        for (_, members) in groups {
+            first.push(total);
+            total += members.len();
+        }
+        with_scratch(&OUTPUTS, total * h, |outputs| {
+            let mut slices = Vec::with_capacity(groups.len());
+            let mut rest = &mut outputs[..];
+            for (_, members) in groups {
+                let (head, tail) = rest.split_at_mut(members.len() * h);
+                slices.push(head);
+                rest = tail;
             }
-        }
-        let mut out = vec![0.0; num_rows * h];
-        for (a, &(g, slot)) in assignments.iter().zip(&location) {
-            let r = a.row as usize;
-            axpy(
-                a.weight,
-                &outputs[g][slot * h..(slot + 1) * h],
-                &mut out[r * h..(r + 1) * h],
-            );
-        }
-        out
+            let run = |((expert, members), out): (&(u32, Vec<usize>), &mut &mut [f32])| {
+                let Some(Held::Host(mlp)) = self.get(layer, *expert as usize) else {
+                    unreachable!("a CPU holder keeps every expert on the host")
+                };
+                with_scratch(&GATHERED, members.len() * h, |x| {
+                    for (dst, &i) in x.chunks_exact_mut(h).zip(members) {
+                        let r = assignments[i].row as usize;
+                        dst.copy_from_slice(&rows[r * h..(r + 1) * h]);
+                    }
+                    mlp.forward_into(x, members.len(), out);
+                });
+            };
+            if groups.len() > 2 * rayon::current_num_threads() {
+                groups.par_iter().zip(slices.par_iter_mut()).for_each(run);
+            } else {
+                groups.iter().zip(slices.iter_mut()).for_each(run);
+            }
+
+            // Combine in assignment order so the summation order does not depend on how
+            // experts were grouped or scheduled.
+            let mut location = vec![0usize; assignments.len()];
+            for ((_, members), &f) in groups.iter().zip(&first) {
+                for (slot, &i) in members.iter().enumerate() {
+                    location[i] = f + slot;
+                }
+            }
+            let mut out = vec![0.0; num_rows * h];
+            for (a, &at) in assignments.iter().zip(&location) {
+                let r = a.row as usize;
+                axpy(a.weight, &outputs[at * h..(at + 1) * h], &mut out[r * h..(r + 1) * h]);
+            }
+            out
+        })
     }
 }

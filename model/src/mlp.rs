@@ -2,7 +2,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
-use crate::kernels::{linear, silu_mul};
+use crate::kernels::{Path, Scratch, linear_many, linear_strided, silu_mul, with_scratch};
 use crate::plan::Want;
 use crate::weights::Matrix;
 
@@ -43,14 +43,27 @@ impl SwiGlu {
 
     /// `x [m, hidden]` -> `[m, hidden]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let inter = self.intermediate();
-        let mut g = vec![0.0; m * inter];
-        let mut u = vec![0.0; m * inter];
-        linear(x, m, &self.gate, &mut g);
-        linear(x, m, &self.up, &mut u);
-        silu_mul(&mut g, &u);
         let mut out = vec![0.0; m * self.down.rows];
-        linear(&g, m, &self.down, &mut out);
+        self.forward_into(x, m, &mut out);
         out
+    }
+
+    /// [`SwiGlu::forward`] into `out [m, hidden]`. Gate and up are one product (one pass over
+    /// `x`, their outputs side by side in each row of a reused per-thread buffer); the
+    /// activation overwrites the gate half in place and `down` reads it with the row stride.
+    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        thread_local! {
+            static GATE_UP: Scratch = const { Scratch::new(Vec::new()) };
+        }
+        let (inter, hidden) = (self.intermediate(), self.down.rows);
+        assert_eq!(out.len(), m * hidden, "SwiGLU output is not [m={m}, hidden={hidden}]");
+        with_scratch(&GATE_UP, m * 2 * inter, |gu| {
+            linear_many(x, m, &[&self.gate, &self.up], gu);
+            for row in gu.chunks_exact_mut(2 * inter) {
+                let (g, u) = row.split_at_mut(inter);
+                silu_mul(g, u);
+            }
+            linear_strided(gu, 2 * inter, m, &[&self.down], out, hidden, Path::Auto);
+        });
     }
 }

@@ -1,11 +1,16 @@
 //! CPU kernels. All arithmetic is f32; weights are widened from their stored dtype as they are
 //! read. Large products go through `faer`'s SIMD matrix multiply; skinny (decode) products use
-//! a dot-product path that reads each weight byte once, the memory-bandwidth floor.
+//! a kernel that reads each weight byte once for all input rows, the memory-bandwidth floor.
 
 mod linear;
+mod scratch;
+mod silu;
 mod simd;
+mod skinny;
 
-pub use linear::linear;
+pub use linear::{Path, linear, linear_many, linear_strided, linear_with};
+pub use scratch::{Scratch, with_scratch};
+pub use silu::silu_mul;
 pub use simd::{dot, dot_bf16, dot_fp8, widen_bf16, widen_fp8};
 
 /// `out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps)` for each row of width `w.len()`.
@@ -30,13 +35,6 @@ pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
         for (v, &g) in xr.iter_mut().zip(w) {
             *v = g * (*v * inv);
         }
-    }
-}
-
-/// SwiGLU activation in place: `gate[i] = silu(gate[i]) * up[i]`.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 
