@@ -74,7 +74,8 @@ pub struct Args {
     /// two or more sequences is cut into two halves of whole sequences that take turns, so one
     /// half's attention runs while the other's experts compute on the expert workers; a step
     /// of one sequence runs whole. Lossy capacity policies count capacity per step, so they
-    /// take 1 (the default there; 2 is refused).
+    /// take 1 (the default there; 2 is refused). With `--nccl-device` the default is 1: the
+    /// data plane carries one exchange at a time, so a second half's rows would go over gRPC.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub micro_batches: Option<u8>,
     /// Seed of `recycle`'s random choices.
@@ -96,14 +97,15 @@ fn positive_finite(s: &str) -> std::result::Result<f64, String> {
 }
 
 /// Micro-batches per step: 2 unless a lossy capacity policy is on (its capacity is per step;
-/// two halves would each get a step's capacity).
-fn micro_batches(asked: Option<u8>, policy: CapacityPolicy) -> Result<usize> {
+/// two halves would each get a step's capacity) or the worker is on the NCCL data plane (it
+/// carries one exchange at a time, so the second half's rows would always go over gRPC).
+fn micro_batches(asked: Option<u8>, policy: CapacityPolicy, nccl: bool) -> Result<usize> {
     match (asked, policy) {
         (Some(2), CapacityPolicy::Drop | CapacityPolicy::Recycle) => Err(Error::Flags(format!(
             "--micro-batches 2 needs --capacity-policy exact (got {policy:?}: capacity is counted per step)"
         ))),
         (Some(n), _) => Ok(n.into()),
-        (None, CapacityPolicy::Exact) => Ok(moe_model::model::MAX_MICRO_BATCHES),
+        (None, CapacityPolicy::Exact) if !nccl => Ok(moe_model::model::MAX_MICRO_BATCHES),
         (None, _) => Ok(1),
     }
 }
@@ -117,7 +119,11 @@ pub enum CapacityPolicy {
 
 pub async fn run(args: Args) -> Result<()> {
     // Flags that cannot go together stop the worker before any weight is read.
-    let micro_batches = micro_batches(args.micro_batches, args.capacity_policy)?;
+    let micro_batches = micro_batches(
+        args.micro_batches,
+        args.capacity_policy,
+        args.worker.nccl_device.is_some(),
+    )?;
     args.worker.install_credentials()?;
     let nccl = args.worker.nccl_agent()?;
     // A GPU that cannot be used stops the worker before any weight is read.
@@ -255,11 +261,17 @@ mod tests {
 
     #[test]
     fn micro_batches_default_to_two_under_the_exact_policy_only() {
-        assert_eq!(micro_batches(None, CapacityPolicy::Exact).unwrap(), 2);
-        assert_eq!(micro_batches(None, CapacityPolicy::Drop).unwrap(), 1);
-        assert_eq!(micro_batches(Some(1), CapacityPolicy::Exact).unwrap(), 1);
-        assert_eq!(micro_batches(Some(1), CapacityPolicy::Recycle).unwrap(), 1);
-        let e = micro_batches(Some(2), CapacityPolicy::Drop).unwrap_err().to_string();
+        assert_eq!(micro_batches(None, CapacityPolicy::Exact, false).unwrap(), 2);
+        assert_eq!(micro_batches(None, CapacityPolicy::Drop, false).unwrap(), 1);
+        assert_eq!(micro_batches(Some(1), CapacityPolicy::Exact, false).unwrap(), 1);
+        assert_eq!(micro_batches(Some(1), CapacityPolicy::Recycle, false).unwrap(), 1);
+        // On the NCCL data plane one micro-batch unless asked (the second half would go over
+        // gRPC: the plane carries one exchange at a time).
+        assert_eq!(micro_batches(None, CapacityPolicy::Exact, true).unwrap(), 1);
+        assert_eq!(micro_batches(Some(2), CapacityPolicy::Exact, true).unwrap(), 2);
+        let e = micro_batches(Some(2), CapacityPolicy::Drop, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--micro-batches 2 needs --capacity-policy exact"), "{e}");
     }
 }

@@ -106,6 +106,20 @@ impl Target {
     }
 }
 
+/// The in-process engine's KV cache: the default, or room for every request of the load (or of
+/// the largest sweep batch) at its full length, so all of them run at once without preemption.
+fn kv_cache_for(args: &Args) -> moe_model::kv_cache::KvCacheConfig {
+    let default = EngineOptions::default().kv_cache;
+    let running = args
+        .concurrency
+        .max(args.batch_sizes.iter().copied().max().unwrap_or(0));
+    let per_request = (args.prompt_len + args.gen_len as usize).next_multiple_of(default.block_size);
+    moe_model::kv_cache::KvCacheConfig {
+        num_blocks: default.num_blocks.max(running * per_request / default.block_size),
+        ..default
+    }
+}
+
 /// Bytes of every tensor of the checkpoint, as stored.
 fn checkpoint_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
     let ckpt = Checkpoint::open(dir)?;
@@ -137,7 +151,11 @@ fn model_costs(
 ) -> anyhow::Result<(ModelCosts, DType)> {
     let ckpt = Checkpoint::open(dir)?;
     let embed = ckpt.info(names::EMBED)?;
-    let embed_row_bytes = embed.shape.iter().skip(1).product::<usize>() * embed.dtype.size_in_bytes();
+    // Tied, the whole table is read as the LM head (counted below with the dense weights).
+    let embed_row_bytes = match config.tie_word_embeddings {
+        true => 0,
+        false => embed.shape.iter().skip(1).product::<usize>() * embed.dtype.size_in_bytes(),
+    };
     let (mut dense_bytes, mut dense_params) = (0usize, 0usize);
     for name in ckpt.tensor_names() {
         // A step reads only its tokens' embedding rows, unless the table is also the LM head.
@@ -440,10 +458,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     // The cache's dtype as `auto` resolves it (a cluster's attention workers run `auto` unless
     // told otherwise; in process the flag decides).
-    let kv_dtype = args.kv_cache_dtype.resolve(config.dtype);
+    // On a GPU the device cache is f32 whatever the flag (docs/kv-cache.md).
+    let kv_dtype = match args.device.as_str() {
+        "cpu" => args.kv_cache_dtype.resolve(config.dtype),
+        _ => moe_model::kv_cache::KvDtype::F32,
+    };
     let (costs, dtype) = model_costs(&dir, &config, kv_dtype.size_in_bytes())?;
     let weight_bytes = checkpoint_bytes(&dir)?;
     let machine = (!args.no_machine).then(crate::machine::measure);
+    // The probe's buffers are gone but would stay the process's peak: start the peak afresh.
+    moe_runtime::memory::reset_peak();
     let mut gpu_bandwidth_gbps = None;
     let mut kv_cache = None;
     let target = match &args.endpoint {
@@ -464,7 +488,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let options = EngineOptions {
                 expert_device: device.clone(),
                 attention_device: device,
-                kv_cache: EngineOptions::default().kv_cache.with_dtype(args.kv_cache_dtype),
+                kv_cache: kv_cache_for(&args).with_dtype(args.kv_cache_dtype),
             };
             let engine = Engine::load(&dir, options).with_context(|| format!("loading {}", dir.display()))?;
             let dtype = engine.cache().dtype();

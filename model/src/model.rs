@@ -354,12 +354,34 @@ impl AttentionModel {
         Ok(hidden)
     }
 
+    /// [`AttentionModel::layers_in_turn`], and when it fails, the wait for every micro-batch
+    /// still in flight before the error returns: a dropped dispatch would leave its exchange
+    /// running (on the NCCL data plane, with the plane already handed to the next step).
+    fn layers_over(
+        &self,
+        experts: &dyn ExpertCompute,
+        policy: &dyn RoutePolicy,
+        parts: &mut [MicroBatch],
+        cache: &mut KvCache,
+        timeline: &mut Timeline,
+        trace: Option<&mut Trace>,
+    ) -> Result<()> {
+        let result = self.layers_in_turn(experts, policy, parts, cache, timeline, trace);
+        if result.is_err() {
+            for f in parts.iter_mut().filter_map(|p| p.in_flight.take()) {
+                // Its own outcome no longer matters: the pass has already failed.
+                let _ = f.pending.wait();
+            }
+        }
+        result
+    }
+
     /// Every layer over the micro-batches in turn. Per micro-batch and layer: the previous
     /// layer's experts are combined (shared expert first, while they are in flight), then this
     /// layer's attention and router run and its routed experts are started, so they are in
     /// flight while the other micro-batch computes. With one micro-batch this is the plain
     /// order: attention, router, begin, shared expert, wait.
-    fn layers_over(
+    fn layers_in_turn(
         &self,
         experts: &dyn ExpertCompute,
         policy: &dyn RoutePolicy,

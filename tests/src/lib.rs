@@ -49,7 +49,8 @@ pub fn write_preset(dir: &Path, preset: &str, seed: u64, dtype: DType, shard_byt
 /// that each of `quantities` was actually compared (a fixture that skipped one would pass
 /// vacuously). Whether it passed is the caller's to assert. The KV cache is f32 whatever the
 /// checkpoint's dtype: the expectations are f32 arithmetic on the stored weights, and bf16 KV
-/// misses them by more than their tolerances (tests/tests/golden.rs checks bf16 KV apart).
+/// misses them by more than their tolerances (tests/tests/kv_dtype.rs bounds bf16 KV apart, per
+/// attention layer, against the rounding it introduces).
 pub fn run_fixture_on_engine(dir: &Path, quantities: &[&str]) -> moe_model_tools::golden::Report {
     use moe_model::kv_cache::{KvDtype, KvDtypeChoice};
     let fixture = moe_model_tools::golden::Fixture::open(dir).expect("fixture opens");

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::Greedy;
@@ -60,8 +61,11 @@ fn assert_same(got: &[Greedy], want: &[Greedy]) {
     }
 }
 
-/// Experts computed on a thread of their own, answered when asked: like expert workers, they
-/// are in flight while the caller goes on.
+/// How long [`Threaded`] experts take beyond their products.
+const EXPERT_LATENCY: Duration = Duration::from_millis(2);
+
+/// Experts computed on a thread of their own: like expert workers, they are in flight while the
+/// caller goes on.
 struct Threaded(Arc<LocalExperts>);
 
 impl ExpertCompute for Threaded {
@@ -83,8 +87,14 @@ impl ExpertCompute for Threaded {
         assignments: &[ExpertAssignment],
     ) -> moe_model::Result<Pending> {
         let (experts, rows, assignments) = (self.0.clone(), rows.to_vec(), assignments.to_vec());
-        let worker = thread::spawn(move || experts.compute(layer, &rows, num_rows, &assignments));
-        Ok(Pending::later(move || {
+        // The answer takes a while (like a network round trip) and is stamped when it is there,
+        // not when the caller asks for it: the overlap is measured against that instant.
+        let worker = thread::spawn(move || {
+            let out = experts.compute(layer, &rows, num_rows, &assignments);
+            thread::sleep(EXPERT_LATENCY);
+            out.map(|out| (out, Instant::now()))
+        });
+        Ok(Pending::arriving(move || {
             worker
                 .join()
                 .unwrap_or_else(|_| Err(Error::InvalidInput("expert thread panicked".into())))

@@ -212,6 +212,9 @@ impl Shared {
         let mut placements = self.placement.subscribe();
         self.handle.block_on(async {
             tokio::select! {
+                // An answer already there wins over a placement that has moved meanwhile (with
+                // two micro-batches answers are collected half a step after they arrive).
+                biased;
                 r = reply => Awaited::Answer(r.unwrap_or_else(|_| Err(LinkError::Closed("dispatch link dropped the request".into())))),
                 _ = placements.wait_for(|p| version_of(p) != version) => Awaited::PlacementMoved,
             }
