@@ -54,6 +54,10 @@ fi
 #    alpha RoPE base; its formula base * alpha^(d/(d-2)) is the one transformers uses for any
 #    head_dim, so the assertion is relaxed to let the medium shape (head_dim 64) through.
 hunyuan=$llama/conversion/hunyuan.py
+if [[ ! -f $hunyuan ]]; then
+  echo "setup: $hunyuan is missing (another llama.cpp layout?): cannot relax its head_dim assertion" >&2
+  exit 1
+fi
 if grep -q 'and dim == 128 and' "$hunyuan"; then
   sed -i 's/and dim == 128 and/and/' "$hunyuan"
 fi
