@@ -310,7 +310,35 @@ impl Checkpoint {
             DType::F16 => MatrixData::F16(le_u16(bytes)),
             DType::F8E4M3 => MatrixData::F8E4M3(Box::new(crate::quant::load_fp8(self, name, rows, cols, bytes)?)),
         };
+        self.evict(name);
         Ok(Matrix { rows, cols, data })
+    }
+
+    /// Takes the pages of tensor `name`, already copied out, off this process's resident memory.
+    /// The mapping is private and read-only, so the pages stay in the OS page cache and a later
+    /// read faults the same bytes back in; without this a worker's resident size would count
+    /// every weight twice (its copy and the mapped file pages it read), not the weights it
+    /// holds. Best effort: where the advice is refused nothing changes.
+    fn evict(&self, name: &str) {
+        let Ok(shard) = self.shard_of(name) else {
+            return;
+        };
+        let (start, end) = shard.tensor_info(name).data_offsets;
+        if end == start {
+            return;
+        }
+        // memmap2 widens the range to whole pages; a page shared with a neighbouring tensor is
+        // harmless to drop too (it is read back on demand).
+        // SAFETY: MADV_DONTNEED on a private read-only file mapping only drops page-table
+        // entries; the next access reads the file's (unchanged) bytes again, so borrowed slices
+        // of the map keep their contents.
+        let _ = unsafe {
+            shard.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                shard.data_start + start,
+                end - start,
+            )
+        };
     }
 
     /// A matrix widened to f32 whatever its stored dtype (the router, which computes in f32).
@@ -326,7 +354,7 @@ impl Checkpoint {
     /// Any tensor of the expected shape, widened to f32 (an FP8 matrix dequantised).
     pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (dtype, bytes, _) = self.bytes(name, shape)?;
-        Ok(match dtype {
+        let out = match dtype {
             DType::F8E4M3 => {
                 let &[rows, cols] = shape else {
                     return Err(self.tensor_error(name, "stored as F8_E4M3, but only 2-D weights may be FP8"));
@@ -341,7 +369,9 @@ impl Checkpoint {
                 .into_iter()
                 .map(|b| half::f16::from_bits(b).to_f32())
                 .collect(),
-        })
+        };
+        self.evict(name);
+        Ok(out)
     }
 }
 
