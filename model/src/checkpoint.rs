@@ -315,11 +315,11 @@ impl Checkpoint {
     }
 
     /// Takes the pages of tensor `name`, already copied out, off this process's resident memory.
-    /// The mapping is private and read-only, so the pages stay in the OS page cache and a later
-    /// read faults the same bytes back in; without this a worker's resident size would count
-    /// every weight twice (its copy and the mapped file pages it read), not the weights it
-    /// holds. Best effort: where the advice is refused nothing changes.
-    fn evict(&self, name: &str) {
+    /// The file is mapped read-only and never written, so its pages stay in the OS page cache
+    /// and a later read faults the same bytes back in; without this a worker's resident size
+    /// would count every weight twice (its copy and the mapped file pages it read), not the
+    /// weights it holds. Best effort: where the advice is refused nothing changes.
+    pub(crate) fn evict(&self, name: &str) {
         let Ok(shard) = self.shard_of(name) else {
             return;
         };
@@ -329,9 +329,10 @@ impl Checkpoint {
         }
         // memmap2 widens the range to whole pages; a page shared with a neighbouring tensor is
         // harmless to drop too (it is read back on demand).
-        // SAFETY: MADV_DONTNEED on a private read-only file mapping only drops page-table
-        // entries; the next access reads the file's (unchanged) bytes again, so borrowed slices
-        // of the map keep their contents.
+        // SAFETY: MADV_DONTNEED on clean pages of a read-only file mapping (memmap2 maps it
+        // shared, PROT_READ; nothing writes it) only drops page-table entries; the next access
+        // reads the file's unchanged bytes again, so borrowed slices of the map keep their
+        // contents.
         let _ = unsafe {
             shard.mmap.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,

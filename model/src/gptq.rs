@@ -200,6 +200,10 @@ impl GptqTensors {
             .map(|b| half::f16::from_bits(b).to_f32())
             .collect();
         let g_idx = le_u32(ckpt.raw_i32(&self.g_idx, &[cols])?);
+        // Copied out: their mapped pages need not stay resident.
+        for name in [&self.qweight, &self.qzeros, &self.scales, &self.g_idx] {
+            ckpt.evict(name);
+        }
         if let Some((i, g)) = g_idx.iter().enumerate().find(|&(_, &g)| g as usize >= groups) {
             return Err(ckpt.tensor_error(
                 &self.g_idx,

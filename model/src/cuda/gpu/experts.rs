@@ -82,11 +82,15 @@ impl CudaDevice {
         let upload = |proj: &str, rows: usize, cols: usize| -> Result<DeviceWeight> {
             let name = name(proj);
             match ckpt.bytes(&name, &[rows, cols]) {
-                Ok((DType::BF16, bytes, _)) => Ok(DeviceWeight::Bf16(
-                    self.stream()
+                Ok((DType::BF16, bytes, _)) => {
+                    let on_device = self
+                        .stream()
                         .clone_htod(bytes)
-                        .map_err(err("uploading expert weights"))?,
-                )),
+                        .map_err(err("uploading expert weights"))?;
+                    // Copied to the GPU: the host's mapped pages need not stay resident.
+                    ckpt.evict(&name);
+                    Ok(DeviceWeight::Bf16(on_device))
+                }
                 // Any other stored form (and a GPTQ weight, stored under other names) through
                 // the host matrix, which also reports what is wrong with the tensor.
                 _ => self.upload_weight(&ckpt.matrix(&name, rows, cols)?),
