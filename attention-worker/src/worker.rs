@@ -78,6 +78,11 @@ pub struct Args {
     /// data plane carries one exchange at a time, so a second half's rows would go over gRPC.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub micro_batches: Option<u8>,
+    /// With 2 micro-batches, the fewest rows each half must get for a step to be cut; smaller
+    /// steps run whole (each half reads every dense weight, so small halves cost more than
+    /// they overlap).
+    #[arg(long, default_value_t = NonZeroUsize::new(moe_model::model::DEFAULT_MICRO_BATCH_MIN_ROWS).expect("the default is at least 1"))]
+    pub micro_batch_min_rows: NonZeroUsize,
     /// Seed of `recycle`'s random choices.
     #[arg(long, default_value_t = 0)]
     pub recycle_seed: u64,
@@ -139,6 +144,7 @@ pub async fn run(args: Args) -> Result<()> {
     let weight_bytes = model.size_in_bytes() as u64;
     drop(ckpt);
     model.set_micro_batches(micro_batches)?;
+    model.set_micro_batch_min_rows(args.micro_batch_min_rows.get())?;
     let forward_stats = model.overlap_stats();
     let remote = Arc::new(RemoteExperts::new(
         tokio::runtime::Handle::current(),

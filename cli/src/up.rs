@@ -86,6 +86,10 @@ pub struct Args {
     /// policy, so one half's attention runs while the other's experts compute; 1 otherwise).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     micro_batches: Option<u8>,
+    /// Attention workers: with 2 micro-batches, the fewest rows per half for a step to be cut
+    /// (default 16; smaller steps run whole).
+    #[arg(long, value_parser = crate::flags::positive::<usize>())]
+    micro_batch_min_rows: Option<usize>,
     /// Attention workers: element type of the rows sent to expert workers, f32 (exact) or
     /// bf16 (half the bytes).
     #[arg(long, default_value_t = moe_proto::tensor::WireDtype::F32)]
@@ -299,6 +303,9 @@ impl LocalCluster {
         }
         if let Some(n) = args.micro_batches {
             attn_args.extend(["--micro-batches".into(), n.to_string()]);
+        }
+        if let Some(n) = args.micro_batch_min_rows {
+            attn_args.extend(["--micro-batch-min-rows".into(), n.to_string()]);
         }
         if let Some(n) = args.max_running {
             attn_args.extend(["--max-running".into(), n.to_string()]);

@@ -78,6 +78,7 @@ fn bad_flags_are_refused_by_name() {
     attention("--heartbeat-ms", "0");
     attention("--micro-batches", "0");
     attention("--micro-batches", "3");
+    attention("--micro-batch-min-rows", "0");
     refused(
         &[
             "attention-worker",
@@ -93,6 +94,10 @@ fn bad_flags_are_refused_by_name() {
         &["--micro-batches 2 needs --capacity-policy exact"],
     );
     refused(&["up", "--micro-batches", "3", "--model", model], &["--micro-batches"]);
+    refused(
+        &["up", "--micro-batch-min-rows", "0", "--model", model],
+        &["--micro-batch-min-rows"],
+    );
     for flag in [
         "--expert-workers",
         "--attention-workers",

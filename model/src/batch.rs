@@ -50,14 +50,18 @@ impl BatchLayout {
     }
 
     /// Where to cut the batch into two micro-batches of whole sequences with row counts as
-    /// close as can be: the number of sequences of the first. `None` under two sequences.
-    pub fn balanced_cut(&self) -> Option<usize> {
+    /// close as can be: the number of sequences of the first. `None` under two sequences, or
+    /// when the best cut leaves a half with fewer than `min_rows` rows (a small half reads the
+    /// same dense weights as a whole step for a fraction of its rows).
+    pub fn balanced_cut(&self, min_rows: usize) -> Option<usize> {
         if self.seqs.len() < 2 {
             return None;
         }
         // Rows before sequence k are seqs[k].start_row; the cut nearest half the rows wins,
         // the earlier one on a tie.
-        (1..self.seqs.len()).min_by_key(|&k| (2 * self.seqs[k].start_row).abs_diff(self.rows))
+        let k = (1..self.seqs.len()).min_by_key(|&k| (2 * self.seqs[k].start_row).abs_diff(self.rows))?;
+        let first = self.seqs[k].start_row;
+        (first.min(self.rows - first) >= min_rows).then_some(k)
     }
 
     /// The first `k` sequences and the rest, each a layout of its own (rows counted from 0).
@@ -92,19 +96,31 @@ mod tests {
 
     #[test]
     fn the_cut_balances_rows_over_whole_sequences() {
-        assert_eq!(layout(&[]).balanced_cut(), None);
-        assert_eq!(layout(&[7]).balanced_cut(), None);
-        assert_eq!(layout(&[1, 1]).balanced_cut(), Some(1));
+        assert_eq!(layout(&[]).balanced_cut(1), None);
+        assert_eq!(layout(&[7]).balanced_cut(1), None);
+        assert_eq!(layout(&[1, 1]).balanced_cut(1), Some(1));
         // Eight decode rows: four and four.
-        assert_eq!(layout(&[1; 8]).balanced_cut(), Some(4));
+        assert_eq!(layout(&[1; 8]).balanced_cut(1), Some(4));
         // A long prefill first: it takes a half by itself.
-        assert_eq!(layout(&[20, 1, 1, 1]).balanced_cut(), Some(1));
+        assert_eq!(layout(&[20, 1, 1, 1]).balanced_cut(1), Some(1));
         // 3 | 4 + 2 is 3 against 6; 3 + 4 | 2 is 7 against 2; 3 | 6 is the nearer.
-        assert_eq!(layout(&[3, 4, 2]).balanced_cut(), Some(1));
+        assert_eq!(layout(&[3, 4, 2]).balanced_cut(1), Some(1));
         // 2 + 1 | 1 + 2 is exactly half.
-        assert_eq!(layout(&[2, 1, 1, 2]).balanced_cut(), Some(2));
+        assert_eq!(layout(&[2, 1, 1, 2]).balanced_cut(1), Some(2));
         // 1 | 2 + 1 and 1 + 2 | 1 are both one row off: the earlier cut.
-        assert_eq!(layout(&[1, 2, 1]).balanced_cut(), Some(1));
+        assert_eq!(layout(&[1, 2, 1]).balanced_cut(1), Some(1));
+    }
+
+    #[test]
+    fn no_cut_leaves_a_half_under_the_minimum() {
+        // Eight decode rows cut four and four: at a minimum of 4 yes, of 5 no.
+        assert_eq!(layout(&[1; 8]).balanced_cut(4), Some(4));
+        assert_eq!(layout(&[1; 8]).balanced_cut(5), None);
+        // The best cut of 20 | 3 leaves 3 rows, under 4, though the rows number 23.
+        assert_eq!(layout(&[20, 1, 1, 1]).balanced_cut(3), Some(1));
+        assert_eq!(layout(&[20, 1, 1, 1]).balanced_cut(4), None);
+        // 64 decode rows at the default minimum of 16: 32 and 32.
+        assert_eq!(layout(&[1; 64]).balanced_cut(16), Some(32));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use moe_model::checkpoint::Checkpoint;
 use moe_model::engine::Greedy;
 use moe_model::experts::{ExpertAssignment, ExpertCompute, ExpertSelection, LocalExperts, Pending};
-use moe_model::model::AttentionModel;
+use moe_model::model::{AttentionModel, DEFAULT_MICRO_BATCH_MIN_ROWS};
 use moe_model::overlap::OverlapStats;
 use moe_model::{Engine, EngineOptions, Error, ModelConfig};
 use moe_model_tools::golden::max_abs_diff;
@@ -40,12 +40,14 @@ fn tiny() -> (Checkpoint, ModelConfig) {
 /// Greedy generation over every prompt at once, and the model's counters afterwards.
 fn run(
     micro_batches: usize,
+    min_rows: usize,
     experts: impl FnOnce(LocalExperts) -> Arc<dyn ExpertCompute>,
 ) -> (Vec<Greedy>, Arc<OverlapStats>) {
     let (ckpt, config) = tiny();
     let local = LocalExperts::load(&ckpt, &config, &ExpertSelection::All).unwrap();
     let mut model = AttentionModel::load(&ckpt, config).unwrap();
     model.set_micro_batches(micro_batches).unwrap();
+    model.set_micro_batch_min_rows(min_rows).unwrap();
     let stats = model.overlap_stats();
     let mut engine = Engine::new(model, experts(local), EngineOptions::default()).unwrap();
     (engine.generate_greedy(&prompts(), 8, &[], true).unwrap(), stats)
@@ -108,8 +110,8 @@ fn counters(s: &OverlapStats) -> [u64; 4] {
 
 #[test]
 fn two_micro_batches_match_one_in_process() {
-    let (want, one) = run(1, |l| Arc::new(l));
-    let (got, two) = run(2, |l| Arc::new(l));
+    let (want, one) = run(1, 1, |l| Arc::new(l));
+    let (got, two) = run(2, 1, |l| Arc::new(l));
     assert_same(&got, &want);
     let [steps, split, ..] = counters(&one);
     assert!(steps > 0);
@@ -122,8 +124,8 @@ fn two_micro_batches_match_one_in_process() {
 
 #[test]
 fn two_micro_batches_overlap_experts_in_flight() {
-    let (want, _) = run(1, |l| Arc::new(l));
-    let (got, stats) = run(2, |l| Arc::new(Threaded(Arc::new(l))));
+    let (want, _) = run(1, 1, |l| Arc::new(l));
+    let (got, stats) = run(2, 1, |l| Arc::new(Threaded(Arc::new(l))));
     assert_same(&got, &want);
     let [steps, split, step_micros, overlap] = counters(&stats);
     assert_eq!(split, steps);
@@ -135,6 +137,24 @@ fn two_micro_batches_overlap_experts_in_flight() {
     );
 }
 
+/// Under the minimum rows per half, a step runs whole. The prompts' prefill step has 33 rows
+/// whose best cut is 12 | 21; every decode step has 5 rows.
+#[test]
+fn steps_with_a_half_under_the_minimum_run_whole() {
+    let (want, _) = run(1, 1, |l| Arc::new(l));
+    // The default minimum (16) splits none of these steps.
+    let (got, stats) = run(2, DEFAULT_MICRO_BATCH_MIN_ROWS, |l| Arc::new(l));
+    assert_same(&got, &want);
+    let [steps, split, ..] = counters(&stats);
+    assert!(steps > 1);
+    assert_eq!(split, 0, "a step was split under the default minimum");
+    // A minimum of 12 splits the prefill step (12 | 21) and no decode step (2 | 3).
+    let (got, stats) = run(2, 12, |l| Arc::new(l));
+    assert_same(&got, &want);
+    let [_, split, ..] = counters(&stats);
+    assert_eq!(split, 1, "only the prefill step reaches the minimum");
+}
+
 #[test]
 fn micro_batches_are_one_or_two() {
     let (ckpt, config) = tiny();
@@ -144,4 +164,7 @@ fn micro_batches_are_one_or_two() {
         assert!(e.contains("micro_batches must be 1 or 2"), "{e}");
     }
     assert_eq!(model.micro_batches(), 1);
+    let e = model.set_micro_batch_min_rows(0).unwrap_err().to_string();
+    assert!(e.contains("micro_batch_min_rows must be at least 1"), "{e}");
+    assert_eq!(model.micro_batch_min_rows(), DEFAULT_MICRO_BATCH_MIN_ROWS);
 }

@@ -35,7 +35,13 @@ async fn attention_status(client: &ClusterClient, rows: u64) -> WorkerStatus {
 async fn micro_batches_change_no_token_and_report_their_overlap() {
     let prompts = decisive_prompts(&tiny(), &[3, 17, 1, 8, 12, 5], 8);
     for micro_batches in ["2", "1"] {
-        let cluster = LocalCluster::start(moectl(), &tiny(), 1, 2, &["--micro-batches", micro_batches]);
+        let cluster = LocalCluster::start(
+            moectl(),
+            &tiny(),
+            1,
+            2,
+            &["--micro-batches", micro_batches, "--micro-batch-min-rows", "1"],
+        );
         let mut client = ClusterClient::new(&cluster.endpoint).unwrap();
         // One SubmitBatch: the requests are admitted together, so steps hold several sequences.
         let reqs: Vec<_> = prompts
