@@ -110,14 +110,25 @@ impl Target {
 /// the largest sweep batch) at its full length, so all of them run at once without preemption.
 fn kv_cache_for(args: &Args) -> moe_model::kv_cache::KvCacheConfig {
     let default = EngineOptions::default().kv_cache;
-    let running = args
-        .concurrency
-        .max(args.batch_sizes.iter().copied().max().unwrap_or(0));
-    let per_request = (args.prompt_len + args.gen_len as usize).next_multiple_of(default.block_size);
+    let blocks =
+        |requests: usize, gen_len: u32| requests * (args.prompt_len + gen_len as usize).div_ceil(default.block_size);
+    let step_rows = step_rows(args);
+    let sweep = args
+        .batch_sizes
+        .iter()
+        .map(|&b| blocks(b, sweep::gen_len_at(b, args.prompt_len, args.gen_len, step_rows)));
+    let needed = sweep.fold(blocks(args.concurrency, args.gen_len), usize::max);
     moe_model::kv_cache::KvCacheConfig {
-        num_blocks: default.num_blocks.max(running * per_request / default.block_size),
+        num_blocks: default.num_blocks.max(needed),
         ..default
     }
+}
+
+/// Token rows per step of the target's scheduler: the flag in process, the attention worker's
+/// default for a cluster (started with its own flags, which the bench cannot see).
+fn step_rows(args: &Args) -> usize {
+    args.max_batch_tokens
+        .unwrap_or(scheduler::DEFAULT_MAX_BATCH_TOKENS.get())
 }
 
 /// Bytes of every tensor of the checkpoint, as stored.
@@ -541,6 +552,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             gen_len: args.gen_len,
             seed: args.seed,
             vocab: config.vocab_size,
+            step_rows: step_rows(&args),
         };
         let entries = sweep::run(&target, &costs, machine.as_ref(), &load).await?;
         let out = json!({

@@ -4,11 +4,14 @@
 //! then greedy argmax, or temperature, top-k, top-p and a seeded draw; log-probabilities when
 //! asked (`sampling/logprobs.rs`) from the penalised distribution at that temperature.
 
+mod draw;
 mod logprobs;
 mod penalties;
 
 pub use logprobs::{TokenLogprobs, TopLogprob, token_logprobs};
 pub use penalties::Penalties;
+
+use draw::draw;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -272,45 +275,6 @@ impl Sampler {
         }
         Sampled { id, logprobs }
     }
-}
-
-/// One seeded draw from softmax(logits / temperature), cut by top-k and top-p.
-fn draw(logits: &[f32], p: &SamplingParams, rng: &mut SplitMix64) -> u32 {
-    // Candidates in descending logit order (ties: lower id first), cut by top-k.
-    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
-    ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    if p.top_k > 0 {
-        ids.truncate(p.top_k as usize);
-    }
-    let max = logits[ids[0] as usize];
-    let mut probs: Vec<f64> = ids
-        .iter()
-        .map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|v| *v /= total);
-    if p.top_p > 0.0 && p.top_p < 1.0 {
-        let mut acc = 0.0;
-        let keep = probs
-            .iter()
-            .position(|&v| {
-                acc += v;
-                acc >= p.top_p as f64
-            })
-            .map_or(probs.len(), |i| i + 1);
-        probs.truncate(keep);
-        ids.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|v| *v /= total);
-    }
-    let mut u = rng.unit();
-    for (&id, &pr) in ids.iter().zip(&probs) {
-        if u <= pr {
-            return id;
-        }
-        u -= pr;
-    }
-    *ids.last().expect("at least one candidate")
 }
 
 #[cfg(test)]

@@ -22,6 +22,25 @@ pub struct SweepLoad<'a> {
     pub gen_len: u32,
     pub seed: u64,
     pub vocab: usize,
+    /// Token rows per step of the target's scheduler (`--max-batch-tokens`): how many steps
+    /// the batch's prompts take to prefill.
+    pub step_rows: usize,
+}
+
+impl SweepLoad<'_> {
+    pub fn gen_len_at(&self, b: usize) -> u32 {
+        gen_len_at(b, self.prompt_len, self.gen_len, self.step_rows)
+    }
+}
+
+/// New tokens per request at batch size `b`: `gen_len` for the all-decoding window, plus one
+/// per step the batch's prompts take to prefill at `step_rows` rows a step. The first requests
+/// decode while the last still prefill; without the extra tokens they could finish before the
+/// last one's first token (at B=128 × 128 prompt tokens with 512 rows a step: 32 prefill
+/// steps).
+pub fn gen_len_at(b: usize, prompt_len: usize, gen_len: u32, step_rows: usize) -> u32 {
+    let prefill_steps = (b * prompt_len).div_ceil(step_rows.max(1));
+    gen_len.saturating_add(u32::try_from(prefill_steps).unwrap_or(u32::MAX))
 }
 
 /// Gaps (ms, sorted) between consecutive tokens of `requests` (each its token times, in
@@ -58,11 +77,12 @@ pub async fn run(
 ) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     for &b in load.batch_sizes {
+        let gen_len = load.gen_len_at(b);
         let started = Instant::now();
         let tasks: Vec<_> = prompts(b, load.prompt_len, load.vocab, load.seed ^ b as u64)
             .into_iter()
             .map(|p| {
-                let (target, request) = (target.clone(), greedy(p, load.gen_len));
+                let (target, request) = (target.clone(), greedy(p, gen_len));
                 // Token times count from each request's own send: shift them onto one clock.
                 tokio::spawn(async move {
                     let sent = started.elapsed().as_secs_f64();
@@ -89,8 +109,10 @@ pub async fn run(
             );
         }
         // Positions cached at the middle decode step: the prompt and half the new tokens.
-        let context = load.prompt_len + load.gen_len as usize / 2;
-        out.push(entry(b, &gaps, failed, wall_s, context, costs, machine));
+        let context = load.prompt_len + gen_len as usize / 2;
+        let mut e = entry(b, &gaps, failed, wall_s, context, costs, machine);
+        e["gen_len"] = json!(gen_len);
+        out.push(e);
     }
     Ok(out)
 }
@@ -143,6 +165,21 @@ fn entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_request_outlasts_the_batch_prefill() {
+        let load = SweepLoad {
+            batch_sizes: &[],
+            prompt_len: 128,
+            gen_len: 32,
+            seed: 0,
+            vocab: 100,
+            step_rows: 512,
+        };
+        assert_eq!(load.gen_len_at(1), 33);
+        assert_eq!(load.gen_len_at(8), 34);
+        assert_eq!(load.gen_len_at(128), 64);
+    }
 
     #[test]
     fn only_gaps_while_every_request_decodes_count() {

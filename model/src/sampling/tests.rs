@@ -257,3 +257,103 @@ fn penalty_and_logprob_fields_are_validated_by_name() {
         assert!(e.contains(want), "`{e}` should contain `{want}`");
     }
 }
+
+/// The draw as first written: a full sort of the vocabulary, then the walk. `draw` must choose
+/// what it chooses.
+fn reference_draw(logits: &[f32], p: &SamplingParams, rng: &mut SplitMix64) -> u32 {
+    // Candidates in descending logit order (ties: lower id first), cut by top-k.
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if p.top_k > 0 {
+        ids.truncate(p.top_k as usize);
+    }
+    let max = logits[ids[0] as usize];
+    let mut probs: Vec<f64> = ids
+        .iter()
+        .map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|v| *v /= total);
+    if p.top_p > 0.0 && p.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs
+            .iter()
+            .position(|&v| {
+                acc += v;
+                acc >= p.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        ids.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|v| *v /= total);
+    }
+    let mut u = rng.unit();
+    for (&id, &pr) in ids.iter().zip(&probs) {
+        if u <= pr {
+            return id;
+        }
+        u -= pr;
+    }
+    *ids.last().expect("at least one candidate")
+}
+
+/// Logits with ties, a peak, a flat stretch and a long tail, over several vocabulary sizes.
+fn shaped_logits(vocab: usize, shape: usize) -> Vec<f32> {
+    (0..vocab)
+        .map(|v| match shape {
+            // Peaked: a few high logits, the rest far below.
+            0 => {
+                if v % 97 == 3 {
+                    8.0 - (v / 97) as f32 * 0.5
+                } else {
+                    (v as f32 * 0.013).sin()
+                }
+            }
+            // Flat with exact ties (the lower id goes first).
+            1 => ((v / 3) % 5) as f32 * 0.01,
+            // Smooth.
+            _ => (v as f32 * 0.37).sin() * 2.5,
+        })
+        .collect()
+}
+
+#[test]
+fn the_prefix_draw_chooses_what_a_full_sort_chooses() {
+    use crate::rng::SplitMix64;
+    let mut draws = 0;
+    for vocab in [1usize, 5, 300, 5000] {
+        for shape in 0..3 {
+            let logits = shaped_logits(vocab, shape);
+            for (temperature, top_k, top_p) in [
+                (1.0, 0, 0.0),
+                (0.3, 0, 1.0),
+                (2.0, 0, 0.0),
+                (1.0, 0, 0.5),
+                (0.7, 0, 0.95),
+                (1.0, 1, 0.0),
+                (1.0, 3, 0.9),
+                (1.5, 50, 0.0),
+                (1.0, 400, 0.99),
+                (1.0, 6000, 0.0),
+            ] {
+                let p = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    ..SamplingParams::greedy(1)
+                };
+                for seed in 0..40 {
+                    let (mut a, mut b) = (SplitMix64::new(seed), SplitMix64::new(seed));
+                    let (got, want) = (draw::draw(&logits, &p, &mut a), reference_draw(&logits, &p, &mut b));
+                    assert_eq!(
+                        got, want,
+                        "vocab {vocab} shape {shape} t {temperature} k {top_k} p {top_p} seed {seed}"
+                    );
+                    draws += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(draws, 4 * 3 * 10 * 40);
+}
