@@ -305,9 +305,9 @@ impl Checkpoint {
         }
         let (dtype, bytes, _) = self.bytes(name, &[rows, cols])?;
         let data = match dtype {
-            DType::F32 => MatrixData::F32(le_f32(bytes)),
-            DType::BF16 => MatrixData::BF16(le_u16(bytes)),
-            DType::F16 => MatrixData::F16(le_u16(bytes)),
+            DType::F32 => MatrixData::F32(self.copy_evicting(bytes, f32::from_le_bytes)),
+            DType::BF16 => MatrixData::BF16(self.copy_evicting(bytes, u16::from_le_bytes)),
+            DType::F16 => MatrixData::F16(self.copy_evicting(bytes, u16::from_le_bytes)),
             DType::F8E4M3 => MatrixData::F8E4M3(Box::new(crate::quant::load_fp8(self, name, rows, cols, bytes)?)),
         };
         self.evict(name);
@@ -324,22 +324,30 @@ impl Checkpoint {
             return;
         };
         let (start, end) = shard.tensor_info(name).data_offsets;
-        if end == start {
-            return;
+        shard.evict(shard.data_start + start, end - start);
+    }
+
+    /// Copies a tensor's bytes out element by element (`N` bytes each, through `convert`), in
+    /// chunks whose mapped pages leave resident memory as soon as they are copied ([`evict`]
+    /// at chunk granularity): loading a tensor never holds it twice, so the peak stays at the
+    /// weights held plus one chunk, not plus the largest tensor (a 128k-vocabulary embedding is
+    /// 262 MB in bf16).
+    ///
+    /// [`evict`]: Checkpoint::evict
+    fn copy_evicting<T, const N: usize>(&self, bytes: &[u8], convert: impl Fn([u8; N]) -> T) -> Vec<T> {
+        let shard = self.shards.iter().find(|s| s.holds(bytes));
+        let mut out = Vec::with_capacity(bytes.len() / N);
+        for chunk in bytes.chunks(COPY_CHUNK_BYTES) {
+            out.extend(
+                chunk
+                    .chunks_exact(N)
+                    .map(|c| convert(c.try_into().expect("chunks_exact yields N bytes"))),
+            );
+            if let Some(shard) = shard {
+                shard.evict(chunk.as_ptr() as usize - shard.mmap.as_ptr() as usize, chunk.len());
+            }
         }
-        // memmap2 widens the range to whole pages; a page shared with a neighbouring tensor is
-        // harmless to drop too (it is read back on demand).
-        // SAFETY: MADV_DONTNEED on clean pages of a read-only file mapping (memmap2 maps it
-        // shared, PROT_READ; nothing writes it) only drops page-table entries; the next access
-        // reads the file's unchanged bytes again, so borrowed slices of the map keep their
-        // contents.
-        let _ = unsafe {
-            shard.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                shard.data_start + start,
-                end - start,
-            )
-        };
+        out
     }
 
     /// A matrix widened to f32 whatever its stored dtype (the router, which computes in f32).
@@ -364,12 +372,9 @@ impl Checkpoint {
                 self.matrix(name, rows, cols)?.rows_to_f32(0, rows, &mut out);
                 out
             }
-            DType::F32 => le_f32(bytes),
-            DType::BF16 => le_u16(bytes).into_iter().map(bf16_to_f32).collect(),
-            DType::F16 => le_u16(bytes)
-                .into_iter()
-                .map(|b| half::f16::from_bits(b).to_f32())
-                .collect(),
+            DType::F32 => self.copy_evicting(bytes, f32::from_le_bytes),
+            DType::BF16 => self.copy_evicting(bytes, |b| bf16_to_f32(u16::from_le_bytes(b))),
+            DType::F16 => self.copy_evicting(bytes, |b| half::f16::from_bits(u16::from_le_bytes(b)).to_f32()),
         };
         self.evict(name);
         Ok(out)
@@ -407,7 +412,37 @@ impl Shard {
     fn tensor_info(&self, name: &str) -> &safetensors::tensor::TensorInfo {
         self.metadata.info(name).expect("tensor indexed in this shard")
     }
+
+    /// Whether `bytes` is a slice of this shard's map.
+    fn holds(&self, bytes: &[u8]) -> bool {
+        let map = self.mmap.as_ptr_range();
+        map.start <= bytes.as_ptr() && bytes.as_ptr_range().end <= map.end
+    }
+
+    /// Takes the mapped pages of `len` bytes from `offset` (in the file) off this process's
+    /// resident memory; see [`Checkpoint::evict`]. Best effort: where the advice is refused
+    /// nothing changes.
+    fn evict(&self, offset: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        // memmap2 widens the range to whole pages; a page shared with a neighbouring tensor or
+        // chunk is harmless to drop too (it is read back on demand).
+        // SAFETY: MADV_DONTNEED on clean pages of a read-only file mapping (memmap2 maps it
+        // shared, PROT_READ; nothing writes it) only drops page-table entries; the next access
+        // reads the file's unchanged bytes again, so borrowed slices of the map keep their
+        // contents.
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        };
+    }
 }
+
+/// Bytes of a tensor copied between two evictions of its mapped pages (see
+/// `Checkpoint::copy_evicting`): small beside any worker's weights, large enough that the
+/// advice costs nothing measurable.
+const COPY_CHUNK_BYTES: usize = 16 << 20;
 
 fn open_shard(path: &Path) -> Result<Shard> {
     let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
@@ -447,13 +482,6 @@ fn convert_dtype(dtype: StDtype, name: &str, file: &Path) -> Result<DType> {
         )),
         other => refuse(format!("dtype {other:?} is not supported (f32, bf16, f16 or F8_E4M3)")),
     }
-}
-
-fn le_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 pub(crate) fn le_u16(bytes: &[u8]) -> Vec<u16> {
