@@ -7,6 +7,7 @@ mod error;
 pub mod events;
 pub mod scheduler;
 mod service;
+pub mod step_plan;
 mod worker;
 
 pub use error::{Error, Result};

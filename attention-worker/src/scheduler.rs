@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use moe_model::engine::{Engine, LogitsWanted, SeqChunk};
+
+use crate::step_plan::{self, DEFAULT_PREFILL_WHILE_DECODING};
 use moe_model::kv_cache::SeqId;
 use moe_model::sampling::{GenerationRequest, Sampled, Sampler, TokenLogprobs};
 use tokio::sync::mpsc;
@@ -62,6 +64,9 @@ pub const DEFAULT_MAX_BATCH_TOKENS: NonZeroUsize = NonZeroUsize::new(512).unwrap
 pub struct SchedulerConfig {
     /// Token rows per step (decode rows plus prefill chunks).
     pub max_batch_tokens: usize,
+    /// Prefill rows a step may add, beyond one per decoding sequence, for prompts that arrived
+    /// while others were decoding (see [`crate::step_plan`]).
+    pub prefill_while_decoding: usize,
     /// Requests running at once.
     pub max_running: usize,
 }
@@ -70,6 +75,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS.get(),
+            prefill_while_decoding: DEFAULT_PREFILL_WHILE_DECODING.get(),
             max_running: 64,
         }
     }
@@ -147,6 +153,7 @@ pub fn spawn(engine: Engine, config: SchedulerConfig) -> SchedulerHandle {
         rx,
         waiting: VecDeque::new(),
         running: Vec::new(),
+        steps: 0,
         stats: stats.clone(),
     };
     std::thread::Builder::new()
@@ -166,6 +173,10 @@ struct Sequence {
     computed: usize,
     prompt_logits: Vec<f32>,
     prompt_logits_sent: bool,
+    /// Steps the scheduler had run when the request arrived.
+    arrived_at: u64,
+    /// Steps the scheduler had run when this run of the request produced its first token.
+    first_token_at: Option<u64>,
 }
 
 impl Sequence {
@@ -196,6 +207,8 @@ struct Scheduler {
     /// In admission order: the last is the first to be preempted.
     running: Vec<Sequence>,
     stats: Arc<SchedulerStats>,
+    /// Steps run so far: the clock of `arrived_at` and `first_token_at`.
+    steps: u64,
 }
 
 impl Scheduler {
@@ -256,6 +269,8 @@ impl Scheduler {
             computed: 0,
             prompt_logits: Vec::new(),
             prompt_logits_sent: false,
+            arrived_at: self.steps,
+            first_token_at: None,
         });
     }
 
@@ -308,6 +323,7 @@ impl Scheduler {
             self.engine.release(victim.id);
             let mut victim = victim;
             victim.computed = 0;
+            victim.first_token_at = None;
             victim.prompt_logits.clear();
             self.waiting.push_front(victim);
         }
@@ -318,22 +334,12 @@ impl Scheduler {
         if self.running.is_empty() {
             return;
         }
-        // Decode rows first (one token each), then prefill chunks in admission order.
-        let mut budget = self.config.max_batch_tokens.max(1);
-        let mut chunks = Vec::new();
-        let mut members = Vec::new();
-        let mut order: Vec<usize> = (0..self.running.len())
-            .filter(|&i| self.running[i].total_len() - self.running[i].computed == 1)
-            .collect();
-        order.extend((0..self.running.len()).filter(|&i| self.running[i].total_len() - self.running[i].computed > 1));
-        for i in order {
-            if budget == 0 {
-                break;
-            }
+        let plan = step_plan::plan_step(&self.needs(), &self.budget());
+        let mut chunks = Vec::with_capacity(plan.len());
+        let mut members = Vec::with_capacity(plan.len());
+        for (i, take) in plan {
             let s = &self.running[i];
             let remaining = s.total_len() - s.computed;
-            let take = remaining.min(budget);
-            budget -= take;
             let completes = take == remaining;
             let wants_prompt = s.request.return_prompt_logits && !s.prompt_logits_sent;
             let logits = match (wants_prompt, completes) {
@@ -353,6 +359,7 @@ impl Scheduler {
         // A failure on the expert side (a worker died, the placement moved) is retried inside
         // the layer's dispatch; what arrives here is final.
         let result = self.engine.step(&chunks, false);
+        self.steps += 1;
         match result {
             Ok(out) => {
                 self.stats.tokens_processed.fetch_add(rows as u64, Ordering::Relaxed);
@@ -372,6 +379,34 @@ impl Scheduler {
                     self.engine.release(s.id);
                 }
             }
+        }
+    }
+
+    /// What each running sequence needs from the next step. A prompt is throttled when it
+    /// arrived after a sequence decoding now had its first token: it would stall that one.
+    /// Arrivals are taken between steps, so one received right after the step that gave the
+    /// first token arrived during it: together with that sequence, not after.
+    fn needs(&self) -> Vec<step_plan::Need> {
+        let remaining = |s: &Sequence| s.total_len() - s.computed;
+        let decoding_since = self
+            .running
+            .iter()
+            .filter(|s| remaining(s) == 1)
+            .filter_map(|s| s.first_token_at)
+            .min();
+        self.running
+            .iter()
+            .map(|s| step_plan::Need {
+                rows: remaining(s),
+                throttled: decoding_since.is_some_and(|t| t < s.arrived_at),
+            })
+            .collect()
+    }
+
+    fn budget(&self) -> step_plan::StepBudget {
+        step_plan::StepBudget {
+            max_rows: self.config.max_batch_tokens,
+            prefill_while_decoding: self.config.prefill_while_decoding,
         }
     }
 
@@ -402,6 +437,7 @@ impl Scheduler {
         }
         let Sampled { id, logprobs } = s.sampler.sample(&last);
         s.generated.push(id);
+        s.first_token_at.get_or_insert(self.steps);
         let index = (s.generated_total() - 1) as u32;
         let logits = s.request.return_token_logits.then_some(last);
         let _ = s.events.send(Event::Token {

@@ -44,6 +44,11 @@ pub struct Args {
     /// also bounds how long an arriving prompt stalls the running sequences).
     #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: NonZeroUsize,
+    /// Prefill rows a step may add, beyond one per decoding sequence, for a prompt that arrived
+    /// while others were decoding, so their inter-token gap stays near one decode step
+    /// (prompts arriving together prefill up to `--max-batch-tokens` a step).
+    #[arg(long, default_value_t = crate::step_plan::DEFAULT_PREFILL_WHILE_DECODING)]
+    pub prefill_rows_while_decoding: NonZeroUsize,
     /// Requests running at once.
     #[arg(long, default_value = "64")]
     pub max_running: NonZeroUsize,
@@ -71,7 +76,8 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Micro-batches per step, 1 or 2. With 2 (the default under the exact policy), a step of
-    /// two or more sequences is cut into two halves of whole sequences that take turns, so one
+    /// two or more sequences whose halves each get `--micro-batch-min-rows` rows is cut into
+    /// two halves of whole sequences that take turns, so one
     /// half's attention runs while the other's experts compute on the expert workers; a step
     /// of one sequence runs whole. Lossy capacity policies count capacity per step, so they
     /// take 1 (the default there; 2 is refused). With `--nccl-device` the default is 1: the
@@ -80,7 +86,7 @@ pub struct Args {
     pub micro_batches: Option<u8>,
     /// With 2 micro-batches, the fewest rows each half must get for a step to be cut; smaller
     /// steps run whole (each half reads every dense weight, so small halves cost more than
-    /// they overlap).
+    /// they overlap). No effect with one micro-batch.
     #[arg(long, default_value_t = NonZeroUsize::new(moe_model::model::DEFAULT_MICRO_BATCH_MIN_ROWS).expect("the default is at least 1"))]
     pub micro_batch_min_rows: NonZeroUsize,
     /// Seed of `recycle`'s random choices.
@@ -191,6 +197,7 @@ pub async fn run(args: Args) -> Result<()> {
         engine,
         SchedulerConfig {
             max_batch_tokens: args.max_batch_tokens.get(),
+            prefill_while_decoding: args.prefill_rows_while_decoding.get(),
             max_running: args.max_running.get(),
         },
     );

@@ -70,8 +70,10 @@ pub struct Args {
     #[arg(long, requires = "endpoint")]
     rebalance: bool,
     /// Run the batch-size sweep instead of the load: for each size B (comma-separated), B
-    /// requests of --prompt-len tokens start together and decode --gen-len tokens; the decode
-    /// step while all B decode is reported beside its bandwidth and FLOP floors.
+    /// requests of --prompt-len tokens start together and decode --gen-len tokens plus one per
+    /// step the batch takes to prefill (so that all B decode together for --gen-len steps; each
+    /// entry's `gen_len` says how many); the decode step while all B decode is reported beside
+    /// its bandwidth and FLOP floors.
     #[arg(long, value_delimiter = ',', value_parser = crate::flags::positive::<usize>(), conflicts_with = "rebalance")]
     batch_sizes: Vec<usize>,
     /// Open loop: --concurrency requests start together, then one more every this many ms
@@ -83,6 +85,10 @@ pub struct Args {
     /// Default: the attention worker's default.
     #[arg(long, value_parser = crate::flags::positive::<usize>(), conflicts_with = "endpoint")]
     max_batch_tokens: Option<usize>,
+    /// (In process only) Prefill rows a step may add, beyond one per decoding sequence, for
+    /// prompts that arrive while others decode. Default: the attention worker's default.
+    #[arg(long, value_parser = crate::flags::positive::<usize>(), conflicts_with = "endpoint")]
+    prefill_rows_while_decoding: Option<usize>,
     /// Also write the JSON to this file (for `moectl bench-plot`).
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -510,6 +516,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let defaults = scheduler::SchedulerConfig::default();
             let config = scheduler::SchedulerConfig {
                 max_batch_tokens: args.max_batch_tokens.unwrap_or(defaults.max_batch_tokens),
+                prefill_while_decoding: args
+                    .prefill_rows_while_decoding
+                    .unwrap_or(defaults.prefill_while_decoding),
                 // Every request of the largest sweep batch runs at once.
                 max_running: defaults
                     .max_running
@@ -605,6 +614,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "load": {
             "concurrency": args.concurrency, "requests": args.requests, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
             "arrival_interval_ms": args.arrival_interval_ms, "max_batch_tokens": args.max_batch_tokens,
+            "prefill_rows_while_decoding": args.prefill_rows_while_decoding,
         },
         "kv_cache": kv_cache,
         "wall_s": wall,

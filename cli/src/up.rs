@@ -87,7 +87,7 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     micro_batches: Option<u8>,
     /// Attention workers: with 2 micro-batches, the fewest rows per half for a step to be cut
-    /// (default 16; smaller steps run whole).
+    /// (default: the attention worker's; smaller steps run whole).
     #[arg(long, value_parser = crate::flags::positive::<usize>())]
     micro_batch_min_rows: Option<usize>,
     /// Attention workers: element type of the rows sent to expert workers, f32 (exact) or
@@ -101,6 +101,10 @@ pub struct Args {
     /// (default: the attention worker's).
     #[arg(long, value_parser = crate::flags::positive::<usize>())]
     max_batch_tokens: Option<usize>,
+    /// Attention workers: prefill rows a step may add, beyond one per decoding sequence, for
+    /// prompts that arrive while others decode (default: the attention worker's).
+    #[arg(long, value_parser = crate::flags::positive::<usize>())]
+    prefill_rows_while_decoding: Option<usize>,
     /// Rebalance the expert placement by itself above this expected imbalance (0 = off).
     #[arg(long, default_value_t = 0.0)]
     rebalance_threshold: f64,
@@ -312,6 +316,9 @@ impl LocalCluster {
         }
         if let Some(n) = args.max_batch_tokens {
             attn_args.extend(["--max-batch-tokens".into(), n.to_string()]);
+        }
+        if let Some(n) = args.prefill_rows_while_decoding {
+            attn_args.extend(["--prefill-rows-while-decoding".into(), n.to_string()]);
         }
         attn_args.extend([
             "--wire-dtype".into(),

@@ -308,9 +308,12 @@ impl Checkpoint {
             DType::F32 => MatrixData::F32(self.copy_evicting(bytes, f32::from_le_bytes)),
             DType::BF16 => MatrixData::BF16(self.copy_evicting(bytes, u16::from_le_bytes)),
             DType::F16 => MatrixData::F16(self.copy_evicting(bytes, u16::from_le_bytes)),
-            DType::F8E4M3 => MatrixData::F8E4M3(Box::new(crate::quant::load_fp8(self, name, rows, cols, bytes)?)),
+            DType::F8E4M3 => {
+                let fp8 = crate::quant::load_fp8(self, name, rows, cols, bytes)?;
+                self.evict(name);
+                MatrixData::F8E4M3(Box::new(fp8))
+            }
         };
-        self.evict(name);
         Ok(Matrix { rows, cols, data })
     }
 
@@ -329,9 +332,10 @@ impl Checkpoint {
 
     /// Copies a tensor's bytes out element by element (`N` bytes each, through `convert`), in
     /// chunks whose mapped pages leave resident memory as soon as they are copied ([`evict`]
-    /// at chunk granularity): loading a tensor never holds it twice, so the peak stays at the
-    /// weights held plus one chunk, not plus the largest tensor (a 128k-vocabulary embedding is
-    /// 262 MB in bf16).
+    /// at chunk granularity): loading an f32, bf16 or f16 tensor never holds it twice, so the
+    /// peak stays at the weights held plus one chunk, not plus the largest tensor (a
+    /// 128k-vocabulary embedding is 262 MB in bf16). FP8 and GPTQ tensors are still advised
+    /// away whole, once converted.
     ///
     /// [`evict`]: Checkpoint::evict
     fn copy_evicting<T, const N: usize>(&self, bytes: &[u8], convert: impl Fn([u8; N]) -> T) -> Vec<T> {
@@ -376,7 +380,6 @@ impl Checkpoint {
             DType::BF16 => self.copy_evicting(bytes, |b| bf16_to_f32(u16::from_le_bytes(b))),
             DType::F16 => self.copy_evicting(bytes, |b| half::f16::from_bits(u16::from_le_bytes(b)).to_f32()),
         };
-        self.evict(name);
         Ok(out)
     }
 }
@@ -419,7 +422,7 @@ impl Shard {
         map.start <= bytes.as_ptr() && bytes.as_ptr_range().end <= map.end
     }
 
-    /// Takes the mapped pages of `len` bytes from `offset` (in the file) off this process's
+    /// Takes the mapped pages of `len` bytes from `offset` (from the start of the map) off this process's
     /// resident memory; see [`Checkpoint::evict`]. Best effort: where the advice is refused
     /// nothing changes.
     fn evict(&self, offset: usize, len: usize) {
@@ -443,6 +446,9 @@ impl Shard {
 /// `Checkpoint::copy_evicting`): small beside any worker's weights, large enough that the
 /// advice costs nothing measurable.
 const COPY_CHUNK_BYTES: usize = 16 << 20;
+
+// Whole elements per chunk (2 and 4 bytes), or `chunks_exact` would drop a chunk's tail.
+const _: () = assert!(COPY_CHUNK_BYTES.is_multiple_of(4));
 
 fn open_shard(path: &Path) -> Result<Shard> {
     let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;

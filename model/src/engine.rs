@@ -162,12 +162,19 @@ impl Engine {
         for r in &wanted {
             rows.extend_from_slice(&hidden[r.start * h..r.end * h]);
         }
-        let all = self.model.logits(&self.model.final_norm(&rows));
+        let mut all = self.model.logits(&self.model.final_norm(&rows));
+        // One chunk wanting logits (batch 1, or a lone prefill) takes the product as it is;
+        // several get their own copies.
+        let askers = wanted.iter().filter(|r| !r.is_empty()).count();
         let mut at = 0;
         wanted
             .iter()
             .map(|r| {
-                let out = all[at * vocab..(at + r.len()) * vocab].to_vec();
+                let out = if askers == 1 && !r.is_empty() {
+                    std::mem::take(&mut all)
+                } else {
+                    all[at * vocab..(at + r.len()) * vocab].to_vec()
+                };
                 at += r.len();
                 out
             })

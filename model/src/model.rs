@@ -286,7 +286,8 @@ impl AttentionModel {
     }
 
     /// Up to `n` micro-batches per forward pass (1 or 2): with 2, a pass over two or more
-    /// sequences is cut into two halves of whole sequences that take turns, so one half's
+    /// sequences (each half at least [`micro_batch_min_rows`](Self::micro_batch_min_rows)
+    /// rows) is cut into two halves of whole sequences that take turns, so one half's
     /// attention runs while the other's routed experts are in flight (worth it when they run
     /// elsewhere; results equal the unsplit pass's up to the products' rounding over fewer
     /// rows).

@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
+use moe_attention_worker::step_plan::{StepBudget, steps_to_prefill};
+
 use super::floors::{ModelCosts, expected_distinct_experts};
 use super::phases::{percentile, summary};
 use super::{Target, greedy, prompts};
@@ -34,12 +36,18 @@ impl SweepLoad<'_> {
 }
 
 /// New tokens per request at batch size `b`: `gen_len` for the all-decoding window, plus one
-/// per step the batch's prompts take to prefill at `step_rows` rows a step. The first requests
-/// decode while the last still prefill; without the extra tokens they could finish before the
-/// last one's first token (at B=128 × 128 prompt tokens with 512 rows a step: 32 prefill
-/// steps).
+/// per step the batch's prompts take to prefill when they arrive together at `step_rows` rows
+/// a step, decode rows first (`step_plan::steps_to_prefill`: 37 steps for 128 x 128 tokens at
+/// 512 rows). The first requests decode while the last still prefill; without the extra
+/// tokens they could finish before the last one's first token. Where decode rows would fill
+/// every step, as many extra tokens as prompt rows.
 pub fn gen_len_at(b: usize, prompt_len: usize, gen_len: u32, step_rows: usize) -> u32 {
-    let prefill_steps = (b * prompt_len).div_ceil(step_rows.max(1));
+    let budget = StepBudget {
+        max_rows: step_rows,
+        // Arriving together, the prompts are never throttled: this does not count.
+        prefill_while_decoding: 0,
+    };
+    let prefill_steps = steps_to_prefill(b, prompt_len, &budget).unwrap_or(b * prompt_len);
     gen_len.saturating_add(u32::try_from(prefill_steps).unwrap_or(u32::MAX))
 }
 
@@ -177,8 +185,10 @@ mod tests {
             step_rows: 512,
         };
         assert_eq!(load.gen_len_at(1), 33);
-        assert_eq!(load.gen_len_at(8), 34);
-        assert_eq!(load.gen_len_at(128), 64);
+        // Eight 128-token prompts: 512 rows, then 508 beside four decode rows, then the last
+        // prompt's 4 rows: three steps.
+        assert_eq!(load.gen_len_at(8), 35);
+        assert_eq!(load.gen_len_at(128), 32 + 37);
     }
 
     #[test]

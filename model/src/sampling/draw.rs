@@ -6,8 +6,8 @@
 //! few hundred of a 128k vocabulary. So only a prefix of that order is built: the largest `n`
 //! by selection (O(vocab)), sorted (O(n log n)), and `n` grows fourfold while the walk needs
 //! more. The order, the probabilities and so the chosen id are those of a full sort; only the
-//! normalising sum over the whole vocabulary (without top-k) is added in id order instead of
-//! logit order (f64: the sums differ by rounding at the 1e-16 level).
+//! normalising sum over the whole vocabulary (no top-k, or one at least the vocabulary) is added
+//! in id order instead of logit order (f64: the sums differ by rounding at the 1e-16 level).
 
 use super::SamplingParams;
 use crate::rng::SplitMix64;
@@ -30,7 +30,7 @@ pub(super) fn draw(logits: &[f32], p: &SamplingParams, rng: &mut SplitMix64) -> 
         keys.sort_unstable();
         keys.iter().map(|&c| weight(id_of(c))).sum()
     } else {
-        logits.iter().enumerate().map(|(id, _)| weight(id as u32)).sum()
+        (0..logits.len() as u32).map(weight).sum()
     };
     let top_p = (p.top_p > 0.0 && p.top_p < 1.0).then_some(p.top_p as f64);
     let u = rng.unit();
@@ -46,6 +46,9 @@ pub(super) fn draw(logits: &[f32], p: &SamplingParams, rng: &mut SplitMix64) -> 
                 let kept_total: f64 = kept.iter().map(|&i| weight(i) / total).sum();
                 return pick(kept, |i| weight(i) / total / kept_total, u);
             }
+            // Every candidate walked and `u` (or the top-p mass) not used up: rounding left a
+            // sliver, or NaN weights compared false all along. The reference takes the last
+            // candidate then too.
             Walk::Beyond if n == candidates => return *prefix.last().expect("at least one candidate"),
             Walk::Beyond => n = (4 * n).min(candidates),
         }

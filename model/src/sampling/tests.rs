@@ -320,7 +320,6 @@ fn shaped_logits(vocab: usize, shape: usize) -> Vec<f32> {
 
 #[test]
 fn the_prefix_draw_chooses_what_a_full_sort_chooses() {
-    use crate::rng::SplitMix64;
     let mut draws = 0;
     for vocab in [1usize, 5, 300, 5000] {
         for shape in 0..3 {
