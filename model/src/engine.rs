@@ -170,7 +170,9 @@ impl Engine {
         wanted
             .iter()
             .map(|r| {
-                let out = if askers == 1 && !r.is_empty() {
+                let out = if r.is_empty() {
+                    Vec::new()
+                } else if askers == 1 {
                     std::mem::take(&mut all)
                 } else {
                     all[at * vocab..(at + r.len()) * vocab].to_vec()

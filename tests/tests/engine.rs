@@ -243,6 +243,53 @@ fn chunked_prefill_matches_one_shot() {
     assert!(max_abs_diff(&whole, &last) < 1e-4);
 }
 
+/// One step over sequences asking for no logits, the last row's and every row's gives each
+/// exactly its rows (one LM-head product over all of them, split back), equal to each
+/// sequence run alone, in every position of the batch and with one asker only.
+#[test]
+fn a_step_mixing_logit_requests_gives_each_sequence_its_rows() {
+    let (ckpt, config) = tiny();
+    let vocab = config.vocab_size;
+    let experts: Arc<dyn ExpertCompute> = Arc::new(LocalExperts::load(&ckpt, &config, &ExpertSelection::All).unwrap());
+    let prompts: [&[u32]; 3] = [&PROMPT[..5], &PROMPT[2..], &PROMPT[..3]];
+    let wanted_orders = [
+        [LogitsWanted::None, LogitsWanted::Last, LogitsWanted::All],
+        [LogitsWanted::All, LogitsWanted::None, LogitsWanted::Last],
+        [LogitsWanted::None, LogitsWanted::None, LogitsWanted::Last],
+        [LogitsWanted::Last, LogitsWanted::None, LogitsWanted::None],
+    ];
+    for wanted in wanted_orders {
+        let mut together = engine_with(experts.clone(), KvCacheConfig::for_tokens(256, 8));
+        let chunks: Vec<SeqChunk> = prompts
+            .iter()
+            .zip(wanted)
+            .map(|(p, logits)| SeqChunk {
+                seq: together.new_sequence(),
+                tokens: p.to_vec(),
+                logits,
+            })
+            .collect();
+        let got = together.step(&chunks, false).unwrap().logits;
+        assert_eq!(got.len(), chunks.len());
+        for (chunk, got) in chunks.iter().zip(&got) {
+            let rows = match chunk.logits {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => 1,
+                LogitsWanted::All => chunk.tokens.len(),
+            };
+            assert_eq!(got.len(), rows * vocab, "{:?} of {wanted:?}", chunk.logits);
+            let mut alone = engine_with(experts.clone(), KvCacheConfig::for_tokens(256, 8));
+            let seq = alone.new_sequence();
+            let want = alone
+                .step(&[SeqChunk { seq, ..chunk.clone() }], false)
+                .unwrap()
+                .logits
+                .remove(0);
+            assert!(max_abs_diff(&want, got) < 1e-4, "{:?} of {wanted:?}", chunk.logits);
+        }
+    }
+}
+
 #[test]
 fn bad_steps_are_refused_and_change_nothing() {
     let (ckpt, config) = tiny();
