@@ -1,20 +1,22 @@
 //! Which rows the next engine step carries: every decoding sequence's one row first, then
 //! prefill chunks in admission order, within two budgets.
 //!
-//! `max_rows` bounds the whole step. The prefill of a prompt that arrived while others were
-//! already decoding (*throttled*) is also held to `prefill_while_decoding` rows a step plus one
-//! per decoding sequence: a decode step's cost is mostly reading every weight once, and each
-//! prefill row adds about a row's worth of products on top, so capping the added rows near
-//! what that read is worth keeps a running sequence's inter-token gap within about twice a
-//! plain decode step while new prompts keep arriving. Prompts that arrived together with the
+//! `max_rows` bounds the whole step. The prefill of prompts that arrived while others were
+//! already decoding (*throttled*) is also held, all of them together, to
+//! `prefill_while_decoding` rows a step plus one per decoding sequence, given out in admission
+//! order: a decode step's cost is mostly reading every weight once, and each prefill row adds
+//! about a row's worth of products on top, so capping the added rows near what that read is
+//! worth aims to keep a running sequence's inter-token gap near twice a plain decode step at
+//! most while new prompts keep arriving (measured: docs/perf.md v8). Prompts that arrived together with the
 //! decoding ones (a burst) prefill at full speed, as an engine without chunking would.
 
 use std::num::NonZeroUsize;
 
 /// Default prefill rows a step may add beyond one per decoding sequence
 /// (`--prefill-rows-while-decoding`). Measured on the medium model with 8 running and one
-/// prompt arriving a second (docs/perf.md v8): ITL p99/p50 median 1.81 at 16, 2.39 at 32, 3.55
-/// at 64 and 4.56 without the cap, for 0.62x the prefill rate of arriving prompts at 16.
+/// prompt arriving a second (docs/perf.md v8): ITL p99/p50 median 1.81 at 16, 2.44 at 24, 2.39
+/// at 32, 3.55 at 64 and 4.56 without the cap, for 0.62x the prefill rate of arriving prompts
+/// at 16.
 pub const DEFAULT_PREFILL_WHILE_DECODING: NonZeroUsize = NonZeroUsize::new(16).unwrap();
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,24 +70,24 @@ pub fn plan_step(needs: &[Need], budget: &StepBudget) -> Vec<(usize, usize)> {
 /// requests with this so that all of them decode together for a while). `None` when prefill
 /// cannot progress (decode rows fill every step).
 pub fn steps_to_prefill(batch: usize, prompt_len: usize, budget: &StepBudget) -> Option<usize> {
-    // Arriving together, none is throttled.
-    let mut needs = vec![
-        Need {
-            rows: prompt_len.max(1),
-            throttled: false,
-        };
-        batch
-    ];
-    let prefilling = |needs: &[Need]| needs.iter().any(|n| n.rows > 1);
+    // Prompt rows each sequence has still to run; at 0 it has its first token and decodes.
+    let mut prompt_left = vec![prompt_len.max(1); batch];
     let mut steps = 0;
-    while prefilling(&needs) || steps == 0 && batch > 0 {
+    while prompt_left.iter().any(|&r| r > 0) {
+        // Arriving together, none is throttled.
+        let needs: Vec<Need> = prompt_left
+            .iter()
+            .map(|&r| Need {
+                rows: r.max(1),
+                throttled: false,
+            })
+            .collect();
         let plan = plan_step(&needs, budget);
-        if prefilling(&needs) && plan.iter().all(|&(i, _)| needs[i].rows == 1) {
+        if plan.iter().all(|&(i, _)| prompt_left[i] == 0) {
             return None;
         }
         for (i, rows) in plan {
-            // A sequence past its prompt keeps needing one row a step.
-            needs[i].rows = (needs[i].rows - rows).max(1);
+            prompt_left[i] = prompt_left[i].saturating_sub(rows);
         }
         steps += 1;
     }
@@ -151,6 +153,13 @@ mod tests {
         assert_eq!(steps_to_prefill(4, 128, &BUDGET), Some(1));
         // 128 x 128: 512 rows, then 508, 504, ... as more decode (not 16384 / 512 = 32).
         assert_eq!(steps_to_prefill(128, 128, &BUDGET), Some(37));
+        // A prompt left with its last token takes one more step (as a decode-first row).
+        let small = StepBudget {
+            max_rows: 8,
+            prefill_while_decoding: 32,
+        };
+        assert_eq!(steps_to_prefill(1, 9, &small), Some(2));
+        assert_eq!(steps_to_prefill(1, 8, &small), Some(1));
         // A step budget decode rows fill entirely: prefill never progresses.
         let tight = StepBudget {
             max_rows: 4,

@@ -81,7 +81,7 @@ fn tight_scheduler() -> SchedulerHandle {
         }),
         SchedulerConfig {
             max_batch_tokens: 8,
-            // Prompts admitted while others decode take 2 rows a step beyond the decode rows.
+            // Prompts that arrive while others decode take 2 rows a step beyond the decode rows.
             prefill_while_decoding: 2,
             max_running: 8,
         },

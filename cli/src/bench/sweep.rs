@@ -40,14 +40,15 @@ impl SweepLoad<'_> {
 /// a step, decode rows first (`step_plan::steps_to_prefill`: 37 steps for 128 x 128 tokens at
 /// 512 rows). The first requests decode while the last still prefill; without the extra
 /// tokens they could finish before the last one's first token. Where decode rows would fill
-/// every step, as many extra tokens as prompt rows.
+/// every step (B over the step budget), no extra tokens: the batch never decodes all at once
+/// and the sweep says so.
 pub fn gen_len_at(b: usize, prompt_len: usize, gen_len: u32, step_rows: usize) -> u32 {
     let budget = StepBudget {
         max_rows: step_rows,
         // Arriving together, the prompts are never throttled: this does not count.
         prefill_while_decoding: 0,
     };
-    let prefill_steps = steps_to_prefill(b, prompt_len, &budget).unwrap_or(b * prompt_len);
+    let prefill_steps = steps_to_prefill(b, prompt_len, &budget).unwrap_or(0);
     gen_len.saturating_add(u32::try_from(prefill_steps).unwrap_or(u32::MAX))
 }
 
