@@ -305,9 +305,9 @@ impl Checkpoint {
         }
         let (dtype, bytes, _) = self.bytes(name, &[rows, cols])?;
         let data = match dtype {
-            DType::F32 => MatrixData::F32(self.copy_evicting(bytes, f32::from_le_bytes)),
-            DType::BF16 => MatrixData::BF16(self.copy_evicting(bytes, u16::from_le_bytes)),
-            DType::F16 => MatrixData::F16(self.copy_evicting(bytes, u16::from_le_bytes)),
+            DType::F32 => MatrixData::F32(self.copy_evicting(name, bytes, f32::from_le_bytes)),
+            DType::BF16 => MatrixData::BF16(self.copy_evicting(name, bytes, u16::from_le_bytes)),
+            DType::F16 => MatrixData::F16(self.copy_evicting(name, bytes, u16::from_le_bytes)),
             DType::F8E4M3 => {
                 let fp8 = crate::quant::load_fp8(self, name, rows, cols, bytes)?;
                 self.evict(name);
@@ -330,7 +330,7 @@ impl Checkpoint {
         shard.evict(shard.data_start + start, end - start);
     }
 
-    /// Copies a tensor's bytes out element by element (`N` bytes each, through `convert`), in
+    /// Copies tensor `name`'s bytes (`bytes`, its slice of the map) out element by element (`N` bytes each, through `convert`), in
     /// chunks whose mapped pages leave resident memory as soon as they are copied ([`evict`]
     /// at chunk granularity): loading an f32, bf16 or f16 tensor never holds it twice, so the
     /// peak stays at the weights held plus one chunk, not plus the largest tensor (a
@@ -338,8 +338,8 @@ impl Checkpoint {
     /// away whole, once converted.
     ///
     /// [`evict`]: Checkpoint::evict
-    fn copy_evicting<T, const N: usize>(&self, bytes: &[u8], convert: impl Fn([u8; N]) -> T) -> Vec<T> {
-        let shard = self.shards.iter().find(|s| s.holds(bytes));
+    fn copy_evicting<T, const N: usize>(&self, name: &str, bytes: &[u8], convert: impl Fn([u8; N]) -> T) -> Vec<T> {
+        let shard = self.shard_of(name).ok();
         let mut out = Vec::with_capacity(bytes.len() / N);
         for chunk in bytes.chunks(COPY_CHUNK_BYTES) {
             out.extend(
@@ -376,9 +376,9 @@ impl Checkpoint {
                 self.matrix(name, rows, cols)?.rows_to_f32(0, rows, &mut out);
                 out
             }
-            DType::F32 => self.copy_evicting(bytes, f32::from_le_bytes),
-            DType::BF16 => self.copy_evicting(bytes, |b| bf16_to_f32(u16::from_le_bytes(b))),
-            DType::F16 => self.copy_evicting(bytes, |b| half::f16::from_bits(u16::from_le_bytes(b)).to_f32()),
+            DType::F32 => self.copy_evicting(name, bytes, f32::from_le_bytes),
+            DType::BF16 => self.copy_evicting(name, bytes, |b| bf16_to_f32(u16::from_le_bytes(b))),
+            DType::F16 => self.copy_evicting(name, bytes, |b| half::f16::from_bits(u16::from_le_bytes(b)).to_f32()),
         };
         Ok(out)
     }
@@ -414,12 +414,6 @@ impl Shard {
     /// Callers have checked that `name` is in this shard (through `Checkpoint::index`).
     fn tensor_info(&self, name: &str) -> &safetensors::tensor::TensorInfo {
         self.metadata.info(name).expect("tensor indexed in this shard")
-    }
-
-    /// Whether `bytes` is a slice of this shard's map.
-    fn holds(&self, bytes: &[u8]) -> bool {
-        let map = self.mmap.as_ptr_range();
-        map.start <= bytes.as_ptr() && bytes.as_ptr_range().end <= map.end
     }
 
     /// Takes the mapped pages of `len` bytes from `offset` (from the start of the map) off this process's
